@@ -1,0 +1,33 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch/torchvision pinned to the CPU-capable builds this project is tested with.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+DATA ?= data/synthetic
+RUN ?= runs/demo
+
+.PHONY: install demo test test-fast lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: install
+	test -f $(DATA)/dataset.json || $(PY) -m densemtl data synth --out $(DATA) --train 2000 --val 400 --size 256x512 --seed 0
+	$(PY) -m densemtl data preview $(DATA) --split val -n 8 --out $(RUN)/preview.png
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf runs build .pytest_cache
