@@ -54,9 +54,14 @@ def _load_cfg(args: argparse.Namespace):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from densemtl.engine import train
+    from densemtl.engine import config_for_resume, train
 
-    train(_load_cfg(args), resume=args.resume)
+    if args.resume is not None and args.config is None:
+        cfg = config_for_resume(args.resume, args.set)  # continue with the run's own settings
+    else:
+        cfg = _load_cfg(args)
+    result = train(cfg, resume=args.resume)
+    print(f"done: best {cfg.train.best_metric} = {result['best']:.4f}; checkpoints in {result['out_dir']}")
     return 0
 
 

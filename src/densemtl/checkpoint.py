@@ -1,0 +1,139 @@
+"""Checkpoints: what they hold, how they are written atomically, and how they are loaded safely.
+
+A checkpoint is a plain dict of tensors and builtins, loaded with ``torch.load(weights_only=True)`` so that a file
+from elsewhere can never execute code. It carries the resolved config, so it rebuilds its own model, and the
+dataset's class names and palette, so predictions can be coloured without the dataset.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from densemtl.config import Config, from_dict, to_dict
+
+CHECKPOINT_FORMAT = "densemtl-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the fix."""
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states as plain tensors/builtins (weights_only-loadable)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": list(random.getstate()[1]),
+        "python_gauss": random.getstate()[2] if random.getstate()[2] is not None else float("nan"),
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    gauss = state["python_gauss"]
+    random.setstate((3, tuple(state["python"]), None if gauss != gauss else gauss))  # NaN = None
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` to ``path`` atomically: temp file in the same folder, fsync, rename.
+
+    A crash (even ``kill -9``) during the write leaves the previous file intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def make_payload(
+    cfg: Config, model: torch.nn.Module, dataset_info: dict[str, Any], **state: Any
+) -> dict[str, Any]:
+    """The checkpoint dict: format tag, config, dataset facts, model weights and any training ``state``."""
+    model = getattr(model, "module", model)  # unwrap DDP
+    info = {k: dataset_info[k] for k in ("name", "classes", "palette", "ignore_index", "depth") if k in dataset_info}
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "config": to_dict(cfg),
+        "dataset": info,
+        "model": model.state_dict(),
+        **state,
+    }
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and validate a densemtl checkpoint without executing any code from the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; train one with `densemtl train` first")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # pickled code, truncated file, not a torch file
+        raise CheckpointError(
+            f"{path} is not a loadable densemtl checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}); "
+            "it may be truncated, or hold pickled code, which is refused for safety"
+        ) from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a densemtl checkpoint (no '{CHECKPOINT_FORMAT}' tag); to start from a plain "
+            "backbone state dict use model.backbone_weights=PATH"
+        )
+    if ckpt.get("version", 0) > CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path} was written by a newer densemtl (checkpoint version {ckpt['version']}); upgrade densemtl"
+        )
+    return ckpt
+
+
+def config_from_checkpoint(ckpt: dict[str, Any]) -> Config:
+    """Rebuild the typed config stored in a checkpoint."""
+    return from_dict(Config, ckpt["config"])
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> torch.nn.Module:
+    """Build the checkpoint's own model and load its weights (strict: a mismatch is an error)."""
+    from densemtl.models import build_model
+
+    cfg = config_from_checkpoint(ckpt)
+    # Weights come from the checkpoint: never fetch or read pretrained files again.
+    model = build_model(_no_pretrained(cfg.model))
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"{path}: weights do not fit the model its config describes ({str(e).splitlines()[0]}); "
+            "the file was edited or comes from another version"
+        ) from e
+    return model
+
+
+def _no_pretrained(model_cfg: Any) -> Any:
+    from densemtl.config import replace
+
+    return replace(model_cfg, pretrained="none", backbone_weights="")

@@ -1,0 +1,286 @@
+"""The training loop: ``train_one_epoch``, ``evaluate`` and ``train``, each readable top to bottom.
+
+In the spirit of torchvision's ``references/segmentation/train.py``: plain PyTorch, one optimiser, one schedule,
+checkpoints every epoch. Everything that varies by task lives in the model, the loss and the metrics (all keyed by
+task name), so nothing here changes when a task is added.
+
+Exact resume: every epoch reseeds all RNGs from (seed, epoch) and the LR schedule is a function of the global step,
+so a run resumed from ``last.pt`` after epoch k reproduces epochs k+1.. of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from densemtl.checkpoint import load_checkpoint, make_payload, rng_state, save_checkpoint, set_rng_state
+from densemtl.config import Config, replace, to_dict
+from densemtl.runtime import amp_dtype, autocast, resolve_device, seed_everything, seed_worker, to_device
+from densemtl.schedule import Phase, StepSchedule, phase_for_epoch, resolve_phases, total_epochs
+
+log = logging.getLogger("densemtl")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive batches with a non-finite loss or gradient."""
+
+
+def build_dataset(cfg: Config, split: str, train: bool, base_scale: float = 1.0):
+    """A FolderDataset for ``split`` with the training or evaluation transforms at ``base_scale``."""
+    from densemtl.data.folder import FolderDataset
+    from densemtl.data.transforms import build_transforms
+
+    d = cfg.data
+    transform = build_transforms(train=train, crop=d.crop if train else None, scale_range=d.scale_range,
+                                 hflip=d.hflip, color_jitter=d.color_jitter, base_scale=base_scale)
+    return FolderDataset(d.root, split=split, transform=transform, tasks=cfg.model.tasks,
+                         max_samples=d.max_samples)
+
+
+def make_loader(dataset, batch_size: int, train: bool, workers: int, seed: int, device: torch.device) -> DataLoader:
+    """DataLoader whose order and augmentation depend only on ``seed`` (reseeded per epoch by the caller)."""
+    if train and len(dataset) < batch_size:
+        raise ValueError(f"{len(dataset)} training samples cannot fill one batch of {batch_size}; "
+                         "lower train.batch_size or add data")
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=workers,
+                      pin_memory=device.type == "cuda", worker_init_fn=seed_worker,
+                      generator=torch.Generator().manual_seed(seed), persistent_workers=False)
+
+
+def _finite_or_skip(loss: torch.Tensor, params: Iterable[torch.nn.Parameter], clip: float) -> bool:
+    """Clip gradients and report whether the loss and the gradient norm are both finite."""
+    params = [p for p in params if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+    return bool(torch.isfinite(loss)) and bool(torch.isfinite(norm))
+
+
+def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, scaler, device: torch.device, cfg: Config,
+                    epoch: int, max_nonfinite: int) -> dict[str, float]:
+    """One pass over ``loader``; returns mean per-task losses, images/s and the number of skipped batches."""
+    model.train()
+    dtype = amp_dtype(device, cfg.train.amp)
+    sums: dict[str, float] = {}
+    steps = skipped = consecutive_bad = images = 0
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=None, mininterval=1.0)
+    for batch in bar:
+        batch = to_device(batch, device, cfg.train.channels_last)
+        with autocast(device, dtype):
+            outputs = model(batch["image"])
+        losses = loss_fn({k: v.float() for k, v in outputs.items()}, batch)  # losses in fp32
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(losses["total"]).backward()
+        scaler.unscale_(optimizer)
+        if not _finite_or_skip(losses["total"], model.parameters(), cfg.train.grad_clip):
+            skipped += 1
+            consecutive_bad += 1
+            log.warning("epoch %d: non-finite loss or gradient, batch skipped (%s)", epoch + 1,
+                        {k: float(v) for k, v in losses.items()})
+            scaler.update()  # lets the fp16 scaler back off; a no-op when disabled
+            if consecutive_bad >= max_nonfinite:
+                raise NonFiniteLossError(
+                    f"{consecutive_bad} consecutive non-finite batches in epoch {epoch + 1}: lower train.lr, "
+                    "check the data with `densemtl data check`, or disable AMP (train.amp=false)")
+            scheduler.step()
+            continue
+        consecutive_bad = 0
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        steps += 1
+        images += batch["image"].shape[0]
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        if steps % cfg.train.log_every == 0 or steps == 1:
+            bar.set_postfix(loss=f"{sums['total'] / steps:.3f}", lr=f"{scheduler.get_last_lr()[-1]:.2e}",
+                            ips=f"{images / (time.perf_counter() - start):.1f}")
+    seconds = time.perf_counter() - start
+    stats = {f"loss/{k}": v / max(steps, 1) for k, v in sums.items()}
+    stats.update({"images_per_s": images / max(seconds, 1e-9), "skipped_batches": skipped, "train_seconds": seconds,
+                  "lr": scheduler.get_last_lr()[-1]})
+    return stats
+
+
+@torch.inference_mode()
+def evaluate(model, loader, metrics, device: torch.device, amp: bool = False,
+             channels_last: bool = False) -> dict[str, Any]:
+    """Run ``model`` over ``loader`` and return ``metrics.compute()`` (dataset-level, reduced across ranks)."""
+    model.eval()
+    metrics.reset()
+    dtype = amp_dtype(device, amp)
+    for batch in tqdm(loader, desc="evaluate", leave=False, disable=None, mininterval=1.0):
+        batch = to_device(batch, device, channels_last)
+        with autocast(device, dtype):
+            outputs = model(batch["image"])
+        metrics.update({k: v.float() for k, v in outputs.items()}, batch)
+    metrics.all_reduce()
+    return metrics.compute()
+
+
+def resolve_config(cfg: Config, info: dict[str, Any]) -> Config:
+    """Fill what the dataset decides (number of classes) and check the tasks exist in it."""
+    missing = [t for t in cfg.model.tasks if t not in info["tasks"]]
+    if missing:
+        raise ValueError(f"{cfg.data.root}/dataset.json lists tasks {info['tasks']} but model.tasks asks for "
+                         f"{missing}; set model.tasks to a subset of the dataset's tasks")
+    n = len(info["classes"])
+    if cfg.model.num_classes not in (0, n):
+        raise ValueError(f"model.num_classes={cfg.model.num_classes} but {cfg.data.root} has {n} classes; "
+                         "leave model.num_classes at 0 to take it from the dataset")
+    return replace(cfg, model=replace(cfg.model, num_classes=n))
+
+
+def build_optimizer(model, loss_fn, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW with the encoder at ``lr * encoder_lr_mult``; no weight decay on norms and biases."""
+    t = cfg.train
+    groups = []
+    for params, mult in ((model.encoder_parameters(), t.encoder_lr_mult), (model.decoder_parameters(), 1.0)):
+        params = [p for p in params if p.requires_grad]
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        groups += [{"params": decay, "lr": t.lr * mult, "weight_decay": t.weight_decay},
+                   {"params": no_decay, "lr": t.lr * mult, "weight_decay": 0.0}]
+    extra = [p for p in loss_fn.parameters() if p.requires_grad]  # learned task weights (adaptive weighting)
+    if extra:
+        groups.append({"params": extra, "lr": t.lr, "weight_decay": 0.0})
+    return torch.optim.AdamW([g for g in groups if g["params"]])
+
+
+def _better(value: float, best: float | None, mode: str) -> bool:
+    if best is None or math.isnan(best):
+        return not math.isnan(value)
+    return value > best if mode == "max" else value < best
+
+
+class RunLog:
+    """Where a run's human- and machine-readable records go: JSONL lines and TensorBoard scalars."""
+
+    def __init__(self, out_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.jsonl = out_dir / "metrics.jsonl"
+        self.tb = SummaryWriter(str(out_dir / "tb"))
+
+    def write(self, record: dict[str, Any], step: int) -> None:
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for k, v in record.items():
+            if isinstance(v, int | float) and k != "epoch":
+                self.tb.add_scalar(k, v, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+def config_for_resume(path: str | Path, overrides: list[str]) -> Config:
+    """The config stored in a checkpoint, with ``--set`` overrides applied (for ``train --resume``)."""
+    from densemtl.config import apply_overrides, from_dict
+
+    return from_dict(Config, apply_overrides(load_checkpoint(path)["config"], overrides))
+
+
+def _resume(path: Path, cfg: Config, model, optimizer, scheduler, scaler, loss_fn) -> tuple[int, float | None]:
+    """Load training state from ``path``; returns (first epoch to run, best metric so far)."""
+    ckpt = load_checkpoint(path)
+    if ckpt["config"]["model"] != to_dict(cfg)["model"]:
+        raise ValueError(f"{path} was trained with a different model config; resume with the same "
+                         "model settings, or start a new run (optionally from model.backbone_weights)")
+    if ckpt["config"] != to_dict(cfg):
+        log.warning("resuming %s with changed settings; the run will not match an uninterrupted one", path)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    loss_fn.load_state_dict(ckpt["loss"])
+    set_rng_state(ckpt["rng"])
+    print(f"resumed from {path} after epoch {ckpt['epoch'] + 1}")
+    return ckpt["epoch"] + 1, ckpt.get("best")
+
+
+def _epoch_line(epoch: int, total: int, phase: Phase, stats: dict[str, float], summary: dict[str, float]) -> str:
+    keys = [k for k in ("semseg/miou", "semseg/pixel_acc", "depth/abs_rel", "depth/rmse", "depth/delta1")
+            if k in summary]
+    metrics = "  ".join(f"{k} {summary[k]:.3f}" for k in keys)
+    return (f"epoch {epoch + 1}/{total} [scale {phase.scale:g}, bs {phase.batch_size}] "
+            f"loss {stats.get('loss/total', float('nan')):.3f} | {metrics} | {stats['images_per_s']:.1f} img/s, "
+            f"{stats['train_seconds']:.0f} s")
+
+
+def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
+    """Train ``cfg``'s model on its dataset, evaluating and checkpointing after every epoch.
+
+    Writes ``<out_dir>/{config.yaml, last.pt, best.pt, metrics.jsonl, tb/}``. Returns the best value of
+    ``train.best_metric``, the last evaluation summary and the run folder.
+    """
+    from densemtl.data.format import read_dataset_json
+    from densemtl.losses import build_loss
+    from densemtl.metrics import MultiTaskMetrics, summarize
+    from densemtl.models import build_model
+
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    info = read_dataset_json(cfg.data.root)
+    cfg = resolve_config(cfg, info)
+    out = Path(cfg.train.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
+
+    model = build_model(cfg.model).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loss_fn = build_loss(cfg.loss, cfg.model.tasks, cfg.model.num_classes).to(device)
+    optimizer = build_optimizer(model, loss_fn, cfg)
+    phases = resolve_phases(cfg.train)
+    train_sets = {p.index: build_dataset(cfg, cfg.data.train_split, True, p.scale) for p in phases}
+    steps = [len(train_sets[p.index]) // p.batch_size for p in phases]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, StepSchedule(phases, steps, cfg.train.lr))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, cfg.train.amp) == torch.float16)
+    val_loader = make_loader(build_dataset(cfg, cfg.data.val_split, False), cfg.train.batch_size, False,
+                             cfg.data.num_workers, cfg.train.seed, device)
+    metrics = MultiTaskMetrics(cfg.model.tasks, cfg.model.num_classes, class_names=info["classes"],
+                               min_depth=cfg.data.eval_depth_min, max_depth=cfg.data.eval_depth_max)
+
+    start, best = 0, None
+    if resume is not None:
+        start, best = _resume(Path(resume), cfg, model, optimizer, scheduler, scaler, loss_fn)
+    else:
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    runlog, total, summary = RunLog(out), total_epochs(phases), {}
+    for epoch in range(start, total):
+        phase = phase_for_epoch(phases, epoch)
+        seed_everything(cfg.train.seed * 10_000 + epoch, cfg.train.deterministic)
+        loader = make_loader(train_sets[phase.index], phase.batch_size, True, cfg.data.num_workers,
+                             cfg.train.seed * 10_000 + epoch, device)
+        stats = train_one_epoch(model, loss_fn, loader, optimizer, scheduler, scaler, device, cfg, epoch,
+                                cfg.train.max_nonfinite)
+        summary = summarize(evaluate(model, val_loader, metrics, device, cfg.train.amp, cfg.train.channels_last))
+        if cfg.train.best_metric not in summary:
+            raise ValueError(f"train.best_metric={cfg.train.best_metric!r} is not an evaluation key; "
+                             f"choose one of {sorted(summary)}")
+        value = summary[cfg.train.best_metric]
+        is_best = _better(value, best, cfg.train.best_mode)
+        best = value if is_best else best
+        runlog.write({"epoch": epoch + 1, "phase": phase.index, "scale": phase.scale, **stats,
+                      **{f"val/{k}": v for k, v in summary.items()}}, step=epoch + 1)
+        payload = make_payload(cfg, model, info, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                               scaler=scaler.state_dict(), loss=loss_fn.state_dict(), epoch=epoch, best=best,
+                               metrics=summary, rng=rng_state())
+        save_checkpoint(out / "last.pt", payload)
+        if is_best:
+            save_checkpoint(out / "best.pt", payload)
+        print(_epoch_line(epoch, total, phase, stats, summary), flush=True)
+    runlog.close()
+    return {"best": best, "last": summary, "out_dir": str(out)}
