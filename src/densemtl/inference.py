@@ -1,0 +1,182 @@
+"""Prediction: images in, per-task NumPy arrays out (``Predictor``), and the files ``densemtl predict`` writes.
+
+Depth comes out in metres. A network learns depth for the focal length (in pixels) it was trained at: resizing the
+input with ``size`` changes that focal length, so keep the training resolution unless you know the camera matches.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from densemtl.checkpoint import load_checkpoint, model_from_checkpoint
+from densemtl.data.format import IMAGE_EXTS, atomic_write_bytes, encode_depth
+from densemtl.runtime import resolve_device
+
+ImageLike = np.ndarray | Image.Image | str | Path
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Read an image file as uint8 (H, W, 3) RGB, applying EXIF rotation; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist")
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path} is not a readable image ({e}); re-export it as PNG or JPEG") from e
+
+
+def as_rgb(image: ImageLike) -> np.ndarray:
+    """Accept a path, a PIL image or an array (H, W, 3|4) / (H, W) and return uint8 RGB (H, W, 3)."""
+    if isinstance(image, str | Path):
+        return read_rgb(image)
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+        raise ValueError(f"expected an image of shape (H, W, 3), got {arr.shape}")
+    if arr.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image, got {arr.dtype}; scale floats to 0..255 first")
+    return arr[..., :3]
+
+
+class Predictor:
+    """A trained model ready to predict: ``Predictor.from_checkpoint(path).predict(image)``.
+
+    ``predict`` returns ``{"semseg": uint8 (H, W) class ids, "confidence": float32 (H, W) softmax max,
+    "depth": float32 (H, W) metres}`` at the input image's resolution (tasks the model lacks are absent).
+    """
+
+    def __init__(self, model: torch.nn.Module, info: dict[str, Any], device: str | torch.device = "auto",
+                 size: tuple[int, int] | None = None) -> None:
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.model = model.to(self.device).eval()
+        self.info = info
+        self.class_names: list[str] = list(info.get("classes", []))
+        self.palette = np.array(info.get("palette", []), dtype=np.uint8).reshape(-1, 3)
+        self.size = size
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "auto",
+                        size: tuple[int, int] | None = None) -> Predictor:
+        """Rebuild the checkpoint's own model (no dataset or config file needed)."""
+        ckpt = load_checkpoint(path)
+        return cls(model_from_checkpoint(ckpt, path), ckpt["dataset"], device, size)
+
+    def _to_tensor(self, rgb: np.ndarray) -> torch.Tensor:
+        from densemtl.data.transforms import normalize
+
+        x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)
+        x = normalize(x)[None]  # (1, 3, H, W)
+        if self.size is not None and tuple(x.shape[-2:]) != tuple(self.size):
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
+        return x.to(self.device)
+
+    @torch.inference_mode()
+    def predict(self, image: ImageLike) -> dict[str, np.ndarray]:
+        """Predict every task for one image; outputs are resized back to the image's size."""
+        rgb = as_rgb(image)
+        h, w = rgb.shape[:2]
+        out = self.model(self._to_tensor(rgb))
+        result: dict[str, np.ndarray] = {}
+        if "semseg" in out:
+            logits = out["semseg"].float()
+            if logits.shape[-2:] != (h, w):
+                logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+            prob = logits.softmax(dim=1)[0]
+            conf, ids = prob.max(dim=0)
+            result["semseg"] = ids.to(torch.uint8).cpu().numpy()
+            result["confidence"] = conf.cpu().numpy().astype(np.float32)
+        if "depth" in out:
+            depth = out["depth"].float()
+            if depth.shape[-2:] != (h, w):
+                depth = F.interpolate(depth, size=(h, w), mode="bilinear", align_corners=False)
+            result["depth"] = depth[0, 0].cpu().numpy().astype(np.float32)
+        return result
+
+
+def list_images(inputs: list[str | Path]) -> list[Path]:
+    """Expand files and folders (non-recursive) into a sorted list of image files."""
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+            if not found:
+                raise FileNotFoundError(f"folder {item} contains no .png/.jpg images")
+            paths += found
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise FileNotFoundError(f"input {item} does not exist")
+    return paths
+
+
+def _png(array: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def prediction_panel(rgb: np.ndarray, pred: dict[str, np.ndarray], palette: np.ndarray,
+                     max_depth: float | None = None) -> np.ndarray:
+    """Side-by-side RGB | segmentation overlay | coloured depth (uint8 (H, 3W, 3) or fewer panels)."""
+    from densemtl.viz import colorize_depth, colorize_labels, overlay
+
+    panels = [rgb]
+    if "semseg" in pred:
+        panels.append(overlay(rgb, colorize_labels(pred["semseg"], palette), alpha=0.6))
+    if "depth" in pred:
+        panels.append(colorize_depth(pred["depth"], vmin=0.0, vmax=max_depth))
+    return np.concatenate(panels, axis=1)
+
+
+def write_prediction(out_dir: Path, stem: str, rgb: np.ndarray, pred: dict[str, np.ndarray],
+                     palette: np.ndarray, max_depth: float | None = None) -> dict[str, Path]:
+    """Write the files for one prediction; depth PNG = uint16 metres * 256 (0 invalid), as the folder format."""
+    from densemtl.viz import colorize_depth, colorize_labels, overlay
+
+    files: dict[str, Path] = {}
+
+    def put(name: str, array: np.ndarray) -> None:
+        files[name] = out_dir / f"{stem}_{name}.png"
+        atomic_write_bytes(files[name], _png(array))
+
+    if "semseg" in pred:
+        colors = colorize_labels(pred["semseg"], palette)
+        put("semseg", pred["semseg"])
+        put("semseg_color", colors)
+        put("overlay", overlay(rgb, colors, alpha=0.6))
+    if "depth" in pred:
+        put("depth", encode_depth(np.minimum(pred["depth"], 255.0)))
+        put("depth_color", colorize_depth(pred["depth"], vmin=0.0, vmax=max_depth))
+    put("panel", prediction_panel(rgb, pred, palette, max_depth))
+    return files
+
+
+def predict_paths(checkpoint: str | Path, inputs: list[str | Path], out: str | Path, device: str = "auto",
+                  size: tuple[int, int] | None = None) -> list[dict[str, Path]]:
+    """Run a checkpoint over images/folders and write per-image outputs into ``out``."""
+    from tqdm.auto import tqdm
+
+    predictor = Predictor.from_checkpoint(checkpoint, device=device, size=size)
+    max_depth = float(predictor.info.get("depth", {}).get("max", 80.0))
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in tqdm(list_images(inputs), desc="predict", disable=None):
+        rgb = read_rgb(path)
+        pred = predictor.predict(rgb)
+        written.append(write_prediction(out_dir, path.stem, rgb, pred, predictor.palette, max_depth))
+    return written
