@@ -1,0 +1,90 @@
+"""Checkpoints: atomic writes, safe loading, clear refusals."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+from densemtl.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+
+
+def _payload(value: float) -> dict:
+    return {"format": CHECKPOINT_FORMAT, "version": 1, "config": {}, "model": {"w": torch.full((3,), value)}}
+
+
+def test_save_is_atomic_when_the_write_fails(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, _payload(1.0))
+
+    def broken_save(obj, f):  # dies half-way through writing, like a crash or a full disk
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        save_checkpoint(path, _payload(2.0))
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.full((3,), 1.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp files left behind
+
+
+def test_missing_and_foreign_files_are_refused_with_a_fix(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+    plain = tmp_path / "plain.pt"
+    torch.save({"conv.weight": torch.zeros(1)}, plain)
+    with pytest.raises(CheckpointError, match="backbone_weights"):
+        load_checkpoint(plain)
+    truncated = tmp_path / "truncated.pt"
+    save_checkpoint(truncated, _payload(1.0))
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(truncated)
+
+
+def test_pickled_code_is_never_executed(tmp_path):
+    evil = tmp_path / "evil.pt"
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"format": CHECKPOINT_FORMAT, "x": Payload()}, evil)
+    with pytest.raises(CheckpointError, match="pickled code"):
+        load_checkpoint(evil)
+    assert not marker.exists()
+
+
+def test_newer_version_is_refused(tmp_path):
+    path = tmp_path / "new.pt"
+    save_checkpoint(path, {**_payload(0.0), "version": 99})
+    with pytest.raises(CheckpointError, match="newer densemtl"):
+        load_checkpoint(path)
+
+
+def test_rng_state_round_trips_through_a_safe_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+
+    path = tmp_path / "rng.pt"
+    save_checkpoint(path, {**_payload(0.0), "rng": rng_state()})
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(load_checkpoint(path)["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_ordered_dict_state_dicts_load(tmp_path):
+    path = tmp_path / "od.pt"
+    save_checkpoint(path, {**_payload(0.0), "model": collections.OrderedDict(w=torch.ones(2))})
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(2))
