@@ -19,6 +19,9 @@ from densemtl.tasks import IGNORE_INDEX, TASKS, check_tasks
 
 EPS_DEPTH = 1e-3  # metres; depths are clamped to this before a log so that log never sees 0
 DICE_SMOOTH = 1.0  # added to numerator and denominator of every class's Dice
+SEG_LOSSES = ("ce", "bce", "dice", "ce+dice")
+DEPTH_LOSSES = ("l1", "mse", "berhu", "silog")
+DEPTH_SPACES = ("metres", "log", "blog")
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
@@ -127,9 +130,6 @@ class SegLoss(nn.Module):
         return 1.0 - (dice * self.class_weights).sum() / self.class_weights.sum()
 
 
-SEG_LOSSES = ("ce", "bce", "dice", "ce+dice")
-
-
 # -------------------------------------------------------------------------------------------------- depth
 def depth_transform(depth: Tensor, space: str, clip: float = 80.0) -> Tensor:
     """Map metres to the space a depth loss compares in.
@@ -144,9 +144,6 @@ def depth_transform(depth: Tensor, space: str, clip: float = 80.0) -> Tensor:
     if space == "blog":
         return depth.clamp(EPS_DEPTH, clip).log() / 5.0
     raise ValueError(f"unknown depth space {space!r}; choose one of {DEPTH_SPACES}")
-
-
-DEPTH_SPACES = ("metres", "log", "blog")
 
 
 class DepthLoss(nn.Module):
@@ -212,9 +209,6 @@ def berhu(r: Tensor, valid: Tensor) -> Tensor:
     absr = r.abs()
     c = (0.2 * (absr * valid).amax()).detach().clamp_min(1e-12)  # clamp keeps the unused branch finite
     return torch.where(absr <= c, absr, (absr.square() + c.square()) / (2 * c))
-
-
-DEPTH_LOSSES = ("l1", "mse", "berhu", "silog")
 
 
 # ---------------------------------------------------------------------------------------------- weighting
