@@ -30,6 +30,7 @@ class DataConfig:
     color_jitter: float = 0.2  # brightness/contrast/saturation strength; 0 disables
     eval_depth_min: float = 1e-3  # metres; depth metrics only count GT inside [min, max]
     eval_depth_max: float = 80.0
+    eval_per_image: bool = False  # depth metrics averaged per image (KITTI style) instead of per pixel
     num_workers: int = 2
     max_samples: int = 0  # 0 = all; >0 keeps the first N of each split (quick runs, tests)
 
@@ -63,6 +64,8 @@ class LossConfig:
     depth: str = "l1"  # l1 | mse | berhu | silog
     depth_space: str = "log"  # metres | log | blog (clip to depth_clip, then ln(d)/5)
     depth_clip: float = 80.0  # metres
+    silog_lambda: float = 0.85  # SILog variance weight (1.0 = fully scale-invariant)
+    silog_scale: float = 10.0  # SILog multiplier (BTS convention)
     weighting: str = "fixed"
     weights: dict[str, float] = field(default_factory=lambda: {"semseg": 1.0, "depth": 1.0})
     class_weights: tuple[float, ...] = ()  # empty = uniform

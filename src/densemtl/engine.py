@@ -41,20 +41,39 @@ def build_dataset(cfg: Config, split: str, train: bool, base_scale: float = 1.0)
     from densemtl.data.transforms import build_transforms
 
     d = cfg.data
-    transform = build_transforms(train=train, crop=d.crop if train else None, scale_range=d.scale_range,
-                                 hflip=d.hflip, color_jitter=d.color_jitter, base_scale=base_scale)
-    return FolderDataset(d.root, split=split, transform=transform, tasks=cfg.model.tasks,
-                         max_samples=d.max_samples)
+    transform = build_transforms(
+        train=train,
+        crop=d.crop if train else None,
+        scale_range=d.scale_range,
+        hflip=d.hflip,
+        color_jitter=d.color_jitter,
+        base_scale=base_scale,
+    )
+    return FolderDataset(
+        d.root, split=split, transform=transform, tasks=cfg.model.tasks, max_samples=d.max_samples
+    )
 
 
-def make_loader(dataset, batch_size: int, train: bool, workers: int, seed: int, device: torch.device) -> DataLoader:
+def make_loader(
+    dataset, batch_size: int, train: bool, workers: int, seed: int, device: torch.device
+) -> DataLoader:
     """DataLoader whose order and augmentation depend only on ``seed`` (reseeded per epoch by the caller)."""
     if train and len(dataset) < batch_size:
-        raise ValueError(f"{len(dataset)} training samples cannot fill one batch of {batch_size}; "
-                         "lower train.batch_size or add data")
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=workers,
-                      pin_memory=device.type == "cuda", worker_init_fn=seed_worker,
-                      generator=torch.Generator().manual_seed(seed), persistent_workers=False)
+        raise ValueError(
+            f"{len(dataset)} training samples cannot fill one batch of {batch_size}; "
+            "lower train.batch_size or add data"
+        )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=seed_worker,
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=False,
+    )
 
 
 def _finite_or_skip(loss: torch.Tensor, params: Iterable[torch.nn.Parameter], clip: float) -> bool:
@@ -64,8 +83,18 @@ def _finite_or_skip(loss: torch.Tensor, params: Iterable[torch.nn.Parameter], cl
     return bool(torch.isfinite(loss)) and bool(torch.isfinite(norm))
 
 
-def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, scaler, device: torch.device, cfg: Config,
-                    epoch: int, max_nonfinite: int) -> dict[str, float]:
+def train_one_epoch(
+    model,
+    loss_fn,
+    loader,
+    optimizer,
+    scheduler,
+    scaler,
+    device: torch.device,
+    cfg: Config,
+    epoch: int,
+    max_nonfinite: int,
+) -> dict[str, float]:
     """One pass over ``loader``; returns mean per-task losses, images/s and the number of skipped batches."""
     model.train()
     dtype = amp_dtype(device, cfg.train.amp)
@@ -84,13 +113,17 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, scaler, device
         if not _finite_or_skip(losses["total"], model.parameters(), cfg.train.grad_clip):
             skipped += 1
             consecutive_bad += 1
-            log.warning("epoch %d: non-finite loss or gradient, batch skipped (%s)", epoch + 1,
-                        {k: float(v) for k, v in losses.items()})
+            log.warning(
+                "epoch %d: non-finite loss or gradient, batch skipped (%s)",
+                epoch + 1,
+                {k: float(v) for k, v in losses.items()},
+            )
             scaler.update()  # lets the fp16 scaler back off; a no-op when disabled
             if consecutive_bad >= max_nonfinite:
                 raise NonFiniteLossError(
                     f"{consecutive_bad} consecutive non-finite batches in epoch {epoch + 1}: lower train.lr, "
-                    "check the data with `densemtl data check`, or disable AMP (train.amp=false)")
+                    "check the data with `densemtl data check`, or disable AMP (train.amp=false)"
+                )
             scheduler.step()
             continue
         consecutive_bad = 0
@@ -102,18 +135,28 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, scaler, device
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         if steps % cfg.train.log_every == 0 or steps == 1:
-            bar.set_postfix(loss=f"{sums['total'] / steps:.3f}", lr=f"{scheduler.get_last_lr()[-1]:.2e}",
-                            ips=f"{images / (time.perf_counter() - start):.1f}")
+            bar.set_postfix(
+                loss=f"{sums['total'] / steps:.3f}",
+                lr=f"{scheduler.get_last_lr()[-1]:.2e}",
+                ips=f"{images / (time.perf_counter() - start):.1f}",
+            )
     seconds = time.perf_counter() - start
     stats = {f"loss/{k}": v / max(steps, 1) for k, v in sums.items()}
-    stats.update({"images_per_s": images / max(seconds, 1e-9), "skipped_batches": skipped, "train_seconds": seconds,
-                  "lr": scheduler.get_last_lr()[-1]})
+    stats.update(
+        {
+            "images_per_s": images / max(seconds, 1e-9),
+            "skipped_batches": skipped,
+            "train_seconds": seconds,
+            "lr": scheduler.get_last_lr()[-1],
+        }
+    )
     return stats
 
 
 @torch.inference_mode()
-def evaluate(model, loader, metrics, device: torch.device, amp: bool = False,
-             channels_last: bool = False) -> dict[str, Any]:
+def evaluate(
+    model, loader, metrics, device: torch.device, amp: bool = False, channels_last: bool = False
+) -> dict[str, Any]:
     """Run ``model`` over ``loader`` and return ``metrics.compute()`` (dataset-level, reduced across ranks)."""
     model.eval()
     metrics.reset()
@@ -131,12 +174,16 @@ def resolve_config(cfg: Config, info: dict[str, Any]) -> Config:
     """Fill what the dataset decides (number of classes) and check the tasks exist in it."""
     missing = [t for t in cfg.model.tasks if t not in info["tasks"]]
     if missing:
-        raise ValueError(f"{cfg.data.root}/dataset.json lists tasks {info['tasks']} but model.tasks asks for "
-                         f"{missing}; set model.tasks to a subset of the dataset's tasks")
+        raise ValueError(
+            f"{cfg.data.root}/dataset.json lists tasks {info['tasks']} but model.tasks asks for "
+            f"{missing}; set model.tasks to a subset of the dataset's tasks"
+        )
     n = len(info["classes"])
     if cfg.model.num_classes not in (0, n):
-        raise ValueError(f"model.num_classes={cfg.model.num_classes} but {cfg.data.root} has {n} classes; "
-                         "leave model.num_classes at 0 to take it from the dataset")
+        raise ValueError(
+            f"model.num_classes={cfg.model.num_classes} but {cfg.data.root} has {n} classes; "
+            "leave model.num_classes at 0 to take it from the dataset"
+        )
     return replace(cfg, model=replace(cfg.model, num_classes=n))
 
 
@@ -148,8 +195,10 @@ def build_optimizer(model, loss_fn, cfg: Config) -> torch.optim.Optimizer:
         params = [p for p in params if p.requires_grad]
         decay = [p for p in params if p.ndim > 1]
         no_decay = [p for p in params if p.ndim <= 1]
-        groups += [{"params": decay, "lr": t.lr * mult, "weight_decay": t.weight_decay},
-                   {"params": no_decay, "lr": t.lr * mult, "weight_decay": 0.0}]
+        groups += [
+            {"params": decay, "lr": t.lr * mult, "weight_decay": t.weight_decay},
+            {"params": no_decay, "lr": t.lr * mult, "weight_decay": 0.0},
+        ]
     extra = [p for p in loss_fn.parameters() if p.requires_grad]  # learned task weights (adaptive weighting)
     if extra:
         groups.append({"params": extra, "lr": t.lr, "weight_decay": 0.0})
@@ -190,12 +239,16 @@ def config_for_resume(path: str | Path, overrides: list[str]) -> Config:
     return from_dict(Config, apply_overrides(load_checkpoint(path)["config"], overrides))
 
 
-def _resume(path: Path, cfg: Config, model, optimizer, scheduler, scaler, loss_fn) -> tuple[int, float | None]:
+def _resume(
+    path: Path, cfg: Config, model, optimizer, scheduler, scaler, loss_fn
+) -> tuple[int, float | None]:
     """Load training state from ``path``; returns (first epoch to run, best metric so far)."""
     ckpt = load_checkpoint(path)
     if ckpt["config"]["model"] != to_dict(cfg)["model"]:
-        raise ValueError(f"{path} was trained with a different model config; resume with the same "
-                         "model settings, or start a new run (optionally from model.backbone_weights)")
+        raise ValueError(
+            f"{path} was trained with a different model config; resume with the same "
+            "model settings, or start a new run (optionally from model.backbone_weights)"
+        )
     if ckpt["config"] != to_dict(cfg):
         log.warning("resuming %s with changed settings; the run will not match an uninterrupted one", path)
     model.load_state_dict(ckpt["model"])
@@ -208,13 +261,20 @@ def _resume(path: Path, cfg: Config, model, optimizer, scheduler, scaler, loss_f
     return ckpt["epoch"] + 1, ckpt.get("best")
 
 
-def _epoch_line(epoch: int, total: int, phase: Phase, stats: dict[str, float], summary: dict[str, float]) -> str:
-    keys = [k for k in ("semseg/miou", "semseg/pixel_acc", "depth/abs_rel", "depth/rmse", "depth/delta1")
-            if k in summary]
+def _epoch_line(
+    epoch: int, total: int, phase: Phase, stats: dict[str, float], summary: dict[str, float]
+) -> str:
+    keys = [
+        k
+        for k in ("semseg/miou", "semseg/pixel_acc", "depth/abs_rel", "depth/rmse", "depth/delta1")
+        if k in summary
+    ]
     metrics = "  ".join(f"{k} {summary[k]:.3f}" for k in keys)
-    return (f"epoch {epoch + 1}/{total} [scale {phase.scale:g}, bs {phase.batch_size}] "
-            f"loss {stats.get('loss/total', float('nan')):.3f} | {metrics} | {stats['images_per_s']:.1f} img/s, "
-            f"{stats['train_seconds']:.0f} s")
+    return (
+        f"epoch {epoch + 1}/{total} [scale {phase.scale:g}, bs {phase.batch_size}] "
+        f"loss {stats.get('loss/total', float('nan')):.3f} | {metrics} | {stats['images_per_s']:.1f} img/s, "
+        f"{stats['train_seconds']:.0f} s"
+    )
 
 
 def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
@@ -247,10 +307,22 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     steps = [len(train_sets[p.index]) // p.batch_size for p in phases]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, StepSchedule(phases, steps, cfg.train.lr))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, cfg.train.amp) == torch.float16)
-    val_loader = make_loader(build_dataset(cfg, cfg.data.val_split, False), cfg.train.batch_size, False,
-                             cfg.data.num_workers, cfg.train.seed, device)
-    metrics = MultiTaskMetrics(cfg.model.tasks, cfg.model.num_classes, class_names=info["classes"],
-                               min_depth=cfg.data.eval_depth_min, max_depth=cfg.data.eval_depth_max)
+    val_loader = make_loader(
+        build_dataset(cfg, cfg.data.val_split, False),
+        cfg.train.batch_size,
+        False,
+        cfg.data.num_workers,
+        cfg.train.seed,
+        device,
+    )
+    metrics = MultiTaskMetrics(
+        cfg.model.tasks,
+        cfg.model.num_classes,
+        class_names=info["classes"],
+        min_depth=cfg.data.eval_depth_min,
+        max_depth=cfg.data.eval_depth_max,
+        per_image=cfg.data.eval_per_image,
+    )
 
     start, best = 0, None
     if resume is not None:
@@ -262,22 +334,51 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     for epoch in range(start, total):
         phase = phase_for_epoch(phases, epoch)
         seed_everything(cfg.train.seed * 10_000 + epoch, cfg.train.deterministic)
-        loader = make_loader(train_sets[phase.index], phase.batch_size, True, cfg.data.num_workers,
-                             cfg.train.seed * 10_000 + epoch, device)
-        stats = train_one_epoch(model, loss_fn, loader, optimizer, scheduler, scaler, device, cfg, epoch,
-                                cfg.train.max_nonfinite)
-        summary = summarize(evaluate(model, val_loader, metrics, device, cfg.train.amp, cfg.train.channels_last))
+        loader = make_loader(
+            train_sets[phase.index],
+            phase.batch_size,
+            True,
+            cfg.data.num_workers,
+            cfg.train.seed * 10_000 + epoch,
+            device,
+        )
+        stats = train_one_epoch(
+            model, loss_fn, loader, optimizer, scheduler, scaler, device, cfg, epoch, cfg.train.max_nonfinite
+        )
+        summary = summarize(
+            evaluate(model, val_loader, metrics, device, cfg.train.amp, cfg.train.channels_last)
+        )
         if cfg.train.best_metric not in summary:
-            raise ValueError(f"train.best_metric={cfg.train.best_metric!r} is not an evaluation key; "
-                             f"choose one of {sorted(summary)}")
+            raise ValueError(
+                f"train.best_metric={cfg.train.best_metric!r} is not an evaluation key; "
+                f"choose one of {sorted(summary)}"
+            )
         value = summary[cfg.train.best_metric]
         is_best = _better(value, best, cfg.train.best_mode)
         best = value if is_best else best
-        runlog.write({"epoch": epoch + 1, "phase": phase.index, "scale": phase.scale, **stats,
-                      **{f"val/{k}": v for k, v in summary.items()}}, step=epoch + 1)
-        payload = make_payload(cfg, model, info, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                               scaler=scaler.state_dict(), loss=loss_fn.state_dict(), epoch=epoch, best=best,
-                               metrics=summary, rng=rng_state())
+        runlog.write(
+            {
+                "epoch": epoch + 1,
+                "phase": phase.index,
+                "scale": phase.scale,
+                **stats,
+                **{f"val/{k}": v for k, v in summary.items()},
+            },
+            step=epoch + 1,
+        )
+        payload = make_payload(
+            cfg,
+            model,
+            info,
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            scaler=scaler.state_dict(),
+            loss=loss_fn.state_dict(),
+            epoch=epoch,
+            best=best,
+            metrics=summary,
+            rng=rng_state(),
+        )
         save_checkpoint(out / "last.pt", payload)
         if is_best:
             save_checkpoint(out / "best.pt", payload)

@@ -45,9 +45,14 @@ class DepthErrorProfile:
 
     def table(self) -> dict[str, list[float]]:
         n = np.maximum(self.count, 1)
-        return {"edges": self.edges.tolist(), "mae": (self.abs_err / n).tolist(),
-                "abs_rel": (self.rel_err / n).tolist(), "count": self.count.tolist(),
-                "gt_hist": self.gt_hist.tolist(), "pred_hist": self.pred_hist.tolist()}
+        return {
+            "edges": self.edges.tolist(),
+            "mae": (self.abs_err / n).tolist(),
+            "abs_rel": (self.rel_err / n).tolist(),
+            "count": self.count.tolist(),
+            "gt_hist": self.gt_hist.tolist(),
+            "pred_hist": self.pred_hist.tolist(),
+        }
 
 
 def training_statistics(cfg: Config, max_samples: int = 200) -> dict[str, float]:
@@ -87,14 +92,26 @@ def _baseline_outputs(batch: dict, stats: dict[str, float], num_classes: int) ->
 
 
 @torch.inference_mode()
-def run_evaluation(model, loader, cfg: Config, class_names: list[str], device: torch.device,
-                   baseline_stats: dict[str, float] | None = None) -> dict[str, Any]:
+def run_evaluation(
+    model,
+    loader,
+    cfg: Config,
+    class_names: list[str],
+    device: torch.device,
+    baseline_stats: dict[str, float] | None = None,
+) -> dict[str, Any]:
     """Model metrics, baseline metrics and the depth error profile in one pass over ``loader``."""
     from densemtl.metrics import MultiTaskMetrics
 
     def new_metrics():
-        return MultiTaskMetrics(cfg.model.tasks, cfg.model.num_classes, class_names=class_names,
-                                min_depth=cfg.data.eval_depth_min, max_depth=cfg.data.eval_depth_max)
+        return MultiTaskMetrics(
+            cfg.model.tasks,
+            cfg.model.num_classes,
+            class_names=class_names,
+            min_depth=cfg.data.eval_depth_min,
+            max_depth=cfg.data.eval_depth_max,
+            per_image=cfg.data.eval_per_image,
+        )
 
     metrics, base = new_metrics(), new_metrics()
     profile = DepthErrorProfile(cfg.data.eval_depth_max)
@@ -119,9 +136,14 @@ def run_evaluation(model, loader, cfg: Config, class_names: list[str], device: t
     return result
 
 
-def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path | None = None, split: str = "val",
-                        out_dir: str | Path | None = None, device: str = "auto",
-                        batch_size: int = 4) -> dict[str, Any]:
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    data_root: str | Path | None = None,
+    split: str = "val",
+    out_dir: str | Path | None = None,
+    device: str = "auto",
+    batch_size: int = 4,
+) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on ``split`` and write metrics.json, metrics.md and plots into ``out_dir``."""
     from densemtl.engine import build_dataset, make_loader
     from densemtl.metrics import summarize
@@ -136,8 +158,10 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path | None = N
     dataset = build_dataset(cfg, split, train=False)
     names = list(ckpt["dataset"].get("classes", []))
     if "semseg" in cfg.model.tasks and list(dataset.class_names) != names:
-        raise ValueError(f"{cfg.data.root} has classes {dataset.class_names} but {checkpoint} was trained on "
-                         f"{names}; evaluate on a dataset with the same class list")
+        raise ValueError(
+            f"{cfg.data.root} has classes {dataset.class_names} but {checkpoint} was trained on "
+            f"{names}; evaluate on a dataset with the same class list"
+        )
     loader = make_loader(dataset, batch_size, False, cfg.data.num_workers, 0, dev)
     stats = training_statistics(cfg) if split != cfg.data.train_split else {}
     result = run_evaluation(model, loader, cfg, names, dev, stats)
@@ -177,7 +201,13 @@ def write_outputs(result: dict[str, Any], class_names: list[str], out: Path) -> 
     prof = result["depth_profile"]
     if sum(prof["count"]) > 0:
         edges = np.array(prof["edges"])
-        plot_depth_error_vs_distance(edges, np.array(prof["mae"]), np.array(prof["abs_rel"]),
-                                     np.array(prof["count"]), out / "depth_error_vs_distance.png")
-        plot_depth_histograms(edges, np.array(prof["gt_hist"]), np.array(prof["pred_hist"]),
-                              out / "depth_histogram.png")
+        plot_depth_error_vs_distance(
+            edges,
+            np.array(prof["mae"]),
+            np.array(prof["abs_rel"]),
+            np.array(prof["count"]),
+            out / "depth_error_vs_distance.png",
+        )
+        plot_depth_histograms(
+            edges, np.array(prof["gt_hist"]), np.array(prof["pred_hist"]), out / "depth_histogram.png"
+        )
