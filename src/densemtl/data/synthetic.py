@@ -1,0 +1,380 @@
+"""The built-in synthetic street-scene dataset: exact ray-cast RGB, labels, z-depth and normals.
+
+``render(scene, camera, size)`` turns a ``Scene`` (``scene.py``) seen from a ``Camera`` (``raycast.py``) into
+numpy arrays; ``generate_dataset`` samples scenes and cameras from per-sample seeds and writes the densemtl
+folder format with worker processes. Conventions:
+
+* world frame: x right, y up, z forward along the road, ground y = 0, metres;
+* camera frame (OpenCV): x right, y down, z forward; depth is the z coordinate (not the ray length), 0 where
+  the ray sees the sky or the surface is farther than ``max_depth`` (80 m);
+* normals are unit vectors in the camera frame, (0, 0, 0) only for sky (surfaces beyond 80 m keep theirs);
+* classes (ids 0-7): road, sidewalk (incl. kerbs), building, vegetation (trees, hedges), pole (incl. sign panels
+  and lamp arms), car, person, sky; every pixel is labelled, 255 never occurs;
+* sample ``i`` of split ``s`` is a pure function of (seed, s, i), so files are byte-identical for any number
+  of workers.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import zlib
+from multiprocessing import get_context
+from pathlib import Path
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+
+from densemtl.data import scene as sc
+from densemtl.data.format import write_dataset_json, write_sample
+from densemtl.data.raycast import GROUND, NOTHING, Camera, Hits, cast, gather, scatter, sun_visibility
+from densemtl.data.scene import CLASSES, PALETTE, Scene, sample_scene
+
+DEPTH_MAX = 80.0
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+
+
+# ------------------------------------------------------------------------------------------------ textures
+def _noise(x: np.ndarray, y: np.ndarray, z: np.ndarray, cell: float) -> np.ndarray:
+    """Blocky value noise in [0, 1): a hash of the integer cell of each world point."""
+    h = np.floor(x * (1 / cell)).astype(np.int32).view(np.uint32) * np.uint32(0x8DA6B343)
+    h ^= np.floor(y * (1 / cell)).astype(np.int32).view(np.uint32) * np.uint32(0xD8163841)
+    h ^= np.floor(z * (1 / cell)).astype(np.int32).view(np.uint32) * np.uint32(0xCB1AB31F)
+    h ^= h >> np.uint32(15)
+    h *= np.uint32(0x2C1B3C6D)
+    h ^= h >> np.uint32(12)
+    return (h >> np.uint32(8)).astype(np.float32) * np.float32(1 / 2**24)
+
+
+def _frac(x: np.ndarray) -> np.ndarray:
+    return x - np.floor(x)
+
+
+def _ground(scene: Scene, p: np.ndarray) -> np.ndarray:
+    """Albedo (3, K) of ground points p (3, K): asphalt with lane markings, paving beyond the road."""
+    x, z = p[0], p[2]
+    road = np.abs(x) <= scene.road_half_width
+    grain = 0.8 + 0.25 * _noise(x, p[1], z, 0.3) + 0.15 * _noise(x, p[1], z, 2.1)
+    alb = (
+        np.where(
+            road,
+            np.asarray(scene.asphalt, np.float32)[:, None],
+            np.asarray(scene.ground_paving, np.float32)[:, None],
+        )
+        * grain
+    )
+    if scene.markings:
+        half_drive = scene.lanes * scene.lane_width / 2
+        edge = half_drive if scene.parking_width > 0 else scene.road_half_width - 0.3
+        paint = np.abs(np.abs(x) - edge) < 0.075
+        for k in range(1, scene.lanes):
+            xk = -half_drive + k * scene.lane_width
+            line = np.abs(x - xk) < 0.075
+            if 2 * k != scene.lanes:  # dashed between lanes of one direction, solid in the centre
+                line &= _frac(z / 9.0) < 0.34
+            paint |= line
+        paint &= road
+        np.copyto(alb, np.float32(0.85) * (0.75 + 0.25 * _noise(x, 0 * x, z, 0.5)), where=paint)
+    return alb
+
+
+def _facade(scene: Scene, ii: np.ndarray, p: np.ndarray, n: np.ndarray, alb: np.ndarray) -> None:
+    """Window grid on vertical faces: floor height, column spacing, window width/height fractions."""
+    prm = scene.param[ii].T  # (4, K)
+    along = np.where(np.abs(n[0]) > 0.5, p[2], p[0])
+    fy, fa = _frac(p[1] / prm[0]), _frac(along / prm[1])
+    win = (np.abs(fa - 0.5) < prm[2] / 2) & (fy > 0.3) & (fy < 0.3 + prm[3]) & (np.abs(n[1]) < 0.5)
+    win &= p[1] > 0.7 * prm[0]  # no windows in the lowest part of the ground floor
+    cell = _noise(np.floor(along / prm[1]), np.floor(p[1] / prm[0]), ii.astype(np.float32), 1.0)
+    glass = scene.color2[ii].T * (0.55 + 0.9 * cell)
+    alb *= 0.88 + 0.2 * _noise(along, p[1], ii.astype(np.float32), 0.4)
+    np.copyto(alb, glass, where=win)
+
+
+def _car_glass(scene: Scene, ii: np.ndarray, p: np.ndarray, n: np.ndarray, alb: np.ndarray) -> None:
+    """Cabin: glass with a painted roof, sill and pillars."""
+    q = (p - scene.center[ii].T) / scene.half[ii].T  # (3, K) in [-1, 1]
+    side = np.abs(n[0]) > 0.5
+    pillar = side & ((np.abs(q[2]) > 0.88) | (np.abs(q[2]) < 0.06))
+    pillar |= ~side & (np.abs(q[0]) > 0.9)
+    glass = (np.abs(n[1]) < 0.5) & (q[1] < 0.8) & (q[1] > -0.75) & ~pillar
+    np.copyto(alb, scene.color2[ii].T, where=glass)
+
+
+def _sign(scene: Scene, ii: np.ndarray, p: np.ndarray, n: np.ndarray, alb: np.ndarray) -> None:
+    """White border on the face towards -z; grey metal on the back."""
+    q = (p - scene.center[ii].T) / scene.half[ii].T
+    border = (np.maximum(np.abs(q[0]), np.abs(q[1])) > 0.82) & (n[2] < -0.5)
+    np.copyto(alb, scene.color2[ii].T, where=border)
+    np.copyto(alb, np.float32(0.45), where=n[2] > 0.5)
+
+
+def _paving(scene: Scene, ii: np.ndarray, p: np.ndarray, n: np.ndarray, alb: np.ndarray) -> None:
+    """Square tiles with mortar joints on the sidewalk top; lighter kerb stones on the side faces."""
+    tile = scene.param[ii, 0]
+    joint = (_frac(p[0] / tile) < 0.05) | (_frac(p[2] / tile) < 0.05)
+    alb *= 0.85 + 0.25 * _noise(p[0] / tile, 0 * tile, p[2] / tile, 1.0)  # per-tile brightness
+    np.copyto(alb, scene.color2[ii].T, where=joint)
+    np.copyto(alb, np.float32(0.7), where=np.abs(n[1]) < 0.5)
+
+
+def _leaves(scene: Scene, ii: np.ndarray, p: np.ndarray, n: np.ndarray, alb: np.ndarray) -> None:
+    alb *= 0.55 + 0.45 * _noise(p[0], p[1], p[2], 0.13) + 0.3 * _noise(p[0], p[1], p[2], 0.5)
+
+
+def _bark(scene: Scene, ii: np.ndarray, p: np.ndarray, n: np.ndarray, alb: np.ndarray) -> None:
+    alb *= 0.7 + 0.5 * _noise(p[0] * 8, p[1], p[2] * 8, 0.25)
+
+
+_TEXTURES = {
+    sc.FACADE: _facade,
+    sc.CAR_GLASS: _car_glass,
+    sc.SIGN: _sign,
+    sc.PAVING: _paving,
+    sc.LEAVES: _leaves,
+    sc.BARK: _bark,
+}
+
+
+def _albedo(scene: Scene, hits: Hits) -> np.ndarray:
+    """Per-pixel albedo (3, H, W): primitive colour, ground texture, then per-material textures."""
+    idx = hits.index
+    alb = np.zeros(hits.points.shape, dtype=np.float32)
+    ground = idx == GROUND
+    scatter(alb, ground, _ground(scene, gather(hits.points, ground)))
+    prim = idx >= 0
+    if prim.any():
+        ii = idx[prim]
+        scatter(alb, prim, scene.color[ii].T)
+        mat = np.full(idx.shape, 255, dtype=np.uint8)
+        mat[prim] = scene.material[ii]
+        for m, texture in _TEXTURES.items():
+            sel = mat == m
+            if sel.any():
+                block = gather(alb, sel)
+                texture(scene, idx[sel], gather(hits.points, sel), gather(hits.normals, sel), block)
+                scatter(alb, sel, block)
+    return alb
+
+
+# ------------------------------------------------------------------------------------------------ shading
+def _sky(scene: Scene, rays: np.ndarray) -> np.ndarray:
+    """Sky colour (3, K) for ray directions (3, K): horizon-to-zenith gradient plus a sun glow."""
+    lt = scene.lighting
+    unit = rays / np.linalg.norm(rays, axis=0, keepdims=True)
+    w = np.sqrt(np.clip(unit[1], 0, 1))
+    sky = (
+        np.asarray(lt.sky_horizon, np.float32)[:, None] * (1 - w)
+        + np.asarray(lt.sky_zenith, np.float32)[:, None] * w
+    )
+    cos = np.clip(np.asarray(lt.sun_dir, np.float32) @ unit, 0, 1)
+    return sky + np.asarray(lt.sun_color, np.float32)[:, None] * (0.8 * cos**300 + 0.12 * cos**8)
+
+
+def _shade(scene: Scene, hits: Hits, lit: np.ndarray | None, albedo: np.ndarray) -> np.ndarray:
+    """Lambert sun (with shadows) + hemisphere ambient, distance fog, sky; linear RGB (3, H, W)."""
+    lt = scene.lighting
+    n = hits.normals
+    sun = np.asarray(lt.sun_dir, np.float32)
+    ndl = np.maximum(sun[0] * n[0] + sun[1] * n[1] + sun[2] * n[2], 0)  # (H, W)
+    if lit is not None:
+        ndl *= lit
+    amb = np.asarray(lt.ambient, np.float32)[:, None, None] * (0.6 + 0.4 * n[1])
+    rgb = albedo * (amb + np.asarray(lt.sun_color, np.float32)[:, None, None] * ndl)
+    surface = hits.index != NOTHING
+    d = hits.rays
+    dist = np.where(surface, hits.t, 0) * np.sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2])
+    trans = np.exp(dist * np.float32(-1 / lt.fog_distance))
+    rgb = rgb * trans + np.asarray(lt.sky_horizon, np.float32)[:, None, None] * (1 - trans)
+    scatter(rgb, ~surface, _sky(scene, gather(hits.rays, ~surface)))
+    return rgb
+
+
+# Gaussian quantiles of 256 equiprobable bins: Gaussian noise from random bytes (10x cheaper than normal()).
+_GAUSS_LUT = np.array([NormalDist().inv_cdf((k + 0.5) / 256) for k in range(256)], dtype=np.float32)
+
+
+def _to_uint8(
+    rgb: np.ndarray, exposure: float, noise_std: float, rng: np.random.Generator | None
+) -> np.ndarray:
+    """(3, H, W) radiance -> (H, W, 3) uint8 with exposure, a soft shoulder and Gaussian sensor noise."""
+    x = rgb * np.float32(exposure)
+    x = (1.25 * 255) * x / (1 + 0.25 * x)  # soft highlight roll-off; albedos are display values, no gamma
+    if rng is not None and noise_std > 0:
+        noise = np.frombuffer(rng.bytes(x.size), dtype=np.uint8).reshape(x.shape)
+        x += _GAUSS_LUT[noise] * np.float32(noise_std * 255)
+    out = np.empty((*x.shape[1:], 3), dtype=np.uint8)
+    for c in range(3):
+        out[..., c] = np.clip(x[c] + 0.5, 0, 255)
+    return out
+
+
+def render(
+    scene: Scene,
+    camera: Camera,
+    size: tuple[int, int],
+    *,
+    max_depth: float = DEPTH_MAX,
+    far: float = 200.0,
+    shadows: bool = True,
+    noise_rng: np.random.Generator | None = None,
+) -> dict[str, Any]:
+    """Ray-cast one view.
+
+    Args:
+        scene: what to render; camera: intrinsics and pose; size: (H, W).
+        max_depth: depth beyond this is written as 0 (invalid); labels and normals stay.
+        far: primitives farther than this are culled (fog hides them); the ground plane is never culled.
+        shadows: cast exact shadow rays towards the sun.
+        noise_rng: source of sensor noise; None renders without noise.
+
+    Returns:
+        ``image`` (H, W, 3) uint8, ``semseg`` (H, W) uint8, ``depth`` (H, W) float32 metres (z, 0 = invalid),
+        ``normals`` (H, W, 3) float32 camera frame, ``meta`` (intrinsics, pose, road layout).
+    """
+    hits = cast(scene, camera, size, far=far)
+    lt = scene.lighting
+    lit = sun_visibility(scene, hits, camera, lt.sun_dir, far=far) if shadows and any(lt.sun_color) else None
+    image = _to_uint8(_shade(scene, hits, lit, _albedo(scene, hits)), lt.exposure, lt.noise_std, noise_rng)
+    semseg = np.full(size, sc.SKY, dtype=np.uint8)
+    prim = hits.index >= 0
+    semseg[prim] = scene.label[hits.index[prim]]
+    ground = hits.index == GROUND
+    semseg[ground] = np.where(np.abs(hits.points[0][ground]) <= scene.road_half_width, sc.ROAD, sc.SIDEWALK)
+    depth = np.where(np.isfinite(hits.t) & (hits.t <= max_depth), hits.t, 0).astype(np.float32)
+    r, n = camera.rotation().astype(np.float32), hits.normals
+    normals = np.empty((*size, 3), dtype=np.float32)
+    for k in range(3):  # camera = R^T world
+        normals[..., k] = r[0, k] * n[0] + r[1, k] * n[1] + r[2, k] * n[2]
+    meta = {**camera.meta(), **scene.layout_meta()}
+    return {
+        "image": image,
+        "semseg": semseg,
+        "depth": depth,
+        "normals": normals,
+        "meta": meta,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ dataset
+def sample_camera(rng: np.random.Generator, scene: Scene, size: tuple[int, int]) -> Camera:
+    """Dash-cam-like camera in the ego lane near z = 0: height 1.2-1.8 m, 55-90 deg horizontal FOV."""
+    h, w = size
+    hfov = np.radians(rng.uniform(55, 90))
+    f = (w / 2) / np.tan(hfov / 2)
+    return Camera(
+        fx=float(f),
+        fy=float(f * rng.uniform(0.98, 1.02)),
+        cx=float((w - 1) / 2 + rng.uniform(-0.02, 0.02) * w),
+        cy=float((h - 1) / 2 + rng.uniform(-0.02, 0.02) * h),
+        position=(
+            float(scene.ego_x + rng.uniform(-0.5, 0.5)),
+            float(rng.uniform(1.2, 1.8)),
+            float(rng.uniform(-2, 2)),
+        ),
+        yaw_deg=float(rng.uniform(-6, 6)),
+        pitch_deg=float(rng.uniform(-2, 5)),
+        roll_deg=float(rng.uniform(-2.5, 2.5)),
+    )
+
+
+def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """Independent generator for sample ``index`` of ``split``: same triple, same stream, in any process."""
+    code = SPLIT_CODES.get(split, zlib.crc32(split.encode()))
+    return np.random.default_rng(np.random.SeedSequence([seed, code, index]))
+
+
+def render_sample(seed: int, split: str, index: int, size: tuple[int, int]) -> dict[str, Any]:
+    """Sample a scene and a camera from (seed, split, index) and render it (see ``render``)."""
+    rng = sample_rng(seed, split, index)
+    scene = sample_scene(rng)
+    out = render(scene, sample_camera(rng, scene, size), size, noise_rng=rng)
+    out["meta"].update(seed=seed, split=split, index=index)
+    return out
+
+
+def _write_one(job: tuple[Path, int, str, int, tuple[int, int]]) -> np.ndarray:
+    """Worker: render and write one sample; returns its label histogram (256,)."""
+    root, seed, split, index, size = job
+    s = render_sample(seed, split, index, size)
+    write_sample(root, split, f"{index:06d}", s["image"], s["semseg"], s["depth"], s["normals"], s["meta"])
+    return np.bincount(s["semseg"].ravel(), minlength=256)
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def generate_dataset(
+    out: str | Path,
+    n_train: int = 2000,
+    n_val: int = 400,
+    size: tuple[int, int] = (256, 512),
+    seed: int = 0,
+    workers: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Render ``n_train`` + ``n_val`` samples into ``out`` (densemtl folder format) and return stats.
+
+    ``workers`` = 0 uses one process per CPU core, 1 renders in this process. The output does not depend on
+    ``workers``. The returned dict (JSON-serialisable) holds counts, seconds, images/s and class pixel shares.
+    """
+    from tqdm import tqdm
+
+    root = Path(out)
+    h, w = (int(v) for v in size)
+    splits = {"train": int(n_train), "val": int(n_val)}
+    workers = _cpu_count() if workers <= 0 else int(workers)
+    generator = {
+        "seed": int(seed),
+        "size": [h, w],
+        "counts": splits,
+        "renderer": "densemtl.data.synthetic (exact ray casting)",
+        "world_frame": "x right, y up, z forward along the road, ground plane y = 0, metres",
+        "camera_frame": "OpenCV: x right, y down, z forward; depth = z coordinate in metres, 0 = sky/invalid",
+        "normals": "unit vectors in the camera frame, (0, 0, 0) for sky",
+        "labels": "traffic-sign panels and lamp arms are labelled pole; no pixel is 255",
+    }
+    write_dataset_json(
+        root,
+        name="synthetic-streets",
+        tasks=["semseg", "depth", "normals"],
+        classes=list(CLASSES),
+        palette=[list(c) for c in PALETTE],
+        splits=list(splits),
+        depth_max=DEPTH_MAX,
+        extra={"generator": generator},
+    )
+    jobs = [(root, int(seed), split, i, (h, w)) for split, n in splits.items() for i in range(n)]
+    hist = np.zeros(256, dtype=np.int64)
+    start = time.perf_counter()
+    bar = tqdm(total=len(jobs), desc="synth", unit="img", disable=not progress)
+    if workers == 1 or len(jobs) <= 1:
+        for job in jobs:
+            hist += _write_one(job)
+            bar.update()
+    else:
+        with get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+            for hh in pool.imap_unordered(
+                _write_one, jobs, chunksize=max(1, min(8, len(jobs) // (4 * workers)))
+            ):
+                hist += hh
+                bar.update()
+    bar.close()
+    seconds = time.perf_counter() - start
+    total = max(int(hist.sum()), 1)
+    return {
+        "out": str(root),
+        "images": len(jobs),
+        "splits": splits,
+        "size": [h, w],
+        "seed": int(seed),
+        "workers": workers,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(len(jobs) / max(seconds, 1e-9), 3),
+        "class_pixel_share": {name: round(float(hist[i]) / total, 5) for i, name in enumerate(CLASSES)},
+    }
