@@ -23,6 +23,7 @@ GROUND, NOTHING = -1, -2  # hit ids besides primitive indices
 _EDGES = np.array(
     [(a, b) for a in range(8) for b in range(a + 1, 8) if bin(a ^ b).count("1") == 1]
 )  # (12, 2)
+_PAIRS16 = np.array([(a, b) for a in range(16) for b in range(a + 1, 16)])  # (120, 2)
 _CORNERS = np.array([[(i >> k) & 1 for k in range(3)] for i in range(8)], dtype=np.float64)  # (8, 3)
 
 
@@ -102,11 +103,13 @@ def screen_rects(
     size: tuple[int, int],
     near: float = 0.05,
     far: float = np.inf,
+    sweep: np.ndarray | None = None,
 ) -> np.ndarray:
     """Pixel rectangles (M, 4) = (v0, v1, u0, u1), half-open, that contain the projection of each box.
 
     Boxes are clipped against the near plane z = ``near`` (corners in front plus edge crossings) so boxes that
     reach behind the camera still get a correct bound; boxes farther than ``far`` get an empty rectangle.
+    With ``sweep`` (M, 3) the bound is for the box swept along -sweep (the convex hull of both positions).
     """
     h, w = size
     m = len(lo)
@@ -114,12 +117,17 @@ def screen_rects(
         return np.zeros((0, 4), dtype=np.int64)
     r = camera.rotation()
     corners = lo[:, None].astype(np.float64) + _CORNERS[None] * (hi - lo)[:, None]  # (M, 8, 3) world
-    pc = (corners - np.asarray(camera.position)) @ r  # (M, 8, 3) camera frame
-    a, b = pc[:, _EDGES[:, 0]], pc[:, _EDGES[:, 1]]  # (M, 12, 3)
+    edges = _EDGES
+    if sweep is not None:  # hull of 16 corners; every hull edge is one of the 120 corner pairs
+        corners = np.concatenate([corners, corners - sweep[:, None]], axis=1)
+        edges = _PAIRS16
+        lo, hi = np.minimum(lo, lo - sweep), np.maximum(hi, hi - sweep)
+    pc = (corners - np.asarray(camera.position)) @ r  # (M, P, 3) camera frame
+    a, b = pc[:, edges[:, 0]], pc[:, edges[:, 1]]  # (M, E, 3)
     with np.errstate(divide="ignore", invalid="ignore"):
         s = (near - a[..., 2]) / (b[..., 2] - a[..., 2])
     cross = (s > 0) & (s < 1)
-    pts = np.concatenate([pc, a + np.where(cross, s, 0)[..., None] * (b - a)], axis=1)  # (M, 20, 3)
+    pts = np.concatenate([pc, a + np.where(cross, s, 0)[..., None] * (b - a)], axis=1)  # (M, P + E, 3)
     ok = np.concatenate([pc[..., 2] >= near, cross], axis=1)
     z = np.where(ok, pts[..., 2], 1.0)
     u = np.where(ok, camera.fx * pts[..., 0] / z + camera.cx, np.nan)
@@ -331,7 +339,7 @@ def sun_visibility(
     lo, hi = scene.bounds()
     lo, hi = lo[casters].astype(np.float64), hi[casters].astype(np.float64)
     reach = (hi[:, 1:2] / s[1]) * s  # sweep each box away from the sun until it reaches the ground
-    rects = screen_rects(np.minimum(lo, lo - reach), np.maximum(hi, hi - reach), camera, size, far=far)
+    rects = screen_rects(lo, hi, camera, size, far=far, sweep=reach)
     origin = hits.points + np.float32(2e-3) * hits.normals  # step off the surface to avoid self-shadowing
     sd = tuple(float(v) for v in s)
     inv = tuple(1.0 / v if abs(v) > 1e-9 else 1e9 for v in sd)

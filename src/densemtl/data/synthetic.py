@@ -29,7 +29,8 @@ import numpy as np
 from densemtl.data import scene as sc
 from densemtl.data.format import write_dataset_json, write_sample
 from densemtl.data.raycast import GROUND, NOTHING, Camera, Hits, cast, gather, scatter, sun_visibility
-from densemtl.data.scene import CLASSES, PALETTE, Scene, sample_scene
+from densemtl.data.scene import CLASSES, PALETTE, Scene
+from densemtl.data.streets import sample_scene
 
 DEPTH_MAX = 80.0
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
@@ -38,9 +39,13 @@ SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 # ------------------------------------------------------------------------------------------------ textures
 def _noise(x: np.ndarray, y: np.ndarray, z: np.ndarray, cell: float) -> np.ndarray:
     """Blocky value noise in [0, 1): a hash of the integer cell of each world point."""
-    h = np.floor(x * (1 / cell)).astype(np.int32).view(np.uint32) * np.uint32(0x8DA6B343)
-    h ^= np.floor(y * (1 / cell)).astype(np.int32).view(np.uint32) * np.uint32(0xD8163841)
-    h ^= np.floor(z * (1 / cell)).astype(np.int32).view(np.uint32) * np.uint32(0xCB1AB31F)
+
+    def cell_id(v: np.ndarray) -> np.ndarray:  # clipped so far-away points (horizon) stay in int32 range
+        return np.floor(np.clip(v * (1 / cell), -2e9, 2e9)).astype(np.int32).view(np.uint32)
+
+    h = cell_id(x) * np.uint32(0x8DA6B343)
+    h ^= cell_id(y) * np.uint32(0xD8163841)
+    h ^= cell_id(z) * np.uint32(0xCB1AB31F)
     h ^= h >> np.uint32(15)
     h *= np.uint32(0x2C1B3C6D)
     h ^= h >> np.uint32(12)

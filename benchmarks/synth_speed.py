@@ -1,0 +1,74 @@
+"""Speed of the synthetic street renderer: images/s of ``generate_dataset`` with worker processes.
+
+Also times one process's stages (scene sampling, ray casting + shading, PNG writing) so a regression can be
+located. The machine may be shared: the 1-minute load average before and after is recorded with the result.
+
+    .venv/bin/python benchmarks/synth_speed.py --n 64 --size 256x512 --workers 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from densemtl.data.format import write_sample
+from densemtl.data.streets import sample_scene
+from densemtl.data.synthetic import _cpu_count, generate_dataset, render, sample_camera, sample_rng
+
+
+def stage_times(n: int, size: tuple[int, int], out: Path) -> dict[str, float]:
+    """Milliseconds per image for each stage, in this process."""
+    total = {"scene_ms": 0.0, "render_ms": 0.0, "write_ms": 0.0}
+    for i in range(n):
+        t0 = time.perf_counter()
+        rng = sample_rng(123, "bench", i)
+        scene = sample_scene(rng)
+        t1 = time.perf_counter()
+        s = render(scene, sample_camera(rng, scene, size), size, noise_rng=rng)
+        t2 = time.perf_counter()
+        write_sample(out, "bench", f"{i:06d}", s["image"], s["semseg"], s["depth"], s["normals"], s["meta"])
+        t3 = time.perf_counter()
+        total["scene_ms"] += (t1 - t0) * 1e3
+        total["render_ms"] += (t2 - t1) * 1e3
+        total["write_ms"] += (t3 - t2) * 1e3
+    return {k: round(v / n, 2) for k, v in total.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=64, help="images to generate (train split)")
+    ap.add_argument("--size", default="256x512")
+    ap.add_argument("--workers", type=int, default=0, help="0 = one per CPU core")
+    ap.add_argument("--stages", type=int, default=8, help="images for the single-process stage timing")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/synth_speed.json"))
+    args = ap.parse_args()
+    size = tuple(int(v) for v in args.size.lower().split("x"))
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        stats = generate_dataset(tmp, n_train=args.n, n_val=0, size=size, seed=0, workers=args.workers)
+        stages = stage_times(args.stages, size, Path(tmp))
+    result = {
+        "images_per_s": stats["images_per_s"],
+        "images": stats["images"],
+        "seconds": stats["seconds"],
+        "size": list(size),
+        "workers": stats["workers"],
+        "cores": _cpu_count(),
+        "single_process_ms_per_image": stages,
+        "load_avg_1min_before": round(load_before, 2),
+        "load_avg_1min_after": round(os.getloadavg()[0], 2),
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
