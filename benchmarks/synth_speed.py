@@ -32,7 +32,8 @@ def stage_times(n: int, size: tuple[int, int], out: Path) -> dict[str, float]:
         t1 = time.perf_counter()
         s = render(scene, sample_camera(rng, scene, size), size, noise_rng=rng)
         t2 = time.perf_counter()
-        write_sample(out, "bench", f"{i:06d}", s["image"], s["semseg"], s["depth"], s["normals"], s["meta"])
+        write_sample(out, "bench", f"{i:06d}", s["image"], s["semseg"], s["depth"], s["normals"], s["meta"],
+                     image_format="jpg")
         t3 = time.perf_counter()
         total["scene_ms"] += (t1 - t0) * 1e3
         total["render_ms"] += (t2 - t1) * 1e3

@@ -146,12 +146,21 @@ def _files(root: Path) -> dict[str, bytes]:
 
 def test_dataset_is_deterministic_across_workers_and_round_trips(tmp_path: Path):
     size = (32, 64)
-    a = generate_dataset(tmp_path / "a", n_train=3, n_val=2, size=size, seed=7, workers=1, progress=False)
-    generate_dataset(tmp_path / "b", n_train=3, n_val=2, size=size, seed=7, workers=2, progress=False)
-    generate_dataset(tmp_path / "c", n_train=3, n_val=2, size=size, seed=8, workers=1, progress=False)
+    kw = {"n_train": 3, "n_val": 2, "size": size, "progress": False}
+    a = generate_dataset(tmp_path / "a", seed=7, workers=1, image_format="png", **kw)
+    generate_dataset(tmp_path / "b", seed=7, workers=2, image_format="png", **kw)
+    generate_dataset(tmp_path / "c", seed=8, workers=1, image_format="png", **kw)
+    generate_dataset(tmp_path / "d", seed=7, workers=2, **kw)  # default: JPEG RGB
     fa, fb, fc = _files(tmp_path / "a"), _files(tmp_path / "b"), _files(tmp_path / "c")
     assert len(fa) == 1 + 5 * 5 and fa == fb
     assert fa["train/images/000000.png"] != fc["train/images/000000.png"]
+    fd = _files(tmp_path / "d")
+    assert {k: v for k, v in fd.items() if "images" not in k and k != "dataset.json"} == {
+        k: v for k, v in fa.items() if "images" not in k and k != "dataset.json"
+    }
+    jpg = np.array(Image.open(tmp_path / "d" / "val" / "images" / "000001.jpg")).astype(float)
+    png = np.array(Image.open(tmp_path / "a" / "val" / "images" / "000001.png")).astype(float)
+    assert np.abs(jpg - png).mean() < 4.0  # quality-95 JPEG: small, bounded error
     assert a["images"] == 5 and a["images_per_s"] > 0 and a["seconds"] > 0
     json.dumps(a)
     info = read_dataset_json(tmp_path / "a")

@@ -26,7 +26,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     from densemtl.data.synthetic import generate_dataset
 
     stats = generate_dataset(
-        args.out, n_train=args.train, n_val=args.val, size=args.size, seed=args.seed, workers=args.workers
+        args.out, n_train=args.train, n_val=args.val, size=args.size, seed=args.seed, workers=args.workers,
+        image_format=args.image_format,
     )
     print(json.dumps(stats, indent=2))
     return 0
@@ -103,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=parse_size, default=(256, 512), help="HEIGHTxWIDTH")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=0, help="worker processes (0 = one per CPU core)")
+    s.add_argument("--image-format", choices=("jpg", "png"), default="jpg",
+                   help="RGB file format: jpg (quality 95, fast, small) or png (lossless)")
     s.set_defaults(func=_cmd_synth)
 
     s = data.add_parser("preview", help="grid of RGB | labels | depth | normals")

@@ -299,11 +299,21 @@ def render_sample(seed: int, split: str, index: int, size: tuple[int, int]) -> d
     return out
 
 
-def _write_one(job: tuple[Path, int, str, int, tuple[int, int]]) -> np.ndarray:
+def _write_one(job: tuple[Path, int, str, int, tuple[int, int], str]) -> np.ndarray:
     """Worker: render and write one sample; returns its label histogram (256,)."""
-    root, seed, split, index, size = job
+    root, seed, split, index, size, image_format = job
     s = render_sample(seed, split, index, size)
-    write_sample(root, split, f"{index:06d}", s["image"], s["semseg"], s["depth"], s["normals"], s["meta"])
+    write_sample(
+        root,
+        split,
+        f"{index:06d}",
+        s["image"],
+        s["semseg"],
+        s["depth"],
+        s["normals"],
+        s["meta"],
+        image_format=image_format,
+    )
     return np.bincount(s["semseg"].ravel(), minlength=256)
 
 
@@ -322,11 +332,14 @@ def generate_dataset(
     seed: int = 0,
     workers: int = 0,
     progress: bool = True,
+    image_format: str = "jpg",
 ) -> dict[str, Any]:
     """Render ``n_train`` + ``n_val`` samples into ``out`` (densemtl folder format) and return stats.
 
     ``workers`` = 0 uses one process per CPU core, 1 renders in this process. The output does not depend on
-    ``workers``. The returned dict (JSON-serialisable) holds counts, seconds, images/s and class pixel shares.
+    ``workers``. RGB is written as ``image_format`` ("jpg" quality 95 by default: fast and small; "png" for
+    lossless); labels, depth and normals are always lossless PNG. dataset.json is written last, so a folder
+    with a dataset.json is complete. The returned dict (JSON-serialisable) holds counts, seconds, images/s and class pixel shares.
     """
     from tqdm import tqdm
 
@@ -342,19 +355,13 @@ def generate_dataset(
         "world_frame": "x right, y up, z forward along the road, ground plane y = 0, metres",
         "camera_frame": "OpenCV: x right, y down, z forward; depth = z coordinate in metres, 0 = sky/invalid",
         "normals": "unit vectors in the camera frame, (0, 0, 0) for sky",
+        "image_format": image_format,
         "labels": "traffic-sign panels and lamp arms are labelled pole; no pixel is 255",
     }
-    write_dataset_json(
-        root,
-        name="synthetic-streets",
-        tasks=["semseg", "depth", "normals"],
-        classes=list(CLASSES),
-        palette=[list(c) for c in PALETTE],
-        splits=list(splits),
-        depth_max=DEPTH_MAX,
-        extra={"generator": generator},
-    )
-    jobs = [(root, int(seed), split, i, (h, w)) for split, n in splits.items() for i in range(n)]
+    (root / "dataset.json").unlink(missing_ok=True)  # an interrupted run must not look complete
+    jobs = [
+        (root, int(seed), split, i, (h, w), image_format) for split, n in splits.items() for i in range(n)
+    ]
     hist = np.zeros(256, dtype=np.int64)
     start = time.perf_counter()
     bar = tqdm(total=len(jobs), desc="synth", unit="img", disable=not progress)
@@ -370,6 +377,16 @@ def generate_dataset(
                 hist += hh
                 bar.update()
     bar.close()
+    write_dataset_json(
+        root,
+        name="synthetic-streets",
+        tasks=["semseg", "depth", "normals"],
+        classes=list(CLASSES),
+        palette=[list(c) for c in PALETTE],
+        splits=list(splits),
+        depth_max=DEPTH_MAX,
+        extra={"generator": generator},
+    )
     seconds = time.perf_counter() - start
     total = max(int(hist.sum()), 1)
     return {
