@@ -33,7 +33,7 @@ def test_train_writes_checkpoints_logs_and_rebuilds_its_model(synthetic_root, tm
     assert rec["epoch"] == 1 and np.isfinite(rec["loss/total"]) and rec["skipped_batches"] == 0
     assert 0.0 <= result["last"]["semseg/miou"] <= 1.0
     pred = Predictor.from_checkpoint(run / "best.pt").predict(
-        np.asarray(Image.open(next((synthetic_root / "val" / "images").glob("*.png")))))
+        np.asarray(Image.open(sorted((synthetic_root / "val" / "images").iterdir())[0])))
     assert pred["semseg"].shape == (64, 128) and pred["semseg"].max() < 8
     assert pred["depth"].shape == (64, 128) and (pred["depth"] > 0).all()
 

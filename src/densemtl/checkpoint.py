@@ -76,7 +76,11 @@ def make_payload(
 ) -> dict[str, Any]:
     """The checkpoint dict: format tag, config, dataset facts, model weights and any training ``state``."""
     model = getattr(model, "module", model)  # unwrap DDP
-    info = {k: dataset_info[k] for k in ("name", "classes", "palette", "ignore_index", "depth") if k in dataset_info}
+    info = {
+        k: dataset_info[k]
+        for k in ("name", "classes", "palette", "ignore_index", "depth")
+        if k in dataset_info
+    }
     return {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -137,3 +141,13 @@ def _no_pretrained(model_cfg: Any) -> Any:
     from densemtl.config import replace
 
     return replace(model_cfg, pretrained="none", backbone_weights="")
+
+
+def input_scale(ckpt: dict[str, Any]) -> float:
+    """The input scale a checkpoint's model was evaluated at (``data.eval_scale`` or its training phase)."""
+    from densemtl.schedule import eval_scale
+
+    cfg = config_from_checkpoint(ckpt)
+    if cfg.data.eval_scale > 0:
+        return cfg.data.eval_scale
+    return float(ckpt.get("input_scale", eval_scale(cfg)))

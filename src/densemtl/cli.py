@@ -26,7 +26,12 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     from densemtl.data.synthetic import generate_dataset
 
     stats = generate_dataset(
-        args.out, n_train=args.train, n_val=args.val, size=args.size, seed=args.seed, workers=args.workers,
+        args.out,
+        n_train=args.train,
+        n_val=args.val,
+        size=args.size,
+        seed=args.seed,
+        workers=args.workers,
         image_format=args.image_format,
     )
     print(json.dumps(stats, indent=2))
@@ -69,8 +74,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from densemtl.evaluate import evaluate_checkpoint
 
-    result = evaluate_checkpoint(args.checkpoint, data_root=args.data, split=args.split, out_dir=args.out,
-                                 device=args.device)
+    result = evaluate_checkpoint(
+        args.checkpoint, data_root=args.data, split=args.split, out_dir=args.out, device=args.device
+    )
     print(json.dumps(result["summary"], indent=2))
     return 0
 
@@ -95,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="densemtl", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    data = sub.add_parser("data", help="create, convert, inspect datasets").add_subparsers(dest="data_cmd",
-                                                                                            required=True)
+    data = sub.add_parser("data", help="create, convert, inspect datasets").add_subparsers(
+        dest="data_cmd", required=True
+    )
     s = data.add_parser("synth", help="render the synthetic street-scene dataset")
     s.add_argument("--out", type=Path, default=Path("data/synthetic"))
     s.add_argument("--train", type=int, default=2000, help="number of training images")
@@ -104,8 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=parse_size, default=(256, 512), help="HEIGHTxWIDTH")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=0, help="worker processes (0 = one per CPU core)")
-    s.add_argument("--image-format", choices=("jpg", "png"), default="jpg",
-                   help="RGB file format: jpg (quality 95, fast, small) or png (lossless)")
+    s.add_argument(
+        "--image-format",
+        choices=("jpg", "png"),
+        default="jpg",
+        help="RGB file format: jpg (quality 95, fast, small) or png (lossless)",
+    )
     s.set_defaults(func=_cmd_synth)
 
     s = data.add_parser("preview", help="grid of RGB | labels | depth | normals")
@@ -121,13 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="train a model from a config")
     s.add_argument("--config", type=Path, default=None)
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.epochs=5")
-    s.add_argument("--resume", type=Path, default=None, help="checkpoint to continue from (e.g. runs/x/last.pt)")
+    s.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.epochs=5"
+    )
+    s.add_argument(
+        "--resume", type=Path, default=None, help="checkpoint to continue from (e.g. runs/x/last.pt)"
+    )
     s.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("evaluate", help="metrics, tables and plots for a checkpoint")
     s.add_argument("--checkpoint", type=Path, required=True)
-    s.add_argument("--data", type=Path, default=None, help="dataset root (default: the one it was trained on)")
+    s.add_argument(
+        "--data", type=Path, default=None, help="dataset root (default: the one it was trained on)"
+    )
     s.add_argument("--split", default="val")
     s.add_argument("--out", type=Path, default=None, help="output folder (default: <run>/eval_<split>)")
     s.add_argument("--device", default="auto")
@@ -137,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", type=Path, required=True)
     s.add_argument("inputs", nargs="+", type=Path)
     s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--size", type=parse_size, default=None, help="resize input to HEIGHTxWIDTH for the network")
+    s.add_argument(
+        "--size", type=parse_size, default=None, help="resize input to HEIGHTxWIDTH for the network"
+    )
     s.add_argument("--device", default="auto")
     s.set_defaults(func=_cmd_predict)
 

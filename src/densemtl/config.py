@@ -30,6 +30,9 @@ class DataConfig:
     color_jitter: float = 0.2  # brightness/contrast/saturation strength; 0 disables
     eval_depth_min: float = 1e-3  # metres; depth metrics only count GT inside [min, max]
     eval_depth_max: float = 80.0
+    eval_scale: float = (
+        0.0  # network input scale for evaluation/prediction; 0 = the last training phase's scale
+    )
     eval_per_image: bool = False  # depth metrics averaged per image (KITTI style) instead of per pixel
     num_workers: int = 2
     max_samples: int = 0  # 0 = all; >0 keeps the first N of each split (quick runs, tests)

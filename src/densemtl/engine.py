@@ -25,7 +25,15 @@ from tqdm.auto import tqdm
 
 from densemtl.checkpoint import load_checkpoint, make_payload, rng_state, save_checkpoint, set_rng_state
 from densemtl.config import Config, replace, to_dict
-from densemtl.runtime import amp_dtype, autocast, resolve_device, seed_everything, seed_worker, to_device
+from densemtl.runtime import (
+    amp_dtype,
+    autocast,
+    forward_at_scale,
+    resolve_device,
+    seed_everything,
+    seed_worker,
+    to_device,
+)
 from densemtl.schedule import Phase, StepSchedule, phase_for_epoch, resolve_phases, total_epochs
 
 log = logging.getLogger("densemtl")
@@ -133,7 +141,7 @@ def train_one_epoch(
         steps += 1
         images += batch["image"].shape[0]
         for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
         if steps % cfg.train.log_every == 0 or steps == 1:
             bar.set_postfix(
                 loss=f"{sums['total'] / steps:.3f}",
@@ -155,16 +163,25 @@ def train_one_epoch(
 
 @torch.inference_mode()
 def evaluate(
-    model, loader, metrics, device: torch.device, amp: bool = False, channels_last: bool = False
+    model,
+    loader,
+    metrics,
+    device: torch.device,
+    amp: bool = False,
+    channels_last: bool = False,
+    scale: float = 1.0,
 ) -> dict[str, Any]:
-    """Run ``model`` over ``loader`` and return ``metrics.compute()`` (dataset-level, reduced across ranks)."""
+    """Run ``model`` over ``loader`` at input ``scale`` and return ``metrics.compute()``.
+
+    Metrics are dataset-level, against ground truth at its native resolution, and reduced across ranks.
+    """
     model.eval()
     metrics.reset()
     dtype = amp_dtype(device, amp)
     for batch in tqdm(loader, desc="evaluate", leave=False, disable=None, mininterval=1.0):
         batch = to_device(batch, device, channels_last)
         with autocast(device, dtype):
-            outputs = model(batch["image"])
+            outputs = forward_at_scale(model, batch["image"], scale)
         metrics.update({k: v.float() for k, v in outputs.items()}, batch)
     metrics.all_reduce()
     return metrics.compute()
@@ -345,8 +362,9 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
         stats = train_one_epoch(
             model, loss_fn, loader, optimizer, scheduler, scaler, device, cfg, epoch, cfg.train.max_nonfinite
         )
+        scale = cfg.data.eval_scale if cfg.data.eval_scale > 0 else phase.scale  # as the model was trained
         summary = summarize(
-            evaluate(model, val_loader, metrics, device, cfg.train.amp, cfg.train.channels_last)
+            evaluate(model, val_loader, metrics, device, cfg.train.amp, cfg.train.channels_last, scale)
         )
         if cfg.train.best_metric not in summary:
             raise ValueError(
@@ -375,6 +393,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
             scaler=scaler.state_dict(),
             loss=loss_fn.state_dict(),
             epoch=epoch,
+            input_scale=scale,
             best=best,
             metrics=summary,
             rng=rng_state(),

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from densemtl.checkpoint import config_from_checkpoint, load_checkpoint, model_from_checkpoint
+from densemtl.checkpoint import config_from_checkpoint, input_scale, load_checkpoint, model_from_checkpoint
 from densemtl.config import Config, replace
-from densemtl.runtime import resolve_device, to_device
+from densemtl.runtime import forward_at_scale, resolve_device, to_device
 
 
 class DepthErrorProfile:
@@ -99,6 +99,7 @@ def run_evaluation(
     class_names: list[str],
     device: torch.device,
     baseline_stats: dict[str, float] | None = None,
+    scale: float = 1.0,
 ) -> dict[str, Any]:
     """Model metrics, baseline metrics and the depth error profile in one pass over ``loader``."""
     from densemtl.metrics import MultiTaskMetrics
@@ -120,7 +121,7 @@ def run_evaluation(
     for batch in tqdm(loader, desc="evaluate", disable=None, mininterval=1.0):
         cpu_batch = batch
         batch = to_device(batch, device)
-        outputs = {k: v.float() for k, v in model(batch["image"]).items()}
+        outputs = {k: v.float() for k, v in forward_at_scale(model, batch["image"], scale).items()}
         metrics.update(outputs, batch)
         if baseline_stats:
             base.update(_baseline_outputs(cpu_batch, baseline_stats, cfg.model.num_classes), cpu_batch)
@@ -164,11 +165,18 @@ def evaluate_checkpoint(
         )
     loader = make_loader(dataset, batch_size, False, cfg.data.num_workers, 0, dev)
     stats = training_statistics(cfg) if split != cfg.data.train_split else {}
-    result = run_evaluation(model, loader, cfg, names, dev, stats)
+    scale = input_scale(ckpt)
+    result = run_evaluation(model, loader, cfg, names, dev, stats, scale)
     result["summary"] = summarize(result["results"])
     if "baseline_results" in result:
         result["baseline_summary"] = summarize(result["baseline_results"])
-    result.update(checkpoint=str(checkpoint), split=split, data_root=cfg.data.root, epoch=ckpt.get("epoch"))
+    result.update(
+        checkpoint=str(checkpoint),
+        input_scale=scale,
+        split=split,
+        data_root=cfg.data.root,
+        epoch=ckpt.get("epoch"),
+    )
     out = Path(out_dir) if out_dir is not None else Path(checkpoint).parent / f"eval_{split}"
     write_outputs(result, names, out)
     return result

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from densemtl.checkpoint import load_checkpoint, model_from_checkpoint
+from densemtl.checkpoint import input_scale, load_checkpoint, model_from_checkpoint
 from densemtl.data.format import IMAGE_EXTS, atomic_write_bytes, encode_depth
-from densemtl.runtime import resolve_device
+from densemtl.runtime import forward_at_scale, resolve_device
 
 ImageLike = np.ndarray | Image.Image | str | Path
 
@@ -55,39 +55,51 @@ class Predictor:
 
     ``predict`` returns ``{"semseg": uint8 (H, W) class ids, "confidence": float32 (H, W) softmax max,
     "depth": float32 (H, W) metres}`` at the input image's resolution (tasks the model lacks are absent).
+    The network sees the image resized by ``scale`` (from the checkpoint: the resolution it was trained at), or
+    at a fixed ``size`` when one is given.
     """
 
-    def __init__(self, model: torch.nn.Module, info: dict[str, Any], device: str | torch.device = "auto",
-                 size: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        info: dict[str, Any],
+        device: str | torch.device = "auto",
+        size: tuple[int, int] | None = None,
+        scale: float = 1.0,
+    ) -> None:
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.model = model.to(self.device).eval()
         self.info = info
         self.class_names: list[str] = list(info.get("classes", []))
         self.palette = np.array(info.get("palette", []), dtype=np.uint8).reshape(-1, 3)
-        self.size = size
+        self.size = size  # fixed network input (H, W), or None to resize by ``scale``
+        self.scale = scale
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto",
-                        size: tuple[int, int] | None = None) -> Predictor:
+    def from_checkpoint(
+        cls, path: str | Path, device: str = "auto", size: tuple[int, int] | None = None
+    ) -> Predictor:
         """Rebuild the checkpoint's own model (no dataset or config file needed)."""
         ckpt = load_checkpoint(path)
-        return cls(model_from_checkpoint(ckpt, path), ckpt["dataset"], device, size)
+        return cls(model_from_checkpoint(ckpt, path), ckpt["dataset"], device, size, input_scale(ckpt))
 
     def _to_tensor(self, rgb: np.ndarray) -> torch.Tensor:
         from densemtl.data.transforms import normalize
 
-        x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)
-        x = normalize(x)[None]  # (1, 3, H, W)
-        if self.size is not None and tuple(x.shape[-2:]) != tuple(self.size):
-            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
-        return x.to(self.device)
+        x = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
+        return normalize(x)[None].to(self.device)  # (1, 3, H, W)
 
     @torch.inference_mode()
     def predict(self, image: ImageLike) -> dict[str, np.ndarray]:
         """Predict every task for one image; outputs are resized back to the image's size."""
         rgb = as_rgb(image)
         h, w = rgb.shape[:2]
-        out = self.model(self._to_tensor(rgb))
+        x = self._to_tensor(rgb)
+        if self.size is not None:
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
+            out = self.model(x)
+        else:
+            out = forward_at_scale(self.model, x, self.scale)
         result: dict[str, np.ndarray] = {}
         if "semseg" in out:
             logits = out["semseg"].float()
@@ -129,8 +141,9 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def prediction_panel(rgb: np.ndarray, pred: dict[str, np.ndarray], palette: np.ndarray,
-                     max_depth: float | None = None) -> np.ndarray:
+def prediction_panel(
+    rgb: np.ndarray, pred: dict[str, np.ndarray], palette: np.ndarray, max_depth: float | None = None
+) -> np.ndarray:
     """Side-by-side RGB | segmentation overlay | coloured depth (uint8 (H, 3W, 3) or fewer panels)."""
     from densemtl.viz import colorize_depth, colorize_labels, overlay
 
@@ -142,8 +155,14 @@ def prediction_panel(rgb: np.ndarray, pred: dict[str, np.ndarray], palette: np.n
     return np.concatenate(panels, axis=1)
 
 
-def write_prediction(out_dir: Path, stem: str, rgb: np.ndarray, pred: dict[str, np.ndarray],
-                     palette: np.ndarray, max_depth: float | None = None) -> dict[str, Path]:
+def write_prediction(
+    out_dir: Path,
+    stem: str,
+    rgb: np.ndarray,
+    pred: dict[str, np.ndarray],
+    palette: np.ndarray,
+    max_depth: float | None = None,
+) -> dict[str, Path]:
     """Write the files for one prediction; depth PNG = uint16 metres * 256 (0 invalid), as the folder format."""
     from densemtl.viz import colorize_depth, colorize_labels, overlay
 
@@ -165,8 +184,13 @@ def write_prediction(out_dir: Path, stem: str, rgb: np.ndarray, pred: dict[str, 
     return files
 
 
-def predict_paths(checkpoint: str | Path, inputs: list[str | Path], out: str | Path, device: str = "auto",
-                  size: tuple[int, int] | None = None) -> list[dict[str, Path]]:
+def predict_paths(
+    checkpoint: str | Path,
+    inputs: list[str | Path],
+    out: str | Path,
+    device: str = "auto",
+    size: tuple[int, int] | None = None,
+) -> list[dict[str, Path]]:
     """Run a checkpoint over images/folders and write per-image outputs into ``out``."""
     from tqdm.auto import tqdm
 

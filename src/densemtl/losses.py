@@ -287,7 +287,9 @@ def build_loss(
     if "depth" in tasks:
         if not (cfg.depth_clip > 0 and math.isfinite(cfg.depth_clip)):
             raise ValueError(f"loss.depth_clip must be a positive number of metres, got {cfg.depth_clip}")
-        losses["depth"] = DepthLoss(cfg.depth, cfg.depth_space, cfg.depth_clip, cfg.silog_lambda, cfg.silog_scale)
+        losses["depth"] = DepthLoss(
+            cfg.depth, cfg.depth_space, cfg.depth_clip, cfg.silog_lambda, cfg.silog_scale
+        )
     if cfg.weighting not in WEIGHTINGS:
         raise ValueError(f"unknown loss.weighting {cfg.weighting!r}; choose one of {sorted(WEIGHTINGS)}")
     return MultiTaskLoss(losses, WEIGHTINGS[cfg.weighting](tasks, cfg.weights))

@@ -37,15 +37,23 @@ def plot_confusion(confusion: np.ndarray, class_names: list[str], path: str | Pa
     for i in range(n):
         for j in range(n):
             if norm[i, j] >= 0.01:
-                ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if norm[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{norm[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if norm[i, j] > 0.5 else "black",
+                )
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set_title("confusion (row-normalised)")
     return _save(fig, path)
 
 
-def plot_depth_error_vs_distance(edges: np.ndarray, mae: np.ndarray, abs_rel: np.ndarray, count: np.ndarray,
-                                 path: str | Path) -> Path:
+def plot_depth_error_vs_distance(
+    edges: np.ndarray, mae: np.ndarray, abs_rel: np.ndarray, count: np.ndarray, path: str | Path
+) -> Path:
     """MAE (m) and AbsRel per ground-truth distance bin."""
     centres = (edges[:-1] + edges[1:]) / 2
     keep = count > 0
@@ -61,7 +69,9 @@ def plot_depth_error_vs_distance(edges: np.ndarray, mae: np.ndarray, abs_rel: np
     return _save(fig, path)
 
 
-def plot_depth_histograms(edges: np.ndarray, gt_hist: np.ndarray, pred_hist: np.ndarray, path: str | Path) -> Path:
+def plot_depth_histograms(
+    edges: np.ndarray, gt_hist: np.ndarray, pred_hist: np.ndarray, path: str | Path
+) -> Path:
     """Distribution of predicted vs ground-truth depth over valid pixels."""
     centres = (edges[:-1] + edges[1:]) / 2
     width = edges[1] - edges[0]

@@ -33,33 +33,47 @@ def write_report(run_dir: str | Path, eval_dir: str = "eval_val", max_panels: in
     records = _read_jsonl(run / "metrics.jsonl")
     m = cfg["model"]
     lines = [f"# densemtl run report: `{run}`", ""]
-    lines += ["## Setup", "",
-              f"- data: `{cfg['data']['root']}` (train split `{cfg['data']['train_split']}`, "
-              f"eval split `{cfg['data']['val_split']}`)",
-              f"- model: {m['backbone']} + {m['decoder']} ({m['sharing']} decoder), tasks {m['tasks']}, "
-              f"{m['num_classes']} classes, depth head `{m['depth_param']}`",
-              f"- loss: semseg `{cfg['loss']['semseg']}`, depth `{cfg['loss']['depth']}` in "
-              f"`{cfg['loss']['depth_space']}` space, weights {cfg['loss']['weights']}"]
+    lines += [
+        "## Setup",
+        "",
+        f"- data: `{cfg['data']['root']}` (train split `{cfg['data']['train_split']}`, "
+        f"eval split `{cfg['data']['val_split']}`)",
+        f"- model: {m['backbone']} + {m['decoder']} ({m['sharing']} decoder), tasks {m['tasks']}, "
+        f"{m['num_classes']} classes, depth head `{m['depth_param']}`",
+        f"- loss: semseg `{cfg['loss']['semseg']}`, depth `{cfg['loss']['depth']}` in "
+        f"`{cfg['loss']['depth_space']}` space, weights {cfg['loss']['weights']}",
+    ]
     if records:
         seconds = sum(r.get("train_seconds", 0.0) for r in records)
-        lines.append(f"- training: {len(records)} epochs, {seconds / 60:.1f} min of training steps, "
-                     f"last epoch {records[-1].get('images_per_s', 0):.1f} images/s")
+        lines.append(
+            f"- training: {len(records)} epochs, {seconds / 60:.1f} min of training steps, "
+            f"last epoch {records[-1].get('images_per_s', 0):.1f} images/s"
+        )
     lines.append("")
     metrics_md = run / eval_dir / "metrics.md"
     if metrics_md.is_file():
         result = json.loads((run / eval_dir / "metrics.json").read_text())
-        lines += [f"## Evaluation ({result.get('split')} split, {result.get('num_images')} images, "
-                  f"checkpoint epoch {(result.get('epoch') or 0) + 1})", "",
-                  "Trivial baselines: the training set's majority class everywhere; its median depth everywhere.",
-                  "", metrics_md.read_text()]
-        for name, title in (("confusion.png", "Confusion matrix"),
-                            ("depth_error_vs_distance.png", "Depth error vs distance"),
-                            ("depth_histogram.png", "Depth distribution")):
+        lines += [
+            f"## Evaluation ({result.get('split')} split, {result.get('num_images')} images, "
+            f"checkpoint epoch {(result.get('epoch') or 0) + 1})",
+            "",
+            "Trivial baselines: the training set's majority class everywhere; its median depth everywhere.",
+            "",
+            metrics_md.read_text(),
+        ]
+        for name, title in (
+            ("confusion.png", "Confusion matrix"),
+            ("depth_error_vs_distance.png", "Depth error vs distance"),
+            ("depth_histogram.png", "Depth distribution"),
+        ):
             if (run / eval_dir / name).is_file():
                 lines += [f"### {title}", "", f"![{title}]({eval_dir}/{name})", ""]
     if records:
-        curves = plot_training_curves(records, ["loss/total", "val/semseg/miou", "val/depth/abs_rel",
-                                                "val/depth/delta1"], run / "training_curves.png")
+        curves = plot_training_curves(
+            records,
+            ["loss/total", "val/semseg/miou", "val/depth/abs_rel", "val/depth/delta1"],
+            run / "training_curves.png",
+        )
         lines += ["## Training curves", "", f"![curves]({_relative(curves, run)})", ""]
     panels = sorted((run / "predictions").glob("*_panel.png"))[:max_panels]
     if panels:

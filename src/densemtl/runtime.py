@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -73,3 +74,23 @@ def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> 
     if isinstance(batch, list | tuple):
         return type(batch)(to_device(v, device, channels_last) for v in batch)
     return batch
+
+
+def forward_at_scale(model: torch.nn.Module, image: torch.Tensor, scale: float) -> dict[str, torch.Tensor]:
+    """Run ``model`` on ``image`` (B, 3, H, W) resized by ``scale``; outputs come back at (H, W).
+
+    A model trained at a progressive-resolution phase of scale s sees the world at that focal length (in pixels)
+    and object size, so it is evaluated at the same scale and its outputs (logits, metres) upsampled bilinearly
+    to the ground truth's resolution. The resized size rounds like the data transforms do.
+    """
+    if abs(scale - 1.0) < 1e-9:
+        return model(image)
+    h, w = image.shape[-2:]
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    small = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=scale < 1)
+    out = model(
+        small.contiguous(memory_format=torch.channels_last)
+        if image.is_contiguous(memory_format=torch.channels_last)
+        else small
+    )
+    return {k: F.interpolate(v, size=(h, w), mode="bilinear", align_corners=False) for k, v in out.items()}

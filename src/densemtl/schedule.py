@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from densemtl.config import TrainConfig
+from densemtl.config import Config, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,9 @@ def resolve_phases(train: TrainConfig) -> list[Phase]:
     phases, first = [], 0
     for i, p in enumerate(raw):
         if p.epochs < 1 or p.batch_size < 1 or p.lr <= 0 or not 0 < p.scale <= 4:
-            raise ValueError(f"train.phases[{i}] is invalid ({p}); epochs/batch_size >= 1, lr > 0, 0 < scale <= 4")
+            raise ValueError(
+                f"train.phases[{i}] is invalid ({p}); epochs/batch_size >= 1, lr > 0, 0 < scale <= 4"
+            )
         phases.append(Phase(i, p.scale, p.epochs, p.batch_size, p.lr, first))
         first += p.epochs
     return phases
@@ -82,3 +84,8 @@ class StepSchedule:
                 return peak / self.base_lr * one_cycle((step - first) / max(n, 1))
         first, n, peak = self.bounds[-1]
         return peak / self.base_lr * one_cycle(1.0)
+
+
+def eval_scale(cfg: Config) -> float:
+    """Input scale for evaluation and prediction: ``data.eval_scale``, or else the last phase's scale."""
+    return cfg.data.eval_scale if cfg.data.eval_scale > 0 else resolve_phases(cfg.train)[-1].scale
