@@ -38,3 +38,14 @@ def _tiny_overrides(root: Path, out_dir: Path, epochs: int = 2) -> list[str]:
     return [f"data.root={root}", f"train.out_dir={out_dir}", f"train.epochs={epochs}", "train.batch_size=8",
             "train.lr=3e-3", "data.crop=[64, 128]", "data.num_workers=0", "model.decoder_channels=32",
             "model.backbone=mobilenet_v3_small", "train.log_every=1"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(synthetic_root, tmp_path_factory) -> Path:
+    """A run folder with a one-epoch checkpoint of a tiny model on the tiny synthetic dataset."""
+    from densemtl.config import load_config
+    from densemtl.engine import train
+
+    run = tmp_path_factory.mktemp("tiny_run")
+    train(load_config(None, _tiny_overrides(synthetic_root, run, epochs=1)))
+    return run
