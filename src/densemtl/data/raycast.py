@@ -14,6 +14,7 @@ projection of its shadow volume (its box swept away from the sun down to the gro
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -325,10 +326,99 @@ def surface_normals(scene: Scene, index: np.ndarray, points: np.ndarray) -> np.n
     return n
 
 
+SHADOW_TILE, SHADOW_BLOCK = 8, 4  # shadow casters are culled per block of 4 x 4 tiles, then per 8 x 8 tile
+
+
+@lru_cache(maxsize=8)
+def _tile_order(size: tuple[int, int], tile: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """Flat pixel indices sorted by screen tile, the tile of each, and the tile grid (rows, columns)."""
+    h, w = size
+    grid = (-(-h // tile), -(-w // tile))
+    v, u = np.divmod(np.arange(h * w), w)
+    tid = (v // tile) * grid[1] + u // tile
+    order = np.argsort(tid, kind="stable")
+    return order, tid[order], grid
+
+
+def _slab_pairs(planes: tuple, inv: list, origins: tuple, ci: np.ndarray, oi: np.ndarray) -> np.ndarray:
+    """Shadow-ray slab test of boxes ``ci`` against origins ``oi``: True where tn <= tf and tf > 0.
+
+    planes = (entry, exit) (3, C) float32: per axis the slab plane crossed first/last along the shared
+    direction (1/direction ``inv``); origins = (for entry, for exit) (3, K) float32: the same array for rays,
+    the favourable corners of a box of origins for culling. Same float32 arithmetic as ``_box``.
+    """
+    tn = tf = None
+    for a in range(3):
+        oa = origins[0][a][oi]
+        n = (planes[0][a][ci] - oa) * inv[a]
+        f = (planes[1][a][ci] - (oa if origins[1] is origins[0] else origins[1][a][oi])) * inv[a]
+        tn = n if tn is None else np.maximum(tn, n, out=tn)
+        tf = f if tf is None else np.minimum(tf, f, out=tf)
+    np.maximum(tn, np.float32(1e-45), out=tn)  # tn <= tf now also says tf >= smallest float32 > 0
+    return tn <= tf
+
+
+def _expand(first: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(pair, item) for each pair p covering the items first[p] .. first[p] + count[p] - 1."""
+    pair = np.repeat(np.arange(len(count)), count)
+    return pair, np.arange(len(pair)) + np.repeat(first - (np.cumsum(count) - count), count)
+
+
+def _tile_boxes(o: np.ndarray, tile_of: np.ndarray, n: int) -> tuple[np.ndarray, ...]:
+    """First item, item count and bounding box (3, n) of the sorted origins o (3, K) of each of n tiles."""
+    count = np.bincount(tile_of, minlength=n)
+    first = np.cumsum(count) - count
+    used = np.flatnonzero(count)
+    lo, hi = np.full((3, n), np.inf, np.float32), np.full((3, n), -np.inf, np.float32)
+    for a in range(3):  # empty tiles keep an empty box (+inf, -inf): every test rejects them
+        lo[a, used] = np.minimum.reduceat(o[a], first[used])
+        hi[a, used] = np.maximum.reduceat(o[a], first[used])
+    return first, count, lo, hi
+
+
+def _cull(planes: tuple, inv: list, lo: np.ndarray, hi: np.ndarray, ci: np.ndarray, ti: np.ndarray):
+    """Interval slab test of boxes ``ci`` against boxes of origins ``ti``: exact for a box of origins."""
+    pos = [v > 0 for v in inv]
+    near = np.stack([(hi if p else lo)[a] for a, p in enumerate(pos)])  # origin corner nearest the entry
+    far = np.stack([(lo if p else hi)[a] for a, p in enumerate(pos)])
+    keep = _slab_pairs(planes, inv, (near, far), ci, ti)
+    return ci[keep], ti[keep]
+
+
+def _shadow_pairs(planes: tuple, inv: list, o: np.ndarray, tile_of: np.ndarray, grid: tuple[int, int]):
+    """(caster, origin) pairs whose tile survives culling, blocks of tiles first, then tiles."""
+    (ny, nx), b = grid, SHADOW_BLOCK
+    first, count, lo, hi = _tile_boxes(o, tile_of, ny * nx)
+    by, bx = -(-ny // b), -(-nx // b)
+    pad = ((0, 0), (0, by * b - ny), (0, bx * b - nx))
+    blo = np.pad(lo.reshape(3, ny, nx), pad, constant_values=np.inf).reshape(3, by, b, bx, b).min((2, 4))
+    bhi = np.pad(hi.reshape(3, ny, nx), pad, constant_values=-np.inf).reshape(3, by, b, bx, b).max((2, 4))
+    n_cast = planes[0].shape[1]
+    ci, bi = (g.ravel() for g in np.meshgrid(np.arange(n_cast), np.arange(by * bx), indexing="ij"))
+    ci, bi = _cull(planes, inv, blo.reshape(3, -1), bhi.reshape(3, -1), ci, bi)
+    dy, dx = np.divmod(np.arange(b * b), b)
+    ty, tx = (bi // bx * b)[:, None] + dy, (bi % bx * b)[:, None] + dx  # (P, b * b) tiles of each block
+    ok = (ty < ny) & (tx < nx)
+    ci, ti = np.broadcast_to(ci[:, None], ok.shape)[ok], (ty * nx + tx)[ok]
+    ci, ti = _cull(planes, inv, lo, hi, ci, ti)
+    pair, k = _expand(first[ti], count[ti])
+    return ci[pair], k
+
+
 def sun_visibility(
-    scene: Scene, hits: Hits, camera: Camera, sun_dir: tuple[float, float, float], far: float = 200.0
+    scene: Scene,
+    hits: Hits,
+    camera: Camera,
+    sun_dir: tuple[float, float, float],
+    far: float = 200.0,
+    where: np.ndarray | None = None,
 ) -> np.ndarray:
-    """(H, W) bool: True where the shadow ray from the hit point towards the sun reaches the sky."""
+    """(H, W) bool: True where the shadow ray from the hit point towards the sun reaches the sky.
+
+    Only pixels in ``where`` (default: all) are tested, the others are reported lit. Casters are culled per
+    screen tile by the interval version of the slab test on the box of the tile's ray origins (exact for that
+    box), then all surviving (caster, pixel) pairs are tested at once.
+    """
     s = np.asarray(sun_dir, dtype=np.float64)
     s = s / np.linalg.norm(s)
     size = hits.t.shape
@@ -336,26 +426,40 @@ def sun_visibility(
         return np.zeros(size, dtype=bool)
     lit = np.ones(size, dtype=bool)
     casters = np.flatnonzero(scene.casts_shadow)
-    lo, hi = scene.bounds()
-    lo, hi = lo[casters].astype(np.float64), hi[casters].astype(np.float64)
-    reach = (hi[:, 1:2] / s[1]) * s  # sweep each box away from the sun until it reaches the ground
-    rects = screen_rects(lo, hi, camera, size, far=far, sweep=reach)
-    origin = hits.points + np.float32(2e-3) * hits.normals  # step off the surface to avoid self-shadowing
+    lo, hi = scene.center[casters] - scene.half[casters], scene.center[casters] + scene.half[casters]
+    # casters whose shadow volume (box swept away from the sun to the ground) is beyond ``far`` are culled
+    lo64, hi64 = lo.astype(np.float64), hi.astype(np.float64)
+    reach = (hi64[:, 1:2] / s[1]) * s
+    cam = np.asarray(camera.position, dtype=np.float64)
+    box = np.clip(cam, np.minimum(lo64, lo64 - reach), np.maximum(hi64, hi64 - reach))
+    keep = np.linalg.norm(box - cam, axis=1) <= far
+    casters, lo, hi = casters[keep], lo[keep], hi[keep]
     sd = tuple(float(v) for v in s)
-    inv = tuple(1.0 / v if abs(v) > 1e-9 else 1e9 for v in sd)
-    area = (rects[:, 1] - rects[:, 0]) * (rects[:, 3] - rects[:, 2])
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        for j in np.flatnonzero(area >= SMALL_RECT):
-            v0, v1, u0, u1 = rects[j]
-            i = casters[j]
-            ob = tuple(x[v0:v1, u0:u1] for x in origin)
-            tn, tf = _INTERSECT[scene.kind[i]](scene.center[i], scene.half[i], ob, sd, inv)
-            lb = lit[v0:v1, u0:u1]
-            lb &= ~((tn <= tf) & (tf > 0))
-        small = np.flatnonzero((area > 0) & (area < SMALL_RECT))
-        flat = lit.reshape(-1)
-        for kind, _, c, h, pix in _batches(scene, casters[small], rects[small], size[1]):
-            ob = tuple(x.reshape(-1)[pix] for x in origin)
-            tn, tf = _INTERSECT[kind](c, h, ob, sd, inv)
-            flat[pix[(tn <= tf) & (tf > 0)]] = False
+    inv64 = tuple(1.0 / v if abs(v) > 1e-9 else 1e9 for v in sd)
+    inv = [np.float32(v) for v in inv64]
+    planes = tuple(
+        np.stack([(x if v > 0 else y)[:, a] for a, v in enumerate(inv)]) for x, y in ((lo, hi), (hi, lo))
+    )
+    order, tile_of, grid = _tile_order(size, SHADOW_TILE)
+    if where is not None:
+        inside = where.reshape(-1)[order]
+        order, tile_of = order[inside], tile_of[inside]
+    if len(order) == 0 or len(casters) == 0:
+        return lit
+    pts, nrm = hits.points.reshape(3, -1), hits.normals.reshape(3, -1)
+    o = np.stack(
+        [pts[a][order] + np.float32(2e-3) * nrm[a][order] for a in range(3)]
+    )  # (3, K) off the surface
+    ci, k = _shadow_pairs(planes, inv, o, tile_of, grid)
+    kind = scene.kind[casters][ci]
+    is_box = kind == BOX
+    shadowed = [k[is_box][_slab_pairs(planes, inv, (o, o), ci[is_box], k[is_box])]]
+    for kd in (CYLINDER, ELLIPSOID):  # same arithmetic as the camera rays' batches
+        sel = np.flatnonzero(kind == kd)
+        if len(sel):
+            prim, kk = casters[ci[sel]], k[sel]
+            c, h = np.take(scene.center.T, prim, axis=1), np.take(scene.half.T, prim, axis=1)
+            tn, tf = _INTERSECT[kd](c, h, tuple(x[kk] for x in o), sd, inv64)
+            shadowed.append(kk[(tn <= tf) & (tf > 0)])
+    lit.reshape(-1)[order[np.concatenate(shadowed)]] = False
     return lit

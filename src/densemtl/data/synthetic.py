@@ -177,14 +177,17 @@ def _sky(scene: Scene, rays: np.ndarray) -> np.ndarray:
     return sky + np.asarray(lt.sun_color, np.float32)[:, None] * (0.8 * cos**300 + 0.12 * cos**8)
 
 
-def _shade(scene: Scene, hits: Hits, lit: np.ndarray | None, albedo: np.ndarray) -> np.ndarray:
-    """Lambert sun (with shadows) + hemisphere ambient, distance fog, sky; linear RGB (3, H, W)."""
+def _sun_cosine(scene: Scene, hits: Hits) -> np.ndarray:
+    """(H, W) float32 max(0, n . sun): 0 on sky (n = 0) and on faces turned away from the sun."""
+    n = hits.normals
+    sun = np.asarray(scene.lighting.sun_dir, np.float32)
+    return np.maximum(sun[0] * n[0] + sun[1] * n[1] + sun[2] * n[2], 0)
+
+
+def _shade(scene: Scene, hits: Hits, ndl: np.ndarray, albedo: np.ndarray) -> np.ndarray:
+    """Lambert sun (``ndl``, shadows applied) + hemisphere ambient, distance fog, sky; linear RGB (3, H, W)."""
     lt = scene.lighting
     n = hits.normals
-    sun = np.asarray(lt.sun_dir, np.float32)
-    ndl = np.maximum(sun[0] * n[0] + sun[1] * n[1] + sun[2] * n[2], 0)  # (H, W)
-    if lit is not None:
-        ndl *= lit
     amb = np.asarray(lt.ambient, np.float32)[:, None, None] * (0.6 + 0.4 * n[1])
     rgb = albedo * (amb + np.asarray(lt.sun_color, np.float32)[:, None, None] * ndl)
     surface = hits.index != NOTHING
@@ -240,8 +243,10 @@ def render(
     """
     hits = cast(scene, camera, size, far=far)
     lt = scene.lighting
-    lit = sun_visibility(scene, hits, camera, lt.sun_dir, far=far) if shadows and any(lt.sun_color) else None
-    image = _to_uint8(_shade(scene, hits, lit, _albedo(scene, hits)), lt.exposure, lt.noise_std, noise_rng)
+    ndl = _sun_cosine(scene, hits)
+    if shadows and any(lt.sun_color):  # shadow rays only where the sun term is not 0 anyway
+        ndl[~sun_visibility(scene, hits, camera, lt.sun_dir, far=far, where=ndl > 0)] = 0
+    image = _to_uint8(_shade(scene, hits, ndl, _albedo(scene, hits)), lt.exposure, lt.noise_std, noise_rng)
     semseg = np.full(size, sc.SKY, dtype=np.uint8)
     prim = hits.index >= 0
     semseg[prim] = scene.label[hits.index[prim]]
