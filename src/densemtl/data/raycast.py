@@ -283,46 +283,52 @@ def _cast_small(
         iflat[pix[win]] = prim[win]
 
 
-def gather(planes: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """``planes[:, mask]`` for (3, ...) arrays, plane by plane (numpy's own path for this is ~10x slower)."""
-    return np.stack([p[mask] for p in planes])
+def gather(planes: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``planes[:, index]`` (3, K) for (3, N) arrays and flat indices, plane by plane (faster than numpy's)."""
+    out = np.empty((len(planes), len(index)), dtype=planes.dtype)
+    for p, o in zip(planes, out, strict=True):
+        np.take(p, index, out=o)
+    return out
 
 
-def scatter(planes: np.ndarray, mask: np.ndarray, values: np.ndarray) -> None:
-    """In place ``planes[:, mask] = values`` for (3, K) values, plane by plane."""
+def scatter(planes: np.ndarray, index: np.ndarray, values: np.ndarray) -> None:
+    """In place ``planes[:, index] = values`` for (3, N) arrays, flat indices and (3, K) values."""
     for p, v in zip(planes, values, strict=True):
-        p[mask] = v
+        p[index] = v
 
 
 def surface_normals(scene: Scene, index: np.ndarray, points: np.ndarray) -> np.ndarray:
     """World unit normals (3, H, W) at hit ``points`` from the primitive geometry; 0 where nothing is hit."""
     n = np.zeros_like(points)
     n[1][index == GROUND] = 1.0
-    sel = index >= 0
-    if not sel.any():
+    sel = np.flatnonzero(index.reshape(-1) >= 0)
+    if not len(sel):
         return n
-    ii = index[sel]
+    ii = index.reshape(-1)[sel]
     kind = scene.kind[ii]
     h = np.take(scene.half.T, ii, axis=1)  # (3, K)
-    q = (
-        gather(points, sel) - np.take(scene.center.T, ii, axis=1)
-    ) / h  # (3, K) local coords, |q| <= 1 inside
+    q = gather(points.reshape(3, -1), sel)
+    q -= np.take(scene.center.T, ii, axis=1)
+    q /= h  # (3, K) local coords, |q| <= 1 inside
     gap = (1.0 - np.abs(q)) * h  # metric distance to each pair of box faces
     fx = (gap[0] <= gap[1]) & (gap[0] <= gap[2])
     fy = ~fx & (gap[1] <= gap[2])
-    out = np.sign(q) * np.stack([fx, fy, ~fx & ~fy]).astype(np.float32)
-    cyl = kind == CYLINDER
-    if cyl.any():
+    out = np.sign(q)
+    out[0] *= fx
+    out[1] *= fy
+    out[2] *= ~(fx | fy)
+    cyl = np.flatnonzero(kind == CYLINDER)
+    if len(cyl):
         qc, hc = gather(q, cyl), gather(h, cyl)
         radial = np.sqrt(qc[0] ** 2 + qc[2] ** 2)
         cap = (1.0 - np.abs(qc[1])) * hc[1] < (1.0 - radial) * hc[0]
         side = qc * (np.array([[1], [0], [1]], np.float32) / np.maximum(radial, 1e-6))
         scatter(out, cyl, np.where(cap, np.stack([0 * radial, np.sign(qc[1]), 0 * radial]), side))
-    ell = kind == ELLIPSOID
-    if ell.any():
+    ell = np.flatnonzero(kind == ELLIPSOID)
+    if len(ell):
         g = gather(q, ell) / gather(h, ell)
         scatter(out, ell, g / np.sqrt(g[0] * g[0] + g[1] * g[1] + g[2] * g[2]))
-    scatter(n, sel, out)
+    scatter(n.reshape(3, -1), sel, out)
     return n
 
 

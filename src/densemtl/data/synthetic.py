@@ -143,24 +143,30 @@ _TEXTURES = {
 
 
 def _albedo(scene: Scene, hits: Hits) -> np.ndarray:
-    """Per-pixel albedo (3, H, W): primitive colour, ground texture, then per-material textures."""
-    idx = hits.index
-    alb = np.zeros(hits.points.shape, dtype=np.float32)
-    ground = idx == GROUND
-    scatter(alb, ground, _ground(scene, gather(hits.points, ground)))
-    prim = idx >= 0
-    if prim.any():
+    """Per-pixel albedo (3, H, W): primitive colour, ground texture, then per-material textures.
+
+    Pixels are gathered once, sorted by material, so every texture works on one contiguous slice.
+    """
+    idx = hits.index.reshape(-1)
+    alb = np.zeros((3, idx.size), dtype=np.float32)
+    pts, nrm = hits.points.reshape(3, -1), hits.normals.reshape(3, -1)
+    ground = np.flatnonzero(idx == GROUND)
+    scatter(alb, ground, _ground(scene, gather(pts, ground)))
+    prim = np.flatnonzero(idx >= 0)
+    if len(prim):
         ii = idx[prim]
-        scatter(alb, prim, scene.color[ii].T)
-        mat = np.full(idx.shape, 255, dtype=np.uint8)
-        mat[prim] = scene.material[ii]
+        mat = scene.material[ii]
+        order = np.argsort(mat, kind="stable")
+        prim, ii, mat = prim[order], ii[order], mat[order]
+        edges = np.searchsorted(mat, np.arange(257))
+        block = np.take(scene.color.T, ii, axis=1)  # (3, K)
+        p, n = gather(pts, prim), gather(nrm, prim)
         for m, texture in _TEXTURES.items():
-            sel = mat == m
-            if sel.any():
-                block = gather(alb, sel)
-                texture(scene, idx[sel], gather(hits.points, sel), gather(hits.normals, sel), block)
-                scatter(alb, sel, block)
-    return alb
+            s = slice(edges[m], edges[m + 1])
+            if s.stop > s.start:
+                texture(scene, ii[s], p[:, s], n[:, s], block[:, s])  # block[:, s] is a view: edited in place
+        scatter(alb, prim, block)
+    return alb.reshape(hits.points.shape)
 
 
 # ------------------------------------------------------------------------------------------------ shading
@@ -195,7 +201,8 @@ def _shade(scene: Scene, hits: Hits, ndl: np.ndarray, albedo: np.ndarray) -> np.
     dist = np.where(surface, hits.t, 0) * np.sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2])
     trans = np.exp(dist * np.float32(-1 / lt.fog_distance))
     rgb = rgb * trans + np.asarray(lt.sky_horizon, np.float32)[:, None, None] * (1 - trans)
-    scatter(rgb, ~surface, _sky(scene, gather(hits.rays, ~surface)))
+    sky = np.flatnonzero(~surface)
+    scatter(rgb.reshape(3, -1), sky, _sky(scene, gather(hits.rays.reshape(3, -1), sky)))
     return rgb
 
 
@@ -322,6 +329,9 @@ def _write_one(job: tuple[Path, int, str, int, tuple[int, int], str]) -> np.ndar
     return np.bincount(s["semseg"].ravel(), minlength=256)
 
 
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
 def _cpu_count() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -375,12 +385,20 @@ def generate_dataset(
             hist += _write_one(job)
             bar.update()
     else:
-        with get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-            for hh in pool.imap_unordered(
-                _write_one, jobs, chunksize=max(1, min(8, len(jobs) // (4 * workers)))
-            ):
-                hist += hh
-                bar.update()
+        saved = {k: os.environ.get(k) for k in _THREAD_VARS}
+        os.environ.update(dict.fromkeys(_THREAD_VARS, "1"))  # one thread per worker: no oversubscription
+        try:
+            with get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+                chunk = max(1, min(8, len(jobs) // (4 * workers)))
+                for hh in pool.imap_unordered(_write_one, jobs, chunksize=chunk):
+                    hist += hh
+                    bar.update()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
     bar.close()
     write_dataset_json(
         root,
