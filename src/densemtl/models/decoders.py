@@ -68,18 +68,31 @@ class CRP(nn.Module):
         return out
 
 
+# Real-time defaults, chosen with benchmarks/latency.py and single-thread CPU time (MobileNetV3-Large, 480x640,
+# ratio to torchvision's LR-ASPP): width 128 and CRP (1, 2, 2, 2) everywhere 1.28-1.41; half width at stride 4
+# and no CRP there 0.91; widths (32, 64, 128, 128) with CRP (0, 2, 2, 4) 0.88. Widths halve towards the fine
+# levels (like SMP's decoders): there every op runs over 4x more positions, and a 5x5 pooling window sees little
+# context, so the stride-4 level is plain fusion; the coarse levels, where pooling is cheap and sees the most
+# image, get the most CRP stages (the paper uses 4 everywhere).
+LW_CRP_STAGES = (0, 2, 2, 4)  # fine to coarse
+
+
+def lw_widths(channels: int) -> tuple[int, ...]:
+    """Decoder width per level, fine to coarse: ``channels`` at strides 32 and 16, halving at each finer one."""
+    return (max(channels // 4, 8), max(channels // 2, 8), channels, channels)
+
+
 class LWRefineNet(nn.Module):
     """Light-Weight RefineNet: at each level from coarse to fine, ``x = CRP(relu(lateral(f) + up(td(x))))``.
 
-    The top-down 1x1 convolution runs before the bilinear upsampling: both are linear and the bilinear weights
-    sum to one, so the result is the same as convolving after upsampling, at a quarter of the cost.
+    As in the paper the decoder has no BatchNorm: 1x1 convolutions, ReLU and CRP only. The top-down 1x1
+    convolution runs before the bilinear upsampling: both are linear and the bilinear weights sum to one, so the
+    result equals convolving after upsampling, at a quarter of the cost.
 
     Args:
         in_channels: channels of the backbone features, fine to coarse.
-        channels: decoder width (every level).
-        crp_stages: CRP stages per level, fine to coarse (0 = plain fusion at that level). Pooling at full
-            width is the expensive part on CPU, so the default spends it at the coarse levels where one 5x5 window
-            covers the most image.
+        channels: decoder width per level, fine to coarse (an int = the same at every level).
+        crp_stages: CRP stages per level, fine to coarse (0 = plain fusion at that level).
         context: optional module applied to the coarsest feature first (e.g. :class:`ASPP`); ``in_channels[-1]``
             must then be its output width.
     """
@@ -87,24 +100,26 @@ class LWRefineNet(nn.Module):
     def __init__(
         self,
         in_channels: Sequence[int],
-        channels: int,
+        channels: int | Sequence[int],
         crp_stages: Sequence[int] = (1, 2, 2, 2),
         context: nn.Module | None = None,
     ):
         super().__init__()
-        if len(crp_stages) != len(in_channels):
-            raise ValueError(f"crp_stages {tuple(crp_stages)} needs one entry per level {tuple(in_channels)}")
+        widths = [channels] * len(in_channels) if isinstance(channels, int) else list(channels)
+        if not len(crp_stages) == len(widths) == len(in_channels):
+            raise ValueError(f"channels {widths} and crp_stages {tuple(crp_stages)} need one entry per level")
         self.context = context
         self.lateral = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, channels, 1, bias=False), nn.BatchNorm2d(channels))
-            for c in in_channels
+            nn.Conv2d(c, w, 1, bias=False) for c, w in zip(in_channels, widths, strict=True)
         )
-        self.top_down = nn.ModuleList(nn.Conv2d(channels, channels, 1, bias=False) for _ in in_channels[1:])
-        self.crp = nn.ModuleList(CRP(channels, n) for n in crp_stages)
-        self.out_channels = channels
+        self.top_down = nn.ModuleList(
+            nn.Conv2d(widths[i + 1], widths[i], 1, bias=False) for i in range(len(widths) - 1)
+        )
+        self.crp = nn.ModuleList(CRP(w, n) for w, n in zip(widths, crp_stages, strict=True))
+        self.out_channels = widths[0]
 
     def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
-        """[(B, C_i, H/s_i, W/s_i)] fine to coarse -> (B, channels, H/s_0, W/s_0)."""
+        """[(B, C_i, H/s_i, W/s_i)] fine to coarse -> (B, out_channels, H/s_0, W/s_0)."""
         feats = list(feats)
         if self.context is not None:
             feats[-1] = self.context(feats[-1])
@@ -218,7 +233,7 @@ def build_lwrefinenet(in_channels: Sequence[int], channels: int, upsample: str, 
     if upsample != "bilinear":
         raise ValueError(f"model.upsample={upsample!r}: lwrefinenet upsamples bilinearly; use decoder=unet")
     chans, context = _context(in_channels, channels, aspp)
-    return LWRefineNet(chans, channels, context=context)
+    return LWRefineNet(chans, lw_widths(channels), LW_CRP_STAGES, context)
 
 
 def build_unet(in_channels: Sequence[int], channels: int, upsample: str, aspp: bool) -> UNet:

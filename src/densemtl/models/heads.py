@@ -19,12 +19,9 @@ DEPTH_PARAMS = ("direct", "log", "inverse")
 
 
 def _trunk(channels: int) -> nn.Sequential:
-    """Depthwise 3x3 conv-BN-ReLU: local spatial context per task at almost no cost."""
-    return nn.Sequential(
-        nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False),
-        nn.BatchNorm2d(channels),
-        nn.ReLU(inplace=True),
-    )
+    """Depthwise 3x3 conv + ReLU: local spatial context per task at almost no cost (no BatchNorm: at stride 4
+    it would be one more full-resolution pass per head at inference)."""
+    return nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, groups=channels), nn.ReLU(inplace=True))
 
 
 class SegHead(nn.Module):
