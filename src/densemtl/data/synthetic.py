@@ -79,22 +79,29 @@ def _ground(scene: Scene, p: np.ndarray) -> np.ndarray:
             if 2 * k != scene.lanes:  # dashed between lanes of one direction, solid in the centre
                 line &= _frac(z / 9.0) < 0.34
             paint |= line
-        paint &= road
-        np.copyto(alb, np.float32(0.85) * (0.75 + 0.25 * _noise(x, 0 * x, z, 0.5)), where=paint)
+        paint = np.flatnonzero(paint & road)  # noise only where there is paint
+        xp, zp = x[paint], z[paint]
+        scatter(
+            alb,
+            paint,
+            np.broadcast_to(np.float32(0.85) * (0.75 + 0.25 * _noise(xp, 0 * xp, zp, 0.5)), (3, len(paint))),
+        )
     return alb
 
 
 def _facade(scene: Scene, ii: np.ndarray, p: np.ndarray, n: np.ndarray, alb: np.ndarray) -> None:
     """Window grid on vertical faces: floor height, column spacing, window width/height fractions."""
-    prm = scene.param[ii].T  # (4, K)
+    prm = np.take(scene.param.T, ii, axis=1)  # (4, K)
     along = np.where(np.abs(n[0]) > 0.5, p[2], p[0])
-    fy, fa = _frac(p[1] / prm[0]), _frac(along / prm[1])
-    win = (np.abs(fa - 0.5) < prm[2] / 2) & (fy > 0.3) & (fy < 0.3 + prm[3]) & (np.abs(n[1]) < 0.5)
-    win &= p[1] > 0.7 * prm[0]  # no windows in the lowest part of the ground floor
-    cell = _noise(np.floor(along / prm[1]), np.floor(p[1] / prm[0]), ii.astype(np.float32), 1.0)
-    glass = scene.color2[ii].T * (0.55 + 0.9 * cell)
+    floor, column = p[1] / prm[0], along / prm[1]
+    fy = _frac(floor)
+    win = (np.abs(_frac(column) - 0.5) < prm[2] / 2) & (fy > 0.3) & (fy < 0.3 + prm[3]) & (np.abs(n[1]) < 0.5)
+    win = np.flatnonzero(win & (p[1] > 0.7 * prm[0]))  # no windows in the lowest part of the ground floor
+    iw = ii[win]
+    cell = _noise(np.floor(column[win]), np.floor(floor[win]), iw.astype(np.float32), 1.0)  # per window
+    glass = np.take(scene.color2.T, iw, axis=1) * (0.55 + 0.9 * cell)
     alb *= 0.88 + 0.2 * _noise(along, p[1], ii.astype(np.float32), 0.4)
-    np.copyto(alb, glass, where=win)
+    scatter(alb, win, glass)
 
 
 def _car_glass(scene: Scene, ii: np.ndarray, p: np.ndarray, n: np.ndarray, alb: np.ndarray) -> None:
