@@ -263,3 +263,15 @@ def test_model_table_counts() -> None:
     text = format_model_table([small, big])
     assert "resnet50" in text and "GFLOPs @ 64x64" in text and len(text.splitlines()) == 4
     assert dataclasses.asdict(_cfg())["decoder_channels"] == 16
+
+
+def test_batchnorm_momentum_follows_the_config():
+    """torchvision's MobileNetV3 ships momentum 0.01; short runs would evaluate with stale running stats."""
+    from densemtl.config import ModelConfig
+    from densemtl.models import build_model
+
+    for momentum in (0.1, 0.05):
+        model = build_model(ModelConfig(backbone="mobilenet_v3_small", num_classes=3, decoder_channels=16,
+                                        bn_momentum=momentum))
+        bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        assert bns and all(m.momentum == momentum for m in bns)

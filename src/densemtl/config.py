@@ -50,7 +50,8 @@ class ModelConfig:
     freeze: str = "none"  # none | all | bn | first_n_stages
     freeze_stages: int = 0  # used by freeze=first_n_stages
     decoder: str = "lwrefinenet"  # lwrefinenet | unet
-    decoder_channels: int = 128
+    decoder_channels: int = 128  # LW-RefineNet: coarsest width (tapers finer); U-Net: coarsest width, output //4
+    bn_momentum: float = 0.1  # BatchNorm running-stat momentum for every layer (torchvision's MobileNets use 0.01)
     upsample: str = "bilinear"  # bilinear | transposed (U-Net)
     aspp: bool = False
     sharing: str = "shared"  # shared (one decoder, light heads) | split (one decoder per task)

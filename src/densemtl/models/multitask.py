@@ -103,4 +103,18 @@ def build_model(cfg: ModelConfig) -> MultiTaskNet:
     }
     width = next(iter(decoders.values())).out_channels
     heads = {t: _head(t, width, cfg) for t in tasks}
-    return MultiTaskNet(backbone, decoders, heads)
+    model = MultiTaskNet(backbone, decoders, heads)
+    set_bn_momentum(model, cfg.bn_momentum)
+    return model
+
+
+def set_bn_momentum(model: nn.Module, momentum: float) -> None:
+    """Set every BatchNorm's running-statistics momentum.
+
+    torchvision's MobileNetV3/EfficientNet use 0.01, tuned for long ImageNet runs; over a few hundred steps the
+    running statistics then still mostly hold their initial values, and evaluation (which uses them) is far worse
+    than training. 0.1 (PyTorch's default) tracks the data within tens of steps.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = momentum
