@@ -178,3 +178,31 @@ def test_dataset_is_deterministic_across_workers_and_round_trips(tmp_path: Path)
     assert np.abs(normals - ref["normals"]).max() < 0.02
     meta = json.loads((root / "meta/000001.json").read_text())
     assert meta["intrinsics"] == ref["meta"]["intrinsics"] and 1.2 <= meta["camera_height"] <= 1.8
+
+
+def test_tile_culled_shadows_match_brute_force_shadow_rays():
+    """Culling is exact: every caster tested against every pixel gives the same sun visibility."""
+    from densemtl.data.raycast import _INTERSECT, cast, sun_visibility
+    from densemtl.data.streets import sample_scene
+    from densemtl.data.synthetic import sample_camera, sample_rng
+
+    rng = sample_rng(3, "train", 0)
+    scene = sample_scene(rng)
+    cam = sample_camera(rng, scene, (61, 123))  # not a multiple of the tile size
+    hits = cast(scene, cam, (61, 123))
+    sun = (0.45, 0.6, -0.3)
+    s = np.asarray(sun) / np.linalg.norm(sun)
+    origin = hits.points + np.float32(2e-3) * hits.normals
+    inv = tuple(1.0 / v for v in s)
+    expected = np.ones(hits.t.shape, dtype=bool)
+    with np.errstate(invalid="ignore"):
+        for i in np.flatnonzero(scene.casts_shadow):
+            tn, tf = _INTERSECT[scene.kind[i]](scene.center[i], scene.half[i], origin, tuple(s), inv)
+            expected &= ~((tn <= tf) & (tf > 0))
+    surface = hits.index != -2
+    assert (~expected & surface).sum() > 50  # the test scene has shadows
+    np.testing.assert_array_equal(sun_visibility(scene, hits, cam, sun)[surface], expected[surface])
+    where = surface & (hits.normals[1] > 0.5)
+    lit = sun_visibility(scene, hits, cam, sun, where=where)
+    np.testing.assert_array_equal(lit[where], expected[where])
+    assert lit[~where].all()

@@ -300,7 +300,7 @@ def scatter(planes: np.ndarray, index: np.ndarray, values: np.ndarray) -> None:
 def surface_normals(scene: Scene, index: np.ndarray, points: np.ndarray) -> np.ndarray:
     """World unit normals (3, H, W) at hit ``points`` from the primitive geometry; 0 where nothing is hit."""
     n = np.zeros_like(points)
-    n[1][index == GROUND] = 1.0
+    np.equal(index, GROUND, out=n[1], casting="unsafe")  # 1.0 on the ground
     sel = np.flatnonzero(index.reshape(-1) >= 0)
     if not len(sel):
         return n
@@ -461,7 +461,8 @@ def sun_visibility(
                 np.take(scene.center.T, prim, axis=1)[..., None],
                 np.take(scene.half.T, prim, axis=1)[..., None],
             )
-            tn, tf = _INTERSECT[kd](c, h, tuple(x[tk] for x in o), sd, inv64)
+            with np.errstate(invalid="ignore"):  # NaN where a ray misses
+                tn, tf = _INTERSECT[kd](c, h, tuple(x[tk] for x in o), sd, inv64)
             shadowed.append(pix[tk][(tn <= tf) & (tf > 0)])
     lit.reshape(-1)[np.concatenate(shadowed)] = False
     return lit

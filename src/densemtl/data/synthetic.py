@@ -222,13 +222,17 @@ def _to_uint8(
 ) -> np.ndarray:
     """(3, H, W) radiance -> (H, W, 3) uint8 with exposure, a soft shoulder and Gaussian sensor noise."""
     x = rgb * np.float32(exposure)
-    x = (1.25 * 255) * x / (1 + 0.25 * x)  # soft highlight roll-off; albedos are display values, no gamma
+    shoulder = 1 + 0.25 * x  # soft highlight roll-off; albedos are display values, no gamma
+    x *= 1.25 * 255
+    x /= shoulder
     if rng is not None and noise_std > 0:
         noise = np.frombuffer(rng.bytes(x.size), dtype=np.uint8).reshape(x.shape)
         x += _GAUSS_LUT[noise] * np.float32(noise_std * 255)
+    x += 0.5
+    np.clip(x, 0, 255, out=x)
     out = np.empty((*x.shape[1:], 3), dtype=np.uint8)
     for c in range(3):
-        out[..., c] = np.clip(x[c] + 0.5, 0, 255)
+        out[..., c] = x[c]
     return out
 
 
@@ -261,11 +265,9 @@ def render(
     if shadows and any(lt.sun_color):  # shadow rays only where the sun term is not 0 anyway
         ndl[~sun_visibility(scene, hits, camera, lt.sun_dir, far=far, where=ndl > 0)] = 0
     image = _to_uint8(_shade(scene, hits, ndl, _albedo(scene, hits)), lt.exposure, lt.noise_std, noise_rng)
-    semseg = np.full(size, sc.SKY, dtype=np.uint8)
-    prim = hits.index >= 0
-    semseg[prim] = scene.label[hits.index[prim]]
-    ground = hits.index == GROUND
-    semseg[ground] = np.where(np.abs(hits.points[0][ground]) <= scene.road_half_width, sc.ROAD, sc.SIDEWALK)
+    lut = np.concatenate([np.array([sc.SKY, sc.ROAD], np.uint8), scene.label])  # by index + 2 (NOTHING = -2)
+    semseg = lut[hits.index + 2]
+    semseg[(hits.index == GROUND) & (np.abs(hits.points[0]) > scene.road_half_width)] = sc.SIDEWALK
     depth = np.where(np.isfinite(hits.t) & (hits.t <= max_depth), hits.t, 0).astype(np.float32)
     r, n = camera.rotation().astype(np.float32), hits.normals
     normals = np.empty((*size, 3), dtype=np.float32)
