@@ -115,21 +115,27 @@ class Scene:
     @classmethod
     def build(cls, prims: list[Primitive], **layout) -> Scene:
         """Pack a list of primitives into arrays; ``layout`` sets the other fields."""
+        rows = [
+            (p.kind, *p.center, *p.half, p.label, *p.color, p.material, *p.color2, *p.param, p.casts_shadow)
+            for p in prims
+        ]
+        cols = np.cumsum([0, 1, 3, 3, 1, 3, 1, 3, 4, 1])  # column ranges of the fields in one table
+        table = np.array(rows, dtype=np.float64).reshape(len(prims), cols[-1])  # exact: ints, then doubles
 
-        def arr(name: str, dtype: type, width: int = 0) -> np.ndarray:
-            shape = (len(prims), width) if width else (len(prims),)
-            return np.array([getattr(p, name) for p in prims], dtype=dtype).reshape(shape)
+        def arr(k: int, dtype: type) -> np.ndarray:
+            block = table[:, cols[k] : cols[k + 1]]
+            return (block[:, 0] if block.shape[1] == 1 else block).astype(dtype)
 
         return cls(
-            kind=arr("kind", np.int8),
-            center=arr("center", np.float32, 3),
-            half=arr("half", np.float32, 3),
-            label=arr("label", np.uint8),
-            color=arr("color", np.float32, 3),
-            material=arr("material", np.uint8),
-            color2=arr("color2", np.float32, 3),
-            param=arr("param", np.float32, 4),
-            casts_shadow=arr("casts_shadow", bool),
+            kind=arr(0, np.int8),
+            center=arr(1, np.float32),
+            half=arr(2, np.float32),
+            label=arr(3, np.uint8),
+            color=arr(4, np.float32),
+            material=arr(5, np.uint8),
+            color2=arr(6, np.float32),
+            param=arr(7, np.float32),
+            casts_shadow=arr(8, bool),
             **layout,
         )
 
