@@ -1,7 +1,8 @@
 """Speed of the synthetic street renderer: images/s of ``generate_dataset`` with worker processes.
 
-Also times one process's stages (scene sampling, ray casting + shading, PNG writing) so a regression can be
-located. The machine may be shared: the 1-minute load average before and after is recorded with the result.
+Also times one process's stages (scene sampling, ray casting + shading, file writing) so a regression can be
+located; these run in this process, without the workers' malloc settings (see ``synthetic._WORKER_ENV``). The
+machine may be shared: the 1-minute load average before and after is recorded with the result.
 
     .venv/bin/python benchmarks/synth_speed.py --n 64 --size 256x512 --workers 0
 """
@@ -32,8 +33,17 @@ def stage_times(n: int, size: tuple[int, int], out: Path) -> dict[str, float]:
         t1 = time.perf_counter()
         s = render(scene, sample_camera(rng, scene, size), size, noise_rng=rng)
         t2 = time.perf_counter()
-        write_sample(out, "bench", f"{i:06d}", s["image"], s["semseg"], s["depth"], s["normals"], s["meta"],
-                     image_format="jpg")
+        write_sample(
+            out,
+            "bench",
+            f"{i:06d}",
+            s["image"],
+            s["semseg"],
+            s["depth"],
+            s["normals"],
+            s["meta"],
+            image_format="jpg",
+        )
         t3 = time.perf_counter()
         total["scene_ms"] += (t1 - t0) * 1e3
         total["render_ms"] += (t2 - t1) * 1e3

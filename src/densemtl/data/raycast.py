@@ -7,8 +7,8 @@ IS the hit's z-depth (not the ray length).
 
 Speed comes from culling, not approximation: every primitive's bounding box is clipped against the near plane
 and projected to a screen rectangle, and the exact intersection is evaluated only for the rays in that
-rectangle. Shadows use exact shadow rays towards the sun; a primitive can only shadow the pixels inside the
-projection of its shadow volume (its box swept away from the sun down to the ground).
+rectangle. Shadows use exact shadow rays towards the sun, cast only from pixels that face the sun; casters are
+culled per 8 x 8 pixel tile by an exact interval slab test against the box of the tile's ray origins.
 """
 
 from __future__ import annotations
