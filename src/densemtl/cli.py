@@ -46,6 +46,16 @@ def _cmd_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    from densemtl.data.check import check_dataset
+
+    report = check_dataset(args.root, splits=args.split or None)
+    print(report.format())
+    if args.json is not None:
+        args.json.write_text(report.to_json() + "\n")
+    return 0 if report.ok else 1
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from densemtl.models.zoo import format_model_table, model_table
 
@@ -125,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-n", type=int, default=8)
     s.add_argument("--out", type=Path, default=Path("preview.png"))
     s.set_defaults(func=_cmd_preview)
+
+    s = data.add_parser("check", help="report every problem of a dataset in one pass, with statistics")
+    s.add_argument("root", type=Path)
+    s.add_argument("--split", action="append", default=[], help="split to check (repeatable; default: all)")
+    s.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    s.set_defaults(func=_cmd_check)
 
     s = sub.add_parser("models", help="list backbones and decoders with parameters and GFLOPs")
     s.add_argument("--size", type=parse_size, default=(480, 640))
