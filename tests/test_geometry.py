@@ -124,7 +124,9 @@ def test_ply_and_npz_round_trip(tmp_path, with_conf):
     header = path.read_bytes().split(b"end_header\n")[0].decode()
     assert "format binary_little_endian 1.0" in header and f"element vertex {n}" in header
     data = read_ply(path)
-    assert set(data) == {"x", "y", "z", "red", "green", "blue", "label"} | ({"confidence"} if with_conf else set())
+    assert set(data) == {"x", "y", "z", "red", "green", "blue", "label"} | (
+        {"confidence"} if with_conf else set()
+    )
     np.testing.assert_array_equal(np.stack([data["x"], data["y"], data["z"]], 1), cloud.xyz)
     np.testing.assert_array_equal(np.stack([data["red"], data["green"], data["blue"]], 1), cloud.rgb)
     np.testing.assert_array_equal(data["label"], cloud.label)

@@ -1,0 +1,314 @@
+"""Bird's-eye-view (BEV) map from a ground-frame semantic point cloud: occupancy, class, height, drivable area,
+free space; a coloured PNG and an NPY stack of the layers.
+
+The grid lies in the ground plane (x right, z forward, metres; see ``geometry.py``). Row 0 is the far edge
+(``z_range[1]``) so the picture reads like a map with the camera at the bottom looking up; column 0 is
+``x_range[0]`` (left).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from densemtl.geometry import (
+    CameraPose,
+    Intrinsics,
+    PointCloud,
+    backproject,
+    fit_plane,
+    intrinsics_from_fov,
+    pose_from_ground_plane,
+    save_npz,
+    semantic_point_cloud,
+    voxel_downsample,
+    write_ply,
+)
+
+UNKNOWN_CLASS = 255
+DRIVABLE_NAMES = ("road", "floor", "ground", "parking", "drivable")  # class names whose ground is drivable
+LAYERS = ("occupancy", "class", "height", "drivable", "free")  # order of the NPY stack
+
+
+@dataclass(frozen=True)
+class BevGrid:
+    """Grid extent and resolution (metres) plus what counts as an obstacle.
+
+    A cell is occupied when at least ``min_points`` points lie between ``obstacle_min_height`` and
+    ``obstacle_max_height`` above the ground: kerbs (~0.15 m) stay traversable, overhanging branches and
+    ceilings above the vehicle do not block.
+    """
+
+    x_range: tuple[float, float] = (-20.0, 20.0)
+    z_range: tuple[float, float] = (0.0, 40.0)
+    cell: float = 0.2
+    obstacle_min_height: float = 0.3
+    obstacle_max_height: float = 2.5
+    min_points: int = 2
+    angle_bins: int = 1440  # rays cast from the camera for free space (0.25 deg each)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows along z, columns along x)."""
+        nz = int(round((self.z_range[1] - self.z_range[0]) / self.cell))
+        nx = int(round((self.x_range[1] - self.x_range[0]) / self.cell))
+        return nz, nx
+
+    def cell_of(self, x: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Row, column and inside-mask for ground coordinates x, z (metres)."""
+        nz, nx = self.shape
+        col = np.floor((x - self.x_range[0]) / self.cell).astype(np.int64)
+        row = nz - 1 - np.floor((z - self.z_range[0]) / self.cell).astype(np.int64)
+        inside = (col >= 0) & (col < nx) & (row >= 0) & (row < nz)
+        return row, col, inside
+
+    def centres(self) -> tuple[np.ndarray, np.ndarray]:
+        """Ground x and z (metres) of every cell centre, each (rows, cols)."""
+        nz, nx = self.shape
+        x = self.x_range[0] + (np.arange(nx) + 0.5) * self.cell
+        z = self.z_range[0] + (nz - 1 - np.arange(nz) + 0.5) * self.cell
+        return np.broadcast_to(x[None], (nz, nx)), np.broadcast_to(z[:, None], (nz, nx))
+
+
+def drivable_ids(class_names: Sequence[str], names: Sequence[str] = DRIVABLE_NAMES) -> tuple[int, ...]:
+    """Ids of the classes whose surface a robot or car may drive on (road for streets, floor indoors)."""
+    return tuple(i for i, c in enumerate(class_names) if c.lower() in names)
+
+
+def _mode(cell: np.ndarray, label: np.ndarray, n_cells: int) -> np.ndarray:
+    """Most frequent label per cell (n_cells,); UNKNOWN_CLASS where a cell has no labelled point."""
+    out = np.full(n_cells, UNKNOWN_CLASS, np.uint8)
+    keep = label != UNKNOWN_CLASS
+    if not keep.any():
+        return out
+    cell, label = cell[keep], label[keep].astype(np.int64)
+    pair, count = np.unique(cell * 256 + label, return_counts=True)
+    order = np.lexsort((count, pair // 256))
+    last = np.r_[np.diff(pair[order] // 256) != 0, True]
+    winners = pair[order][last]
+    out[winners // 256] = winners % 256
+    return out
+
+
+def bev_map(
+    cloud: PointCloud,
+    grid: BevGrid = BevGrid(),
+    drivable: Sequence[int] = (),
+    camera_xz: tuple[float, float] = (0.0, 0.0),
+) -> dict[str, np.ndarray]:
+    """Rasterise a ground-frame cloud into BEV layers, each (rows, cols).
+
+    Returns ``occupancy`` bool (obstacle points in the cell), ``class`` uint8 (dominant class of the obstacle
+    points where occupied, else of the ground points, else of all points; 255 = unseen), ``height`` float32 (highest point above the ground,
+    nan = unseen), ``drivable`` bool (unoccupied and dominated by a ``drivable`` class), ``free`` bool (reached by
+    a ray from the camera before the first obstacle, within the observed range), ``observed`` bool.
+    """
+    if cloud.frame != "ground":
+        raise ValueError(
+            "bev_map needs a ground-frame cloud: build it with a CameraPose (height, pitch, roll)"
+        )
+    nz, nx = grid.shape
+    row, col, inside = grid.cell_of(cloud.xyz[:, 0], cloud.xyz[:, 2])
+    cell = (row * nx + col)[inside]
+    y, label = cloud.xyz[inside, 1], cloud.label[inside]
+    n = nz * nx
+    observed = np.bincount(cell, minlength=n) > 0
+    height = np.full(n, -np.inf, np.float32)
+    np.maximum.at(height, cell, y)
+    height[~observed] = np.nan
+    is_obstacle = (y >= grid.obstacle_min_height) & (y <= grid.obstacle_max_height)
+    occupancy = np.bincount(cell[is_obstacle], minlength=n) >= grid.min_points
+    is_ground = y < grid.obstacle_min_height
+    ground_cls = _mode(cell[is_ground], label[is_ground], n)
+    obstacle_cls = _mode(cell[is_obstacle], label[is_obstacle], n)
+    cls = np.where(ground_cls != UNKNOWN_CLASS, ground_cls, _mode(cell, label, n))  # road under a canopy
+    cls = np.where(occupancy & (obstacle_cls != UNKNOWN_CLASS), obstacle_cls, cls)
+    is_drivable = np.isin(ground_cls, np.asarray(drivable, np.int64)) & ~occupancy
+    layers = {
+        "occupancy": occupancy.reshape(nz, nx),
+        "class": cls.reshape(nz, nx),
+        "height": height.reshape(nz, nx),
+        "drivable": is_drivable.reshape(nz, nx),
+        "observed": observed.reshape(nz, nx),
+    }
+    layers["free"] = free_space(layers["occupancy"], layers["observed"], grid, camera_xz)
+    return layers
+
+
+def free_space(
+    occupancy: np.ndarray, observed: np.ndarray, grid: BevGrid, camera_xz: tuple[float, float] = (0.0, 0.0)
+) -> np.ndarray:
+    """Cells a straight ray from the camera reaches before its first occupied cell (rows, cols) bool.
+
+    Rays are angular bins around the camera; each occupied cell blocks every bin its footprint covers (so thin
+    obstacles do not leak), and a ray ends at the farthest observed cell of its bin: beyond what the camera
+    saw, space is unknown, not free.
+    """
+    x, z = grid.centres()
+    dx, dz = x - camera_xz[0], z - camera_xz[1]
+    rng = np.hypot(dx, dz)  # (rows, cols)
+    nb = grid.angle_bins
+    width = 2 * np.pi / nb
+    ang = np.arctan2(dx, dz)  # 0 = straight ahead
+    bins = np.floor((ang + np.pi) / width).astype(np.int64) % nb
+    blocked = np.full(nb, np.inf)
+    occ = occupancy.ravel()
+    if occ.any():  # each occupied cell blocks the bins its footprint spans, from its near edge on
+        r_occ, a_occ = rng.ravel()[occ], ang.ravel()[occ]
+        half = np.arctan2(grid.cell * np.sqrt(0.5), np.maximum(r_occ, 1e-6))
+        first = np.floor((a_occ - half + np.pi) / width).astype(np.int64)
+        last = np.floor((a_occ + half + np.pi) / width).astype(np.int64)
+        near = np.maximum(r_occ - grid.cell * np.sqrt(0.5), 0.0)
+        for k in range(int((last - first).max()) + 1):
+            sel = first + k <= last
+            np.minimum.at(blocked, (first[sel] + k) % nb, near[sel])
+    seen = np.zeros(nb)
+    np.maximum.at(seen, bins.ravel()[observed.ravel()], rng.ravel()[observed.ravel()])
+    reach = np.minimum(blocked, seen)  # (nb,)
+    return (rng <= reach[bins]) & ~occupancy
+
+
+BEV_COLORS = {
+    "unknown": (40, 40, 40),
+    "free": (200, 200, 200),
+    "drivable": (120, 200, 120),
+    "camera": (255, 0, 0),
+}
+
+
+def colorize_bev(
+    bev: dict[str, np.ndarray], palette: np.ndarray | Sequence[Sequence[int]], grid: BevGrid = BevGrid()
+) -> np.ndarray:
+    """BEV layers -> uint8 (rows, cols, 3): unknown dark, free light grey, drivable green, obstacles in their
+    class colour, other seen ground dimmed class colour, camera as a red dot at the bottom centre."""
+    from densemtl.viz import colorize_labels
+
+    cls_rgb = colorize_labels(bev["class"], palette).astype(np.float32)
+    out = np.empty((*bev["class"].shape, 3), np.float32)
+    out[:] = BEV_COLORS["unknown"]
+    seen = bev["observed"]
+    out[seen] = 0.5 * cls_rgb[seen] + 0.5 * np.float32(BEV_COLORS["unknown"])
+    out[bev["free"]] = BEV_COLORS["free"]
+    both = bev["free"] & bev["drivable"]
+    out[both] = BEV_COLORS["drivable"]
+    out[bev["occupancy"]] = cls_rgb[bev["occupancy"]]
+    out = out.astype(np.uint8)
+    row, col, inside = grid.cell_of(np.array([0.0]), np.array([grid.z_range[0] + 0.5 * grid.cell]))
+    if inside[0]:
+        r, c = int(row[0]), int(col[0])
+        out[max(r - 2, 0) : r + 1, max(c - 2, 0) : c + 3] = BEV_COLORS["camera"]
+    return out
+
+
+def save_bev(
+    stem: str | Path, bev: dict[str, np.ndarray], palette: np.ndarray, grid: BevGrid
+) -> dict[str, Path]:
+    """Write ``<stem>_bev.png`` (colour map) and ``<stem>_bev.npy`` (float32 (5, rows, cols), ``LAYERS`` order)."""
+    from densemtl.viz import save_png
+
+    stem = Path(stem)
+    stack = np.stack([bev[k].astype(np.float32) for k in LAYERS])  # class 255 = unseen, height nan = unseen
+    npy = stem.with_name(stem.name + "_bev.npy")
+    npy.parent.mkdir(parents=True, exist_ok=True)
+    np.save(npy, stack)
+    png = save_png(stem.with_name(stem.name + "_bev.png"), colorize_bev(bev, palette, grid))
+    return {"bev": png, "bev_npy": npy}
+
+
+# ------------------------------------------------------------------------------------------- per-image outputs
+@dataclass(frozen=True)
+class SceneOptions:
+    """What ``predict --pointcloud --bev`` writes and the camera it assumes.
+
+    Intrinsics come from ``intrinsics`` (fx, fy, cx, cy), else the sample's meta JSON (folder format), else
+    ``hfov_deg``. The pose (height, pitch, roll) comes from ``pose``, else the meta JSON, else a plane fitted to
+    the pixels predicted as a drivable class (road/floor).
+    """
+
+    pointcloud: bool = False
+    bev: bool = False
+    intrinsics: tuple[float, float, float, float] | None = None
+    hfov_deg: float | None = None
+    pose: CameraPose | None = None
+    max_range: float = 40.0
+    voxel: float | None = 0.05
+    grid: BevGrid = BevGrid()
+
+
+def sample_meta(image_path: str | Path) -> dict:
+    """The folder-format meta JSON of an image (``<split>/meta/<id>.json`` next to ``<split>/images``), or {}."""
+    import json
+
+    path = Path(image_path)
+    meta = path.parent.parent / "meta" / f"{path.stem}.json"
+    return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
+def resolve_intrinsics(opts: SceneOptions, meta: dict, size: tuple[int, int]) -> Intrinsics:
+    """Intrinsics from the options, the meta JSON or a field of view; a clear error when none is known."""
+    if opts.intrinsics is not None:
+        return opts.intrinsics
+    if "intrinsics" in meta:
+        return tuple(float(v) for v in meta["intrinsics"])  # type: ignore[return-value]
+    if opts.hfov_deg is not None:
+        return intrinsics_from_fov(size, opts.hfov_deg)
+    raise ValueError("no camera intrinsics for this image: pass --fx --fy --cx --cy or --hfov DEGREES")
+
+
+def resolve_pose(
+    opts: SceneOptions, meta: dict, points_cam: np.ndarray, semseg: np.ndarray | None, drivable: Sequence[int]
+) -> CameraPose:
+    """Camera pose from the options, the meta JSON, or a plane fitted to the predicted drivable pixels."""
+    if opts.pose is not None:
+        return opts.pose
+    if "camera_height" in meta:
+        return CameraPose(meta["camera_height"], meta.get("pitch_deg", 0.0), meta.get("roll_deg", 0.0))
+    mask = points_cam[..., 2] > 0
+    if semseg is not None:
+        mask &= np.isin(semseg, np.asarray(drivable, np.int64))
+    if semseg is None or mask.sum() < 50:
+        raise ValueError(
+            "no camera pose: pass --camera-height (and --pitch/--roll), or predict a road/floor class"
+        )
+    normal, offset, _ = fit_plane(points_cam[mask][:: max(1, int(mask.sum()) // 20000)])
+    return pose_from_ground_plane(normal, offset)
+
+
+def write_scene_outputs(
+    out_dir: Path,
+    stem: str,
+    image_path: str | Path | None,
+    rgb: np.ndarray,
+    pred: dict[str, np.ndarray],
+    palette: np.ndarray,
+    class_names: Sequence[str],
+    opts: SceneOptions,
+) -> dict[str, Path]:
+    """Write ``<stem>.ply`` + ``<stem>_cloud.npz`` and/or ``<stem>_bev.png`` + ``.npy`` for one prediction."""
+    if "depth" not in pred or not (opts.pointcloud or opts.bev):
+        return {}
+    meta = sample_meta(image_path) if image_path is not None else {}
+    k = resolve_intrinsics(opts, meta, pred["depth"].shape)
+    drivable = drivable_ids(class_names)
+    pose = resolve_pose(opts, meta, backproject(pred["depth"], k), pred.get("semseg"), drivable)
+    cloud = semantic_point_cloud(
+        pred["depth"], k, rgb, pred.get("semseg"), pred.get("confidence"), pose, opts.max_range
+    )
+    files: dict[str, Path] = {}
+    if opts.pointcloud:
+        small = voxel_downsample(cloud, opts.voxel) if opts.voxel else cloud
+        files["ply"] = write_ply(out_dir / f"{stem}.ply", small)
+        files["npz"] = save_npz(
+            out_dir / f"{stem}_cloud.npz",
+            small,
+            intrinsics=np.array(k),
+            camera_height=pose.height,
+            pitch_deg=pose.pitch_deg,
+            roll_deg=pose.roll_deg,
+        )
+    if opts.bev:
+        files.update(save_bev(out_dir / stem, bev_map(cloud, opts.grid, drivable), palette, opts.grid))
+    return files
