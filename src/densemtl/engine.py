@@ -25,11 +25,21 @@ from tqdm.auto import tqdm
 
 from densemtl.checkpoint import load_checkpoint, make_payload, rng_state, save_checkpoint, set_rng_state
 from densemtl.config import Config, replace, to_dict
+from densemtl.distributed import (
+    broadcast_buffers,
+    check_loss_supported,
+    cleanup,
+    eval_sampler,
+    init_distributed,
+    mean_over_ranks,
+    samples_per_rank,
+    train_sampler,
+    wrap_model,
+)
 from densemtl.runtime import (
     amp_dtype,
     autocast,
     forward_at_scale,
-    resolve_device,
     seed_everything,
     seed_worker,
     to_device,
@@ -63,18 +73,23 @@ def build_dataset(cfg: Config, split: str, train: bool, base_scale: float = 1.0)
 
 
 def make_loader(
-    dataset, batch_size: int, train: bool, workers: int, seed: int, device: torch.device
+    dataset, batch_size: int, train: bool, workers: int, seed: int, device: torch.device, sampler=None
 ) -> DataLoader:
-    """DataLoader whose order and augmentation depend only on ``seed`` (reseeded per epoch by the caller)."""
-    if train and len(dataset) < batch_size:
+    """DataLoader whose order and augmentation depend only on ``seed`` (reseeded per epoch by the caller).
+
+    ``sampler`` (this process's shard under DDP, see ``densemtl.distributed``) replaces the shuffling.
+    """
+    n = len(sampler) if sampler is not None else len(dataset)
+    if train and n < batch_size:
         raise ValueError(
-            f"{len(dataset)} training samples cannot fill one batch of {batch_size}; "
+            f"{n} training samples (per process) cannot fill one batch of {batch_size}; "
             "lower train.batch_size or add data"
         )
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train,
+        shuffle=train and sampler is None,
+        sampler=sampler,
         drop_last=train,
         num_workers=workers,
         pin_memory=device.type == "cuda",
@@ -307,7 +322,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
 
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
+    dist_env, device = init_distributed(cfg.train.device)  # one process unless started by torchrun
     info = read_dataset_json(cfg.data.root)
     cfg = resolve_config(cfg, info)
     out = Path(cfg.train.out_dir)
@@ -317,20 +332,24 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     model = build_model(cfg.model).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    net = wrap_model(model, device, getattr(cfg.train, "sync_bn", False))  # DDP under torchrun, else model
     loss_fn = build_loss(cfg.loss, cfg.model.tasks, cfg.model.num_classes).to(device)
+    check_loss_supported(loss_fn)
     optimizer = build_optimizer(model, loss_fn, cfg)
     phases = resolve_phases(cfg.train)
     train_sets = {p.index: build_dataset(cfg, cfg.data.train_split, True, p.scale) for p in phases}
-    steps = [len(train_sets[p.index]) // p.batch_size for p in phases]
+    steps = [samples_per_rank(len(train_sets[p.index])) // p.batch_size for p in phases]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, StepSchedule(phases, steps, cfg.train.lr))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, cfg.train.amp) == torch.float16)
+    val_set = build_dataset(cfg, cfg.data.val_split, False)
     val_loader = make_loader(
-        build_dataset(cfg, cfg.data.val_split, False),
+        val_set,
         cfg.train.batch_size,
         False,
         cfg.data.num_workers,
         cfg.train.seed,
         device,
+        eval_sampler(val_set),
     )
     metrics = MultiTaskMetrics(
         cfg.model.tasks,
@@ -344,10 +363,10 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     start, best = 0, None
     if resume is not None:
         start, best = _resume(Path(resume), cfg, model, optimizer, scheduler, scaler, loss_fn)
-    else:
+    elif dist_env.is_main:
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         (out / "metrics.jsonl").unlink(missing_ok=True)
-    runlog, total, summary = RunLog(out), total_epochs(phases), {}
+    runlog, total, summary = RunLog(out) if dist_env.is_main else None, total_epochs(phases), {}
     for epoch in range(start, total):
         phase = phase_for_epoch(phases, epoch)
         seed_everything(cfg.train.seed * 10_000 + epoch, cfg.train.deterministic)
@@ -358,10 +377,13 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
             cfg.data.num_workers,
             cfg.train.seed * 10_000 + epoch,
             device,
+            train_sampler(train_sets[phase.index], cfg.train.seed, epoch),
         )
         stats = train_one_epoch(
-            model, loss_fn, loader, optimizer, scheduler, scaler, device, cfg, epoch, cfg.train.max_nonfinite
+            net, loss_fn, loader, optimizer, scheduler, scaler, device, cfg, epoch, cfg.train.max_nonfinite
         )
+        stats = mean_over_ranks(stats)
+        broadcast_buffers(model)  # every rank evaluates rank 0's model, the one its checkpoint holds
         scale = cfg.data.eval_scale if cfg.data.eval_scale > 0 else phase.scale  # as the model was trained
         summary = summarize(
             evaluate(model, val_loader, metrics, device, cfg.train.amp, cfg.train.channels_last, scale)
@@ -374,6 +396,8 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
         value = summary[cfg.train.best_metric]
         is_best = _better(value, best, cfg.train.best_mode)
         best = value if is_best else best
+        if runlog is None:  # not rank 0: only rank 0 logs and writes checkpoints
+            continue
         runlog.write(
             {
                 "epoch": epoch + 1,
@@ -402,5 +426,8 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
         if is_best:
             save_checkpoint(out / "best.pt", payload)
         print(_epoch_line(epoch, total, phase, stats, summary), flush=True)
-    runlog.close()
+    if runlog is not None:
+        runlog.close()
+    if dist_env.enabled:
+        cleanup()
     return {"best": best, "last": summary, "out_dir": str(out)}
