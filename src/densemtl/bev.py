@@ -144,31 +144,42 @@ def free_space(
     """Cells a straight ray from the camera reaches before its first occupied cell (rows, cols) bool.
 
     Rays are angular bins around the camera; each occupied cell blocks every bin its footprint covers (so thin
-    obstacles do not leak), and a ray ends at the farthest observed cell of its bin: beyond what the camera
+    obstacles do not leak), and a ray ends at the farthest observed cell it crosses: beyond what the camera
     saw, space is unknown, not free.
     """
     x, z = grid.centres()
     dx, dz = x - camera_xz[0], z - camera_xz[1]
     rng = np.hypot(dx, dz)  # (rows, cols)
     nb = grid.angle_bins
-    width = 2 * np.pi / nb
     ang = np.arctan2(dx, dz)  # 0 = straight ahead
-    bins = np.floor((ang + np.pi) / width).astype(np.int64) % nb
-    blocked = np.full(nb, np.inf)
-    occ = occupancy.ravel()
-    if occ.any():  # each occupied cell blocks the bins its footprint spans, from its near edge on
-        r_occ, a_occ = rng.ravel()[occ], ang.ravel()[occ]
-        half = np.arctan2(grid.cell * np.sqrt(0.5), np.maximum(r_occ, 1e-6))
-        first = np.floor((a_occ - half + np.pi) / width).astype(np.int64)
-        last = np.floor((a_occ + half + np.pi) / width).astype(np.int64)
-        near = np.maximum(r_occ - grid.cell * np.sqrt(0.5), 0.0)
-        for k in range(int((last - first).max()) + 1):
-            sel = first + k <= last
-            np.minimum.at(blocked, (first[sel] + k) % nb, near[sel])
-    seen = np.zeros(nb)
-    np.maximum.at(seen, bins.ravel()[observed.ravel()], rng.ravel()[observed.ravel()])
+    bins = np.floor((ang + np.pi) / (2 * np.pi / nb)).astype(np.int64) % nb
+    occ, obs = occupancy.ravel(), observed.ravel()
+    blocked = _per_bin(np.full(nb, np.inf), np.minimum, rng.ravel()[occ], ang.ravel()[occ], grid.cell, -1.0)
+    seen = _per_bin(np.zeros(nb), np.maximum, rng.ravel()[obs], ang.ravel()[obs], grid.cell, 1.0)
     reach = np.minimum(blocked, seen)  # (nb,)
     return (rng <= reach[bins]) & ~occupancy
+
+
+def _per_bin(
+    out: np.ndarray, reduce: np.ufunc, rng: np.ndarray, ang: np.ndarray, cell: float, edge: float
+) -> np.ndarray:
+    """Reduce (min/max) each cell's range into every angular bin its square footprint spans.
+
+    ``edge`` -1 uses the cell's near edge (an obstacle blocks from there), +1 its far edge (seen up to there).
+    """
+    if len(rng) == 0:
+        return out
+    nb = len(out)
+    width = 2 * np.pi / nb
+    radius = cell * np.sqrt(0.5)
+    half = np.arctan2(radius, np.maximum(rng, 1e-6))
+    first = np.floor((ang - half + np.pi) / width).astype(np.int64)
+    last = np.floor((ang + half + np.pi) / width).astype(np.int64)
+    value = np.maximum(rng + edge * radius, 0.0)
+    for k in range(int((last - first).max()) + 1):
+        sel = first + k <= last
+        reduce.at(out, (first[sel] + k) % nb, value[sel])
+    return out
 
 
 BEV_COLORS = {

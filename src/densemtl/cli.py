@@ -94,8 +94,73 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from densemtl.inference import predict_paths
 
-    written = predict_paths(args.checkpoint, args.inputs, args.out, device=args.device, size=args.size)
+    scene = _scene_options(args) if args.pointcloud or args.bev else None
+    written = predict_paths(
+        args.checkpoint, args.inputs, args.out, device=args.device, size=args.size, scene=scene
+    )
     print(f"wrote predictions for {len(written)} image(s) to {args.out}")
+    return 0
+
+
+def _scene_options(args: argparse.Namespace):
+    """SceneOptions from the camera flags (``_add_camera_args``)."""
+    from densemtl.bev import BevGrid, SceneOptions
+    from densemtl.geometry import CameraPose
+
+    k = (args.fx, args.fy, args.cx, args.cy)
+    if any(v is not None for v in k) and any(v is None for v in k):
+        raise ValueError("give all four of --fx --fy --cx --cy (pixels), or --hfov DEGREES")
+    pose = None if args.camera_height is None else CameraPose(args.camera_height, args.pitch, args.roll)
+    return SceneOptions(
+        pointcloud=getattr(args, "pointcloud", False),
+        bev=getattr(args, "bev", True),
+        intrinsics=None if k[0] is None else k,
+        hfov_deg=args.hfov,
+        pose=pose,
+        max_range=args.max_range,
+        voxel=args.voxel or None,
+        grid=BevGrid(
+            x_range=(-args.bev_range / 2, args.bev_range / 2),
+            z_range=(0.0, args.bev_range),
+            cell=args.bev_cell,
+        ),
+    )
+
+
+def _add_camera_args(s: argparse.ArgumentParser) -> None:
+    """Intrinsics, pose and BEV/point-cloud extent flags shared by ``predict`` and ``video``."""
+    g = s.add_argument_group(
+        "camera (default: the sample's meta JSON, else --hfov, pose fitted to road/floor)"
+    )
+    for name in ("fx", "fy", "cx", "cy"):
+        g.add_argument(f"--{name}", type=float, default=None, help=f"intrinsic {name} in pixels")
+    g.add_argument("--hfov", type=float, default=None, help="horizontal field of view in degrees")
+    g.add_argument("--camera-height", type=float, default=None, help="optical centre above the ground, m")
+    g.add_argument("--pitch", type=float, default=0.0, help="degrees, > 0 looks down")
+    g.add_argument("--roll", type=float, default=0.0, help="degrees")
+    g.add_argument("--max-range", type=float, default=40.0, help="drop points farther than this, m")
+    g.add_argument("--voxel", type=float, default=0.05, help="point-cloud voxel size, m (0 = keep all)")
+    g.add_argument("--bev-range", type=float, default=40.0, help="BEV extent ahead (and width), m")
+    g.add_argument("--bev-cell", type=float, default=0.2, help="BEV cell size, m")
+
+
+def _cmd_video(args: argparse.Namespace) -> int:
+    from densemtl.video import run_video
+
+    source = int(args.input) if args.input.isdigit() else Path(args.input)
+    from dataclasses import replace
+
+    opts = replace(_scene_options(args), bev=not args.no_bev)
+    r = run_video(args.checkpoint, source, args.out, opts, args.fps, args.max_frames, args.device)
+    print(f"wrote {r['frames']} frames to {r['video']} (codec {r['codec']}, {r['fps']:.1f} FPS)")
+    return 0
+
+
+def _cmd_synth_video(args: argparse.Namespace) -> int:
+    from densemtl.video import synth_video
+
+    r = synth_video(args.out, args.frames, args.size, args.fps, args.speed, args.hfov, args.seed)
+    print(f"wrote {r['frames']} frames to {r['video']} (codec {r['codec']}) and camera {r['meta']}")
     return 0
 
 
@@ -128,6 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="RGB file format: jpg (quality 95, fast, small) or png (lossless)",
     )
     s.set_defaults(func=_cmd_synth)
+
+    s = data.add_parser(
+        "synth-video", help="render a clip driving through one synthetic street (+ .json camera)"
+    )
+    s.add_argument("--out", type=Path, default=Path("data/synth_drive.mp4"))
+    s.add_argument("--frames", type=int, default=60)
+    s.add_argument("--size", type=parse_size, default=(256, 512), help="HEIGHTxWIDTH")
+    s.add_argument("--fps", type=float, default=12.0)
+    s.add_argument("--speed", type=float, default=8.0, help="metres per second")
+    s.add_argument("--hfov", type=float, default=70.0, help="horizontal field of view, degrees")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_cmd_synth_video)
 
     s = data.add_parser("preview", help="grid of RGB | labels | depth | normals")
     s.add_argument("root", type=Path)
@@ -174,7 +251,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--size", type=parse_size, default=None, help="resize input to HEIGHTxWIDTH for the network"
     )
     s.add_argument("--device", default="auto")
+    s.add_argument("--pointcloud", action="store_true", help="also write <id>.ply and <id>_cloud.npz")
+    s.add_argument("--bev", action="store_true", help="also write the bird's-eye view <id>_bev.png/.npy")
+    _add_camera_args(s)
     s.set_defaults(func=_cmd_predict)
+
+    s = sub.add_parser("video", help="video file or camera -> MP4 of RGB | segmentation | depth | BEV panels")
+    s.add_argument(
+        "--checkpoint", type=Path, required=True, help=".pt checkpoint (or .onnx with ONNX engine)"
+    )
+    s.add_argument("input", help="video file, or a camera index (0) for live input")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--fps", type=float, default=None, help="output frame rate (default: clip's, else 12)")
+    s.add_argument("--max-frames", type=int, default=None)
+    s.add_argument("--no-bev", action="store_true", help="leave the BEV panel out")
+    s.add_argument("--device", default="auto")
+    _add_camera_args(s)
+    s.set_defaults(func=_cmd_video)
 
     s = sub.add_parser("report", help="Markdown report of a run (metrics table and pictures)")
     s.add_argument("run_dir", type=Path)

@@ -7,7 +7,7 @@ input with ``size`` changes that focal length, so keep the training resolution u
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -17,6 +17,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from densemtl.checkpoint import input_scale, load_checkpoint, model_from_checkpoint
 from densemtl.data.format import IMAGE_EXTS, atomic_write_bytes, encode_depth
 from densemtl.runtime import forward_at_scale, resolve_device
+
+if TYPE_CHECKING:
+    from densemtl.bev import SceneOptions
 
 ImageLike = np.ndarray | Image.Image | str | Path
 
@@ -190,8 +193,12 @@ def predict_paths(
     out: str | Path,
     device: str = "auto",
     size: tuple[int, int] | None = None,
+    scene: SceneOptions | None = None,
 ) -> list[dict[str, Path]]:
-    """Run a checkpoint over images/folders and write per-image outputs into ``out``."""
+    """Run a checkpoint over images/folders and write per-image outputs into ``out``.
+
+    ``scene`` (a ``densemtl.bev.SceneOptions``) adds the point cloud (PLY + NPZ) and/or BEV map per image.
+    """
     from tqdm.auto import tqdm
 
     predictor = Predictor.from_checkpoint(checkpoint, device=device, size=size)
@@ -202,5 +209,12 @@ def predict_paths(
     for path in tqdm(list_images(inputs), desc="predict", disable=None):
         rgb = read_rgb(path)
         pred = predictor.predict(rgb)
-        written.append(write_prediction(out_dir, path.stem, rgb, pred, predictor.palette, max_depth))
+        files = write_prediction(out_dir, path.stem, rgb, pred, predictor.palette, max_depth)
+        if scene is not None:
+            from densemtl.bev import write_scene_outputs
+
+            files |= write_scene_outputs(
+                out_dir, path.stem, path, rgb, pred, predictor.palette, predictor.class_names, scene
+            )
+        written.append(files)
     return written

@@ -1,0 +1,237 @@
+"""Video: frames in, RGB | segmentation overlay | depth | BEV panels out as MP4; and a synthetic drive clip.
+
+MP4 is written with OpenCV (``opencv-python-headless``). H.264 ("avc1") is used when the OpenCV build has an
+H.264 encoder; the PyPI wheels ship without one (licensing), so the usual result is MPEG-4 Part 2 ("mp4v"),
+which every common player reads. The codec used is returned and printed. No audio track is written.
+
+A synthetic clip (``synth_video``) is rendered from a camera driving along the ego lane of ONE sampled street,
+with a ``<clip>.json`` sidecar holding the camera intrinsics and pose, which ``run_video`` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from densemtl.bev import SceneOptions, bev_map, colorize_bev, drivable_ids, resolve_intrinsics, resolve_pose
+from densemtl.geometry import backproject, semantic_point_cloud
+
+CODECS = ("avc1", "mp4v")  # preferred first
+
+
+def open_video_writer(path: str | Path, fps: float, size: tuple[int, int]) -> tuple[Any, str]:
+    """An OpenCV writer for ``size`` (H, W) frames and the codec it got: H.264 if available, else mp4v."""
+    import cv2
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, w = size
+    level = cv2.getLogLevel() if hasattr(cv2, "getLogLevel") else None
+    if level is not None:
+        cv2.setLogLevel(0)  # a missing H.264 encoder is expected; do not print FFmpeg's errors
+    try:
+        for codec in CODECS:
+            writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*codec), float(fps), (w, h))
+            if writer.isOpened():
+                return writer, codec
+            writer.release()
+    finally:
+        if level is not None:
+            cv2.setLogLevel(level)
+    raise ValueError(f"OpenCV cannot write MP4 to {path}: no H.264 or mp4v encoder in this OpenCV build")
+
+
+def write_video(path: str | Path, frames: list[np.ndarray], fps: float) -> str:
+    """Write uint8 RGB frames (H, W, 3) to an MP4; returns the codec used."""
+    writer, codec = open_video_writer(path, fps, frames[0].shape[:2])
+    try:
+        for frame in frames:
+            writer.write(np.ascontiguousarray(frame[..., ::-1]))  # OpenCV wants BGR
+    finally:
+        writer.release()
+    return codec
+
+
+def read_video(source: str | Path | int, max_frames: int | None = None):
+    """Yield RGB frames (H, W, 3) uint8 from a file or a camera index (live input)."""
+    import cv2
+
+    cap = cv2.VideoCapture(source if isinstance(source, int) else str(source))
+    if not cap.isOpened():
+        raise FileNotFoundError(f"cannot open video source {source!r} (a video file or a camera index)")
+    try:
+        n = 0
+        while max_frames is None or n < max_frames:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            n += 1
+            yield frame[..., ::-1].copy()
+    finally:
+        cap.release()
+
+
+def synth_video(
+    out: str | Path,
+    frames: int = 60,
+    size: tuple[int, int] = (192, 384),
+    fps: float = 12.0,
+    speed: float = 8.0,
+    hfov_deg: float = 70.0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Render a clip of a camera driving at ``speed`` m/s along the ego lane of one synthetic street.
+
+    Writes ``out`` (MP4) and ``out.json`` (intrinsics, camera height, pitch, roll: the sample meta keys).
+    """
+    from densemtl.data.raycast import Camera
+    from densemtl.data.streets import sample_scene
+    from densemtl.data.synthetic import render
+
+    rng = np.random.default_rng(seed)
+    length = 40.0 + frames * speed / fps  # the street must extend past the last frame's view
+    scene = sample_scene(rng, length=length + 80.0, start=-30.0, ego_lane_clear=True)
+    images, meta = [], {}
+    for k in range(frames):
+        z = k * speed / fps
+        cam = Camera.from_fov(size, hfov_deg, position=(scene.ego_x, 1.5, z), pitch_deg=2.0)
+        view = render(scene, cam, size, noise_rng=rng)
+        images.append(view["image"])
+        meta = {key: view["meta"][key] for key in ("intrinsics", "camera_height", "pitch_deg", "roll_deg")}
+    codec = write_video(out, images, fps)
+    sidecar = Path(f"{out}.json")
+    sidecar.write_text(json.dumps({**meta, "fps": fps, "speed_m_s": speed, "seed": seed}, indent=2) + "\n")
+    return {"video": Path(out), "meta": sidecar, "frames": frames, "codec": codec}
+
+
+def load_engine(path: str | Path, device: str = "auto"):
+    """A predictor for a ``.pt`` checkpoint, or for an ``.onnx`` file when the ONNX Runtime engine exists."""
+    path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        import importlib.util
+
+        engine = None
+        if importlib.util.find_spec("densemtl.export") is not None:
+            import densemtl.export as export
+
+            engine = getattr(export, "OnnxPredictor", None)
+        if engine is None:
+            raise ValueError(
+                f"{path} is an ONNX model but this densemtl has no ONNX Runtime engine "
+                "(densemtl.export.OnnxPredictor); pass the .pt checkpoint instead"
+            )
+        return engine.from_file(path)
+    from densemtl.inference import Predictor
+
+    return Predictor.from_checkpoint(path, device=device)
+
+
+def video_panel(
+    rgb: np.ndarray, pred: dict[str, np.ndarray], palette: np.ndarray, bev_rgb: np.ndarray | None, fps: float
+) -> np.ndarray:
+    """RGB | segmentation overlay | depth | BEV (scaled to the frame height), FPS written top left."""
+    import cv2
+
+    from densemtl.inference import prediction_panel
+
+    panel = prediction_panel(rgb, pred, palette)
+    h = rgb.shape[0]
+    if bev_rgb is not None:
+        w = max(1, round(bev_rgb.shape[1] * h / bev_rgb.shape[0]))
+        panel = np.concatenate([panel, cv2.resize(bev_rgb, (w, h), interpolation=cv2.INTER_NEAREST)], axis=1)
+    panel = np.ascontiguousarray(panel)
+    scale = max(0.35, h / 480)
+    for color, thick in (((0, 0, 0), 3), ((255, 255, 255), 1)):  # outlined text stays readable anywhere
+        cv2.putText(panel, f"{fps:.1f} FPS", (6, int(22 * scale) + 4), 0, scale, color, thick, cv2.LINE_AA)
+    return panel
+
+
+def frame_bev(
+    rgb: np.ndarray,
+    pred: dict[str, np.ndarray],
+    class_names: list[str],
+    palette: np.ndarray,
+    opts: SceneOptions,
+    meta: dict,
+) -> np.ndarray | None:
+    """Coloured BEV of one predicted frame, or None when the model predicts no depth."""
+    if "depth" not in pred:
+        return None
+    k = resolve_intrinsics(opts, meta, pred["depth"].shape)
+    drivable = drivable_ids(class_names)
+    pose = resolve_pose(opts, meta, backproject(pred["depth"], k), pred.get("semseg"), drivable)
+    cloud = semantic_point_cloud(pred["depth"], k, rgb, pred.get("semseg"), None, pose, opts.max_range)
+    return colorize_bev(bev_map(cloud, opts.grid, drivable), palette, opts.grid)
+
+
+def run_video(
+    engine_path: str | Path,
+    source: str | Path | int,
+    out: str | Path,
+    opts: SceneOptions | None = None,
+    fps: float | None = None,
+    max_frames: int | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Load a checkpoint (or ONNX model) and run ``predict_video``; what ``densemtl video`` calls."""
+    return predict_video(load_engine(engine_path, device), source, out, opts, fps, max_frames)
+
+
+def predict_video(
+    engine: Any,
+    source: str | Path | int,
+    out: str | Path,
+    opts: SceneOptions | None = None,
+    fps: float | None = None,
+    max_frames: int | None = None,
+) -> dict[str, Any]:
+    """Predict every frame of a video file or camera and write the panel MP4; returns frames, FPS and codec.
+
+    ``engine`` has ``predict(rgb) -> {task: array}``, ``class_names`` and ``palette`` (a ``Predictor``). Camera
+    intrinsics/pose come from ``opts``, else ``<source>.json`` (written by ``synth_video``), else ``opts``'s field
+    of view and a ground plane fitted to predicted road/floor pixels. The FPS shown is the smoothed rate of
+    prediction + BEV (not decoding or encoding).
+    """
+    from tqdm.auto import tqdm
+
+    opts = opts or SceneOptions(bev=True)
+    sidecar = Path(f"{source}.json") if not isinstance(source, int) else None
+    meta = json.loads(sidecar.read_text()) if sidecar is not None and sidecar.is_file() else {}
+    if not meta and opts.intrinsics is None and opts.hfov_deg is None:
+        opts = replace(opts, hfov_deg=70.0)  # a typical dash-cam; say --hfov or --fx.. for your camera
+    writer, codec, n, speed = None, "", 0, 0.0
+    try:
+        frames = read_video(source, max_frames)
+        for rgb in tqdm(frames, desc="video", total=_frame_count(source, max_frames), disable=None):
+            t0 = time.perf_counter()
+            pred = engine.predict(rgb)
+            bev = frame_bev(rgb, pred, engine.class_names, engine.palette, opts, meta) if opts.bev else None
+            dt = max(time.perf_counter() - t0, 1e-6)
+            speed = 1.0 / dt if n == 0 else 0.9 * speed + 0.1 / dt  # smoothed frames per second
+            panel = video_panel(rgb, pred, engine.palette, bev, speed)
+            if writer is None:
+                writer, codec = open_video_writer(out, fps or float(meta.get("fps", 12.0)), panel.shape[:2])
+            writer.write(np.ascontiguousarray(panel[..., ::-1]))
+            n += 1
+    finally:
+        if writer is not None:
+            writer.release()
+    if n == 0:
+        raise ValueError(f"no frames could be read from {source!r}")
+    return {"video": Path(out), "frames": n, "fps": speed, "codec": codec}
+
+
+def _frame_count(source: str | Path | int, max_frames: int | None) -> int | None:
+    if isinstance(source, int):
+        return max_frames
+    import cv2
+
+    cap = cv2.VideoCapture(str(source))
+    n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() else 0
+    cap.release()
+    return min(n, max_frames) if max_frames and n > 0 else (n or None)
