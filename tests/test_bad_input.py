@@ -313,3 +313,23 @@ def test_cli_data_check_exit_code_and_json(tmp_path: Path, capsys: pytest.Captur
     assert report["ok"] is False and report["problems"][0]["path"] == str(bad)
     assert main([*argv[:3], "--split", "val"]) == 1  # a split that does not exist
     assert f"{tmp_path / 'd' / 'val'} not found" in capsys.readouterr().out
+
+
+@pytest.mark.export
+def test_onnx_file_without_our_metadata_is_refused_with_a_fix(tmp_path: Path) -> None:
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    from densemtl.export import read_metadata
+
+    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 8, 8])
+    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 8, 8])
+    graph = helper.make_graph([helper.make_node("Identity", ["image"], ["out"])], "foreign", [x], [y])
+    path = tmp_path / "foreign.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    before = path.read_bytes()
+    with pytest.raises(
+        ValueError, match=rf"{path} has no 'densemtl' metadata; export it with `densemtl export`"
+    ):
+        read_metadata(path)
+    assert path.read_bytes() == before
