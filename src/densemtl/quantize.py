@@ -47,10 +47,22 @@ def calibration_batches(
     return batches
 
 
+def random_batches(onnx_path: str | Path, n: int = 8) -> list[np.ndarray]:
+    """Random inputs of the graph's size: enough to time an INT8 graph, useless for its accuracy."""
+    meta = read_metadata(onnx_path)
+    gen = np.random.default_rng(0)
+    scale = 255.0 if meta["input"]["normalization"] == "baked" else 1.0
+    shape = (1, 3, *meta["input"]["size"])
+    return [(gen.standard_normal(shape) * scale).astype(np.float32) for _ in range(n)]
+
+
 def quantize_onnx(
-    onnx_path: str | Path, out: str | Path, calib_root: str | Path, n: int = 64, split: str = "train"
+    onnx_path: str | Path, out: str | Path, calib_root: str | Path | None, n: int = 64, split: str = "train"
 ) -> Path:
-    """Write an INT8 copy of ``onnx_path`` to ``out``, calibrated on ``n`` images of ``calib_root/split``."""
+    """Write an INT8 copy of ``onnx_path`` to ``out``, calibrated on ``n`` images of ``calib_root/split``.
+
+    ``calib_root=None`` calibrates on random inputs (for latency benchmarks only).
+    """
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -68,6 +80,10 @@ def quantize_onnx(
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.items, None)
 
+    if calib_root is None:
+        batches = random_batches(onnx_path, min(n, 8))
+    else:
+        batches = calibration_batches(onnx_path, calib_root, n, split)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta_props = list(onnx.load(str(onnx_path), load_external_data=False).metadata_props)
@@ -75,7 +91,7 @@ def quantize_onnx(
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=True)  # shape inference + fusions
         quantize_static(
-            str(pre), str(out), Reader(calibration_batches(onnx_path, calib_root, n, split)),
+            str(pre), str(out), Reader(batches),
             quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             per_channel=True, calibrate_method=CalibrationMethod.MinMax,
         )  # fmt: skip
@@ -83,7 +99,11 @@ def quantize_onnx(
     del proto.metadata_props[:]
     proto.metadata_props.extend(meta_props)  # class names, palette, units travel with the int8 file too
     meta = json.loads(next(p.value for p in meta_props if p.key == "densemtl"))
-    meta["quantization"] = {"type": "int8 static QDQ", "calibration": str(calib_root), "images": n}
+    meta["quantization"] = {
+        "type": "int8 static QDQ",
+        "calibration": str(calib_root or "random"),
+        "images": n,
+    }
     next(p for p in proto.metadata_props if p.key == "densemtl").value = json.dumps(meta)
     onnx.save(proto, str(out))
     return out
