@@ -131,3 +131,15 @@ class OnnxModel(nn.Module):
                 k: F.interpolate(v, size=(h, w), mode="bilinear", align_corners=False) for k, v in out.items()
             }
         return {k: v.to(x.device) for k, v in out.items()}
+
+
+def onnx_model_from_checkpoint(path: str | Path, threads: int = 0, device: str = "cpu") -> OnnxModel:
+    """Export a checkpoint (dynamic axes, parity-checked) to a temporary file and open it in ONNX Runtime."""
+    import tempfile
+
+    from densemtl.export import export_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        export_checkpoint(path, onnx_path, dynamic=True, class_ids=False)
+        return OnnxModel.from_file(onnx_path, threads, device)  # the session holds the graph in memory

@@ -80,11 +80,37 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, device: str = "auto", size: tuple[int, int] | None = None
+        cls,
+        path: str | Path,
+        device: str = "auto",
+        size: tuple[int, int] | None = None,
+        engine: str = "torch",
+        threads: int = 0,
     ) -> Predictor:
-        """Rebuild the checkpoint's own model (no dataset or config file needed)."""
+        """Rebuild the checkpoint's own model (no dataset or config file needed).
+
+        ``engine="onnxruntime"`` exports it (parity-checked) and runs it in ONNX Runtime with ``threads``.
+        """
         ckpt = load_checkpoint(path)
+        if engine == "onnxruntime":
+            from densemtl.engines import onnx_model_from_checkpoint
+
+            dev = "cuda" if resolve_device(device).type == "cuda" else "cpu"
+            model = onnx_model_from_checkpoint(path, threads, dev)
+            return cls(model, ckpt["dataset"], "cpu", size, input_scale(ckpt))  # ORT returns CPU tensors
+        if engine != "torch":
+            raise ValueError(f"engine {engine!r} is not one of ('torch', 'onnxruntime')")
         return cls(model_from_checkpoint(ckpt, path), ckpt["dataset"], device, size, input_scale(ckpt))
+
+    @classmethod
+    def from_onnx(cls, path: str | Path, size: tuple[int, int] | None = None, threads: int = 0) -> Predictor:
+        """Run an exported (fp32 or INT8) file; class names, palette and input scale come from its metadata."""
+        from densemtl.engines import OnnxModel
+
+        model = OnnxModel.from_file(path, threads)
+        meta = model.metadata
+        info = {**meta.get("dataset", {}), "classes": meta["classes"], "palette": meta["palette"]}
+        return cls(model, info, "cpu", size, meta.get("input_scale", 1.0))
 
     def _to_tensor(self, rgb: np.ndarray) -> torch.Tensor:
         from densemtl.data.transforms import normalize
@@ -194,14 +220,16 @@ def predict_paths(
     device: str = "auto",
     size: tuple[int, int] | None = None,
     scene: SceneOptions | None = None,
+    engine: str = "torch",
 ) -> list[dict[str, Path]]:
     """Run a checkpoint over images/folders and write per-image outputs into ``out``.
 
     ``scene`` (a ``densemtl.bev.SceneOptions``) adds the point cloud (PLY + NPZ) and/or BEV map per image.
+    ``engine``: "torch" or "onnxruntime" (the checkpoint exported to ONNX and run by ONNX Runtime).
     """
     from tqdm.auto import tqdm
 
-    predictor = Predictor.from_checkpoint(checkpoint, device=device, size=size)
+    predictor = Predictor.from_checkpoint(checkpoint, device=device, size=size, engine=engine)
     max_depth = float(predictor.info.get("depth", {}).get("max", 80.0))
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
