@@ -96,7 +96,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     scene = _scene_options(args) if args.pointcloud or args.bev else None
     written = predict_paths(
-        args.checkpoint, args.inputs, args.out, device=args.device, size=args.size, scene=scene
+        args.checkpoint,
+        args.inputs,
+        args.out,
+        device=args.device,
+        size=args.size,
+        scene=scene,
+        engine=args.engine,
     )
     print(f"wrote predictions for {len(written)} image(s) to {args.out}")
     return 0
@@ -169,6 +175,84 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     print(f"wrote {write_report(args.run_dir)}")
     return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from densemtl.export import export_checkpoint
+
+    r = export_checkpoint(
+        args.checkpoint, args.out, size=args.size, dynamic=args.dynamic,
+        bake_normalization=args.bake_normalization, class_ids=not args.no_class_ids, data_root=args.data,
+    )  # fmt: skip
+    print(
+        f"wrote {r['onnx']} ({r['file_mb']:.1f} MiB, input {r['size'][0]}x{r['size'][1]}); parity {r['parity']}"
+    )
+    return 0
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from densemtl.quantize import accuracy_change, quantize_onnx
+
+    out = args.out or args.onnx.with_name(args.onnx.stem + "_int8.onnx")
+    quantize_onnx(args.onnx, out, args.calib, n=args.n, split=args.calib_split)
+    print(f"wrote {out}")
+    if args.eval_split:
+        change = accuracy_change(args.onnx, out, args.calib, args.eval_split, args.eval_samples)
+        out.with_suffix(".accuracy.json").write_text(json.dumps(change, indent=2) + "\n")
+        print(json.dumps(change["delta"], indent=2))
+    return 0
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from densemtl.benchmark import format_table, load_benchmark_model, run_benchmark
+
+    model, label, calib = load_benchmark_model(args.checkpoint, args.config, args.set)
+    engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
+    result = run_benchmark(
+        model, args.size, engines, args.threads, args.runs, args.warmup, not args.no_reference, calib, label
+    )
+    print(format_table(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _add_deploy_parsers(sub) -> None:
+    """export, quantize, benchmark."""
+    s = sub.add_parser("export", help="ONNX export with metadata and an ORT-vs-PyTorch parity check")
+    s.add_argument("--checkpoint", type=Path, required=True)
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--size", type=parse_size, default=None, help="network input HEIGHTxWIDTH")
+    s.add_argument("--dynamic", action="store_true", help="free batch, height and width axes")
+    s.add_argument("--bake-normalization", action="store_true", help="input is 0..255 RGB")
+    s.add_argument("--no-class-ids", action="store_true", help="omit the argmax output 'semseg'")
+    s.add_argument("--data", type=Path, default=None, help="dataset root for parity images")
+    s.set_defaults(func=_cmd_export)
+
+    s = sub.add_parser("quantize", help="INT8 static quantisation (ONNX Runtime) + accuracy change")
+    s.add_argument("--onnx", type=Path, required=True)
+    s.add_argument("--calib", type=Path, required=True, help="dataset root with calibration images")
+    s.add_argument("-n", type=int, default=64, help="calibration images")
+    s.add_argument("--calib-split", default="train")
+    s.add_argument("--out", type=Path, default=None, help="default: <onnx>_int8.onnx")
+    s.add_argument("--eval-split", default="val", help="split for the accuracy change ('' to skip)")
+    s.add_argument("--eval-samples", type=int, default=0, help="first N images of it (0 = all)")
+    s.set_defaults(func=_cmd_quantize)
+
+    s = sub.add_parser("benchmark", help="latency per engine vs torchvision LR-ASPP, table + JSON")
+    s.add_argument("--checkpoint", type=Path, default=None)
+    s.add_argument("--config", "--model", dest="config", type=Path, default=None)
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--size", type=parse_size, default=(480, 640))
+    s.add_argument("--engines", default="torch,onnxruntime,int8")
+    s.add_argument("--threads", type=int, default=2)
+    s.add_argument("--runs", type=int, default=30)
+    s.add_argument("--warmup", type=int, default=5)
+    s.add_argument("--no-reference", action="store_true", help="skip the LR-ASPP reference")
+    s.add_argument("--json", type=Path, default=None)
+    s.set_defaults(func=_cmd_benchmark)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pointcloud", action="store_true", help="also write <id>.ply and <id>_cloud.npz")
     s.add_argument("--bev", action="store_true", help="also write the bird's-eye view <id>_bev.png/.npy")
     _add_camera_args(s)
+    s.add_argument("--engine", choices=("torch", "onnxruntime"), default="torch")
     s.set_defaults(func=_cmd_predict)
 
     s = sub.add_parser("video", help="video file or camera -> MP4 of RGB | segmentation | depth | BEV panels")
@@ -269,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_camera_args(s)
     s.set_defaults(func=_cmd_video)
 
+    _add_deploy_parsers(sub)
     s = sub.add_parser("report", help="Markdown report of a run (metrics table and pictures)")
     s.add_argument("run_dir", type=Path)
     s.set_defaults(func=_cmd_report)
