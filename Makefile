@@ -21,7 +21,7 @@ demo: install
 	$(PY) -m densemtl data preview $(DATA) --split val -n 8 --out $(RUN)/preview.png
 	$(PY) -m densemtl train --config configs/synthetic.yaml --set data.root=$(DATA) --set train.out_dir=$(RUN)
 	$(PY) -m densemtl evaluate --checkpoint $(RUN)/best.pt --split val --out $(RUN)/eval_val
-	$(PY) -m densemtl predict --checkpoint $(RUN)/best.pt --out $(RUN)/predictions $$(ls $(DATA)/val/images/*.png | head -n 6)
+	$(PY) -m densemtl predict --checkpoint $(RUN)/best.pt --out $(RUN)/predictions $$(ls $(DATA)/val/images/* | head -n 6)
 	$(PY) -m densemtl report $(RUN)
 	@echo "demo finished: open $(RUN)/report.md"
 
@@ -30,6 +30,10 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+bench: install
+	$(PY) benchmarks/latency.py --runs 30
+	$(PY) benchmarks/synth_speed.py --n 96
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -18,7 +18,13 @@ from densemtl.checkpoint import (
 
 
 def _payload(value: float) -> dict:
-    return {"format": CHECKPOINT_FORMAT, "version": 1, "config": {}, "model": {"w": torch.full((3,), value)}}
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": 1,
+        "config": {},
+        "dataset": {},
+        "model": {"w": torch.full((3,), value)},
+    }
 
 
 def test_save_is_atomic_when_the_write_fails(tmp_path, monkeypatch):
@@ -88,3 +94,10 @@ def test_ordered_dict_state_dicts_load(tmp_path):
     path = tmp_path / "od.pt"
     save_checkpoint(path, {**_payload(0.0), "model": collections.OrderedDict(w=torch.ones(2))})
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(2))
+
+
+def test_incomplete_or_old_checkpoint_is_refused_with_a_reason(tmp_path):
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "version": 0, "model": {}})
+    with pytest.raises(CheckpointError, match=r"lacks \['config', 'dataset'\].*older densemtl"):
+        load_checkpoint(path)

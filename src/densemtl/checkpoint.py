@@ -108,6 +108,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{path} is not a densemtl checkpoint (no '{CHECKPOINT_FORMAT}' tag); to start from a plain "
             "backbone state dict use model.backbone_weights=PATH"
         )
+    missing = [k for k in ("config", "model", "dataset") if k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"{path} lacks {missing}: it is incomplete or was written by an older densemtl; "
+            "retrain, or load its weights with model.backbone_weights=PATH"
+        )
     if ckpt.get("version", 0) > CHECKPOINT_VERSION:
         raise CheckpointError(
             f"{path} was written by a newer densemtl (checkpoint version {ckpt['version']}); upgrade densemtl"

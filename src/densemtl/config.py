@@ -107,6 +107,7 @@ class TrainConfig:
     max_nonfinite: int = 10  # stop after this many consecutive non-finite batches
     log_every: int = 10
     threads: int = 0  # torch intra-op threads; 0 = leave as is
+    sync_bn: bool = False  # SyncBatchNorm across processes under torchrun (DDP)
 
 
 @dataclass(frozen=True)

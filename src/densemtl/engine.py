@@ -332,7 +332,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     model = build_model(cfg.model).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    net = wrap_model(model, device, getattr(cfg.train, "sync_bn", False))  # DDP under torchrun, else model
+    net = wrap_model(model, device, cfg.train.sync_bn)  # DDP under torchrun, else model
     loss_fn = build_loss(cfg.loss, cfg.model.tasks, cfg.model.num_classes).to(device)
     check_loss_supported(loss_fn)
     optimizer = build_optimizer(model, loss_fn, cfg)
