@@ -104,13 +104,16 @@ class Predictor:
 
     @classmethod
     def from_onnx(cls, path: str | Path, size: tuple[int, int] | None = None, threads: int = 0) -> Predictor:
-        """Run an exported (fp32 or INT8) file; class names, palette and input scale come from its metadata."""
+        """Run an exported (fp32 or INT8) file; class names, palette and input scale come from its metadata.
+
+        A graph exported at a fixed size runs at that size unless ``size`` says otherwise.
+        """
         from densemtl.engines import OnnxModel
 
         model = OnnxModel.from_file(path, threads)
         meta = model.metadata
         info = {**meta.get("dataset", {}), "classes": meta["classes"], "palette": meta["palette"]}
-        return cls(model, info, "cpu", size, meta.get("input_scale", 1.0))
+        return cls(model, info, "cpu", size or model.fixed_size, meta.get("input_scale", 1.0))
 
     def _to_tensor(self, rgb: np.ndarray) -> torch.Tensor:
         from densemtl.data.transforms import normalize
