@@ -1,0 +1,250 @@
+"""NYU Depth v2 (indoor, Kinect): the official labelled ``.mat`` file and the MTAN/LibMTL NumPy layout.
+
+Official file ``nyu_depth_v2_labeled.mat`` (MATLAB v7.3 = HDF5, read with h5py). MATLAB stores arrays
+column-major, so h5py sees every axis reversed::
+
+    images  (1449, 3, 640, 480) uint8    -> frame i is images[i].transpose(2, 1, 0)  = (480, 640, 3) RGB
+    depths  (1449, 640, 480)    float32  -> depths[i].T  = (480, 640) metres (in-painted, no holes)
+    labels  (1449, 640, 480)    uint16   -> labels[i].T  = (480, 640) raw ids 1..894, 0 = unlabelled
+
+Raw ids map to 40 classes with ``classMapping40.mat`` (``mapClass``: 894 values in 1..40) and those to 13 with
+``class13Mapping.mat`` (``labels13``: 40 values in 1..13); we store ids 0..N-1 with 255 = unlabelled.
+``splits.mat`` holds the standard 1-based ``trainNdxs`` (795) and ``testNdxs`` (654); the test frames become our
+``val`` split. These metadata files are passed by path (``meta_dir``), never bundled.
+
+MTAN/LibMTL layout (``<src>/{train,val}/{image,label,depth,normal}/<i>.npy``, 288x384, 13 classes):
+image (H, W, 3) float in [0, 1], label (H, W) float with -1 = unlabelled, depth (H, W, 1) metres with 0 =
+invalid, normal (H, W, 3) in [-1, 1].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from densemtl.data.convert import Intrinsics, crop_box, label_palette, write_converted
+from densemtl.data.format import write_dataset_json
+
+# Kinect RGB camera of the official toolbox (pixels, 640x480 frames).
+NYU_INTRINSICS: Intrinsics = (518.8579, 519.4696, 325.5824, 253.7362)
+# The valid Kinect region (Eigen et al.): rows 44..470, columns 40..600 (0-based, end exclusive); outside it
+# the registered RGB has a white border and depth is extrapolated.
+NYU_VALID_CROP = (44, 471, 40, 601)  # top, bottom, left, right
+NYU_DEPTH_MAX = 10.0  # metres; Kinect range, used for dataset.json and evaluation
+NYU13_CLASSES = [
+    "bed", "books", "ceiling", "chair", "floor", "furniture", "objects",
+    "picture", "sofa", "table", "tv", "wall", "window",
+]  # fmt: skip
+META_FILES = {"mapping40": "classMapping40.mat", "mapping13": "class13Mapping.mat", "splits": "splits.mat"}
+
+
+def _loadmat(path: Path) -> dict[str, Any]:
+    import scipy.io
+
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: NYUv2 conversion needs {sorted(META_FILES.values())} from the public "
+            "nyuv2-meta-data repository in the folder given as meta_dir (--meta)"
+        )
+    return scipy.io.loadmat(str(path))
+
+
+def load_mapping40(path: str | Path) -> tuple[np.ndarray, list[str]]:
+    """Lookup table (895,) uint8 raw id -> 0..39 (raw 0 -> 255) and the 40 class names."""
+    mat = _loadmat(Path(path))
+    mapping = np.asarray(mat["mapClass"]).ravel().astype(np.int64)  # raw id k (1-based) -> 1..40
+    if mapping.size != 894 or mapping.min() < 1 or mapping.max() > 40:
+        raise ValueError(f"{path}: mapClass should hold 894 values in 1..40, got {mapping.size}")
+    lut = np.full(895, 255, np.uint8)
+    lut[1:] = mapping - 1
+    names = [str(np.asarray(n).ravel()[0]) for n in np.asarray(mat["className"]).ravel()]
+    return lut, names
+
+
+def load_mapping13(path: str | Path) -> tuple[np.ndarray, list[str]]:
+    """Lookup table (256,) uint8 40-class id 0..39 -> 0..12 (everything else -> 255) and the 13 class names."""
+    rec = _loadmat(Path(path))["classMapping13"][0, 0]
+    labels13 = np.asarray(rec["labels13"]).ravel().astype(np.int64)  # 40 values in 1..13
+    if labels13.size != 40 or labels13.min() < 1 or labels13.max() > 13:
+        raise ValueError(f"{path}: labels13 should hold 40 values in 1..13")
+    lut = np.full(256, 255, np.uint8)
+    lut[:40] = labels13 - 1
+    names = [str(np.asarray(n).ravel()[0]) for n in np.asarray(rec["classNames"]).ravel()]
+    return lut, names
+
+
+def load_splits(path: str | Path) -> dict[str, np.ndarray]:
+    """``{"train": 0-based frame indices (795), "val": (654)}`` from ``splits.mat`` (1-based there)."""
+    mat = _loadmat(Path(path))
+    return {
+        "train": np.asarray(mat["trainNdxs"]).ravel().astype(np.int64) - 1,
+        "val": np.asarray(mat["testNdxs"]).ravel().astype(np.int64) - 1,
+    }
+
+
+class NyuLabeledFile:
+    """Frames of ``nyu_depth_v2_labeled.mat`` in image axis order; use as a context manager."""
+
+    def __init__(self, path: str | Path) -> None:
+        import h5py
+
+        self.path = Path(path)
+        try:
+            self._f = h5py.File(self.path, "r")
+        except OSError as e:
+            raise ValueError(
+                f"{self.path} is not an HDF5 (MATLAB v7.3) file ({e}); pass nyu_depth_v2_labeled.mat"
+            ) from e
+        missing = [k for k in ("images", "depths", "labels") if k not in self._f]
+        if missing:
+            raise ValueError(f"{self.path}: datasets {missing} missing; is this nyu_depth_v2_labeled.mat?")
+
+    def __len__(self) -> int:
+        return int(self._f["images"].shape[0])
+
+    def frame(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """RGB (H, W, 3) uint8, depth (H, W) float32 metres, raw labels (H, W) uint16 (0 = unlabelled)."""
+        rgb = np.ascontiguousarray(
+            self._f["images"][i].transpose(2, 1, 0), np.uint8
+        )  # (3, W, H) -> (H, W, 3)
+        depth = np.ascontiguousarray(self._f["depths"][i].T, np.float32)  # (W, H) -> (H, W)
+        labels = np.ascontiguousarray(self._f["labels"][i].T)
+        return rgb, depth, labels
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> NyuLabeledFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _write_info(dst: Path, classes: list[str], splits: list[str], source: str, **extra: Any) -> None:
+    write_dataset_json(
+        dst, name="nyuv2", tasks=["semseg", "depth"], classes=classes, palette=label_palette(len(classes)),
+        splits=splits, depth_max=NYU_DEPTH_MAX, extra={"source": source, **extra},
+    )  # fmt: skip
+
+
+def convert_nyuv2_mat(
+    src: str | Path,
+    dst: str | Path,
+    meta_dir: str | Path,
+    classes: int = 40,
+    size: tuple[int, int] | None = None,
+    crop_valid: bool = False,
+    image_format: str = "png",
+    max_per_split: int = 0,
+) -> dict[str, Any]:
+    """Official labelled file -> folder format with 795 train / 654 val frames.
+
+    Args:
+        src: ``nyu_depth_v2_labeled.mat``.
+        dst: output dataset root.
+        meta_dir: folder with classMapping40.mat, class13Mapping.mat and splits.mat.
+        classes: 40 (Gupta et al.) or 13 (Couprie et al., as MTAN/LibMTL).
+        size: output (H, W); None keeps 480x640 (or the cropped 427x561).
+        crop_valid: keep only the valid Kinect region ``NYU_VALID_CROP`` (drops the white border).
+        image_format: "png" or "jpg".
+        max_per_split: write only the first N frames of each split (0 = all), for quick looks.
+    """
+    if classes not in (40, 13):
+        raise ValueError(f"NYUv2 classes must be 40 or 13, got {classes}")
+    meta = Path(meta_dir)
+    lut, names = load_mapping40(meta / META_FILES["mapping40"])
+    if classes == 13:
+        lut13, names = load_mapping13(meta / META_FILES["mapping13"])
+        lut = lut13[lut]  # raw -> 40 -> 13; 255 stays 255 (lut13[255] = 255)
+    splits = load_splits(meta / META_FILES["splits"])
+    dst = Path(dst)
+    counts: dict[str, int] = {}
+    with NyuLabeledFile(src) as nyu:
+        for split, indices in splits.items():
+            if indices.max(initial=-1) >= len(nyu):
+                raise ValueError(
+                    f"{src}: split {split} needs frame {indices.max() + 1} but the file has {len(nyu)}"
+                )
+            indices = indices[:max_per_split] if max_per_split > 0 else indices
+            for i in indices:
+                rgb, depth, raw = nyu.frame(int(i))
+                sample = {"image": rgb, "semseg": lut[np.minimum(raw, 894)], "depth": depth}
+                sample["intrinsics"] = NYU_INTRINSICS
+                if crop_valid:
+                    sample = crop_box(sample, *NYU_VALID_CROP)
+                write_converted(
+                    dst, split, f"{int(i) + 1:04d}", sample, size, image_format, {"frame": int(i) + 1}
+                )
+            counts[split] = len(indices)
+    _write_info(dst, names, list(splits), "nyu_depth_v2_labeled.mat", classes_from=f"nyu{classes}")
+    return {"name": "nyuv2", "root": str(dst), "counts": counts}
+
+
+def iter_mtan(split_dir: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(id, sample)`` for each ``image/<i>.npy`` of an MTAN/LibMTL split folder, in numeric order."""
+    files = sorted((split_dir / "image").glob("*.npy"), key=lambda p: int(p.stem) if p.stem.isdigit() else -1)
+    for path in files:
+        image = np.load(path).astype(np.float32)  # (H, W, 3) in [0, 1]
+        scale = 255.0 if image.max(initial=0.0) <= 1.0 + 1e-6 else 1.0
+        sample: dict[str, Any] = {"image": np.clip(np.rint(image * scale), 0, 255).astype(np.uint8)}
+        label_path = split_dir / "label" / path.name
+        if label_path.is_file():
+            label = np.load(label_path)  # (H, W) float, -1 = unlabelled
+            sample["semseg"] = np.where(label < 0, 255, label).astype(np.uint8)
+        depth_path = split_dir / "depth" / path.name
+        if depth_path.is_file():
+            depth = np.load(depth_path).astype(np.float32)
+            sample["depth"] = depth[..., 0] if depth.ndim == 3 else depth  # (H, W, 1) -> (H, W) metres
+        normal_path = split_dir / "normal" / path.name
+        if normal_path.is_file():
+            sample["normals"] = np.load(normal_path).astype(np.float32)  # (H, W, 3)
+        yield path.stem, sample
+
+
+def convert_nyuv2_mtan(
+    src: str | Path, dst: str | Path, size: tuple[int, int] | None = None, image_format: str = "png"
+) -> dict[str, Any]:
+    """MTAN/LibMTL ``train|val/{image,label,depth,normal}/<i>.npy`` -> folder format (13 classes + normals).
+
+    Intrinsics are NYU's scaled to the 288x384 frames (the layout resized full 480x640 frames).
+    """
+    src, dst = Path(src), Path(dst)
+    counts: dict[str, int] = {}
+    for split in ("train", "val"):
+        if not (src / split / "image").is_dir():
+            continue
+        n = 0
+        for sample_id, sample in iter_mtan(src / split):
+            h, w = sample["image"].shape[:2]
+            fx, fy, cx, cy = NYU_INTRINSICS
+            sx, sy = w / 640, h / 480
+            sample["intrinsics"] = (fx * sx, fy * sy, (cx + 0.5) * sx - 0.5, (cy + 0.5) * sy - 0.5)
+            write_converted(dst, split, sample_id, sample, size, image_format)
+            n += 1
+        counts[split] = n
+    if not counts:
+        raise FileNotFoundError(
+            f"{src}: no train/image or val/image folders of .npy files (MTAN/LibMTL layout)"
+        )
+    _write_info(dst, NYU13_CLASSES, list(counts), "mtan_npy", classes_from="nyu13")
+    return {"name": "nyuv2", "root": str(dst), "counts": counts}
+
+
+def convert_nyuv2(
+    src: str | Path, dst: str | Path, size: tuple[int, int] | None = None, **options: Any
+) -> dict[str, Any]:
+    """Dispatch on ``src``: a ``.mat`` file -> :func:`convert_nyuv2_mat` (needs ``meta_dir``), a folder ->
+    :func:`convert_nyuv2_mtan`."""
+    src = Path(src)
+    if src.is_dir():
+        return convert_nyuv2_mtan(src, dst, size=size, image_format=options.get("image_format", "png"))
+    if options.get("meta_dir") is None:
+        raise ValueError(
+            "converting nyu_depth_v2_labeled.mat needs the metadata folder (--meta DIR) holding "
+            f"{sorted(META_FILES.values())}"
+        )
+    return convert_nyuv2_mat(src, dst, size=size, **options)
