@@ -1,0 +1,177 @@
+"""KITTI: sparse LiDAR depth (depth completion / Eigen-style) and the semantic benchmark, to the folder format.
+
+Layouts read under ``<src>`` (any subset)::
+
+    data_depth_annotated/<train|val>/<drive>/proj_depth/groundtruth/image_0{2,3}/<frame>.png   uint16 depth
+    raw/<date>/<drive>/image_0{2,3}/data/<frame>.png                                           RGB
+    raw/<date>/calib_cam_to_cam.txt                                         P_rect_02 / P_rect_03 intrinsics
+    depth_selection/val_selection_cropped/{image,groundtruth_depth,intrinsics}/  1000 cropped val frames
+    data_semantics/training/{image_2,semantic}/<id>_10.png            200 frames, Cityscapes label ids
+
+Depth PNGs: metres = value / 256, 0 = no LiDAR return. Depth stays sparse (about 5 % of pixels after
+projection); nothing is interpolated, and metrics only count valid pixels up to the standard 80 m cap
+(``data.eval_depth_max``). The Garg or Eigen evaluation crop can be baked into validation depth
+(``eval_crop``): pixels outside the crop become invalid so every metric is computed inside it.
+Semantic frames carry no depth and are written as segmentation-only samples of ``train`` (ids ``sem_*``):
+an asymmetric dataset, which training supports.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from densemtl.data.cityscapes import class_names, label_lut, palette
+from densemtl.data.convert import Intrinsics, write_converted
+from densemtl.data.format import write_dataset_json
+
+DEPTH_MAX = 80.0  # metres, the standard evaluation cap
+# Evaluation crops as fractions (top, bottom, left, right) of the frame (Garg et al. 2016; Eigen et al. 2014).
+EVAL_CROPS = {
+    "garg": (0.40810811, 0.99189189, 0.03594771, 0.96405229),
+    "eigen": (0.3324324, 0.91351351, 0.0359477, 0.96405229),
+}
+
+
+def eval_crop_mask(h: int, w: int, kind: str) -> np.ndarray:
+    """(H, W) bool, True inside the Garg or Eigen evaluation crop ("none" = everything)."""
+    mask = np.ones((h, w), bool)
+    if kind == "none":
+        return mask
+    if kind not in EVAL_CROPS:
+        raise ValueError(f"eval_crop must be one of {['none', *EVAL_CROPS]}, got {kind!r}")
+    t, b, lft, r = (int(f * s) for f, s in zip(EVAL_CROPS[kind], (h, h, w, w), strict=True))
+    mask[:] = False
+    mask[t:b, lft:r] = True
+    return mask
+
+
+def read_depth_png(path: str | Path) -> np.ndarray:
+    """KITTI uint16 depth PNG -> float32 metres (0 = no measurement)."""
+    raw = np.asarray(Image.open(path))
+    if raw.dtype != np.uint16 and raw.dtype != np.int32:
+        raise ValueError(f"{path}: KITTI depth must be a 16-bit PNG, got {raw.dtype}")
+    return raw.astype(np.float32) / 256.0
+
+
+def read_calib(path: str | Path, camera: str = "02") -> Intrinsics:
+    """(fx, fy, cx, cy) of the rectified camera ``camera`` from ``calib_cam_to_cam.txt`` (``P_rect_0X``)."""
+    for line in Path(path).read_text().splitlines():
+        key, _, values = line.partition(":")
+        if key.strip() == f"P_rect_{camera}":
+            p = np.array(values.split(), dtype=np.float64).reshape(3, 4)
+            return float(p[0, 0]), float(p[1, 1]), float(p[0, 2]), float(p[1, 2])
+    raise ValueError(f"{path}: no P_rect_{camera} line; is this a KITTI calib_cam_to_cam.txt?")
+
+
+def _rgb(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _annotated(src: Path, split: str, max_n: int) -> list[tuple[str, dict[str, Any]]]:
+    """(id, sample loader args) pairs of the depth-completion ground truth with their raw RGB frames."""
+    base = src / "data_depth_annotated" / split
+    out = []
+    for depth_path in sorted(base.glob("*/proj_depth/groundtruth/image_0[23]/*.png")):
+        drive, cam = depth_path.parents[3].name, depth_path.parent.name
+        rgb_path = src / "raw" / drive[:10] / drive / cam / "data" / depth_path.name
+        if not rgb_path.is_file():
+            raise FileNotFoundError(
+                f"{rgb_path} not found: {depth_path} needs its raw RGB frame (KITTI raw data)"
+            )
+        sid = f"{drive}_{cam}_{depth_path.stem}"
+        out.append(
+            (sid, {"rgb": rgb_path, "depth": depth_path, "calib": (src / "raw" / drive[:10], cam[-2:])})
+        )
+        if max_n and len(out) >= max_n:
+            break
+    return out
+
+
+def _load(entry: dict[str, Any], crop_mask_kind: str) -> dict[str, Any]:
+    image = _rgb(entry["rgb"])
+    depth = read_depth_png(entry["depth"])
+    if depth.shape != image.shape[:2]:
+        raise ValueError(f"{entry['depth']}: depth is {depth.shape} but its image is {image.shape[:2]}")
+    depth[~eval_crop_mask(*depth.shape, crop_mask_kind)] = 0.0
+    k = entry.get("intrinsics")
+    if k is None and entry.get("calib") is not None:
+        calib_dir, cam = entry["calib"]
+        calib = calib_dir / "calib_cam_to_cam.txt"
+        k = read_calib(calib, cam) if calib.is_file() else None
+    return {"image": image, "depth": depth, "intrinsics": k}
+
+
+def _selection(src: Path, max_n: int) -> list[tuple[str, dict[str, Any]]]:
+    """The 1000 cropped validation frames of ``depth_selection/val_selection_cropped``."""
+    base = src / "depth_selection" / "val_selection_cropped"
+    out = []
+    for rgb_path in sorted((base / "image").glob("*.png")):
+        gt = base / "groundtruth_depth" / rgb_path.name.replace("_image_", "_groundtruth_depth_", 1)
+        if not gt.is_file():
+            continue
+        k_path = base / "intrinsics" / f"{rgb_path.stem}.txt"
+        k = np.loadtxt(k_path).ravel() if k_path.is_file() else None  # 3x3 K, row-major
+        entry = {"rgb": rgb_path, "depth": gt, "intrinsics": None if k is None else (k[0], k[4], k[2], k[5])}
+        out.append((rgb_path.stem.replace("_image_", "_", 1), entry))
+        if max_n and len(out) >= max_n:
+            break
+    return out
+
+
+def convert_kitti(
+    src: str | Path,
+    dst: str | Path,
+    size: tuple[int, int] | None = None,
+    eval_crop: str = "none",
+    semantics: bool = True,
+    image_format: str = "png",
+    max_per_split: int = 0,
+) -> dict[str, Any]:
+    """Write every KITTI layout found under ``src`` to the folder format (19 Cityscapes classes).
+
+    Args:
+        eval_crop: "none", "garg" or "eigen": depth outside the crop is invalidated in validation splits
+            (``val``, ``val_selection``) so evaluation covers only the crop; training depth is untouched.
+        semantics: also write the semantic benchmark frames as segmentation-only ``train`` samples.
+        max_per_split: at most N samples per source split (0 = all).
+    """
+    src, dst = Path(src), Path(dst)
+    eval_crop_mask(1, 1, eval_crop)  # validate early
+    counts: dict[str, int] = {}
+    sources = {split: _annotated(src, split, max_per_split) for split in ("train", "val")}
+    sources["val_selection"] = _selection(src, max_per_split)
+    for split, entries in sources.items():
+        crop = eval_crop if split != "train" else "none"
+        for sid, entry in entries:
+            write_converted(dst, split, sid, _load(entry, crop), size, image_format)
+        if entries:
+            counts[split] = len(entries)
+    sem_dir = src / "data_semantics" / "training"
+    if semantics and (sem_dir / "semantic").is_dir():
+        labels = sorted((sem_dir / "semantic").glob("*.png"))[: max_per_split or None]
+        lut = label_lut(19)
+        for path in labels:
+            sample = {
+                "image": _rgb(sem_dir / "image_2" / path.name),
+                "semseg": lut[np.asarray(Image.open(path))],
+            }
+            write_converted(dst, "train", f"sem_{path.stem}", sample, size, image_format)
+        counts["train_semantic"] = len(labels)
+    if not counts:
+        raise FileNotFoundError(
+            f"{src}: no KITTI data found (data_depth_annotated/, depth_selection/val_selection_cropped/ "
+            "or data_semantics/training/); see docs/datasets.md"
+        )
+    splits = sorted(
+        {s for s in counts if s != "train_semantic"} | ({"train"} if "train_semantic" in counts else set())
+    )
+    write_dataset_json(
+        dst, name="kitti", tasks=["semseg", "depth"], classes=class_names(19), palette=palette(19),
+        splits=splits, depth_max=DEPTH_MAX,
+        extra={"source": "kitti", "depth_sparse": True, "eval_crop": eval_crop},
+    )  # fmt: skip
+    return {"name": "kitti", "root": str(dst), "counts": counts}
