@@ -45,6 +45,7 @@ from densemtl.runtime import (
     to_device,
 )
 from densemtl.schedule import Phase, StepSchedule, phase_for_epoch, resolve_phases, total_epochs
+from densemtl.weighting import backward_step, epoch_end, task_weights
 
 log = logging.getLogger("densemtl")
 
@@ -122,6 +123,7 @@ def train_one_epoch(
     model.train()
     dtype = amp_dtype(device, cfg.train.amp)
     sums: dict[str, float] = {}
+    weights: dict[str, float] = {}  # summed task weights (adaptive weightings change them every step)
     steps = skipped = consecutive_bad = images = 0
     start = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=None, mininterval=1.0)
@@ -131,7 +133,7 @@ def train_one_epoch(
             outputs = model(batch["image"])
         losses = loss_fn({k: v.float() for k, v in outputs.items()}, batch)  # losses in fp32
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(losses["total"]).backward()
+        backward_step(loss_fn, losses, model, scaler)  # per-task gradients for PCGrad/GradNorm/CAGrad
         scaler.unscale_(optimizer)
         if not _finite_or_skip(losses["total"], model.parameters(), cfg.train.grad_clip):
             skipped += 1
@@ -157,6 +159,8 @@ def train_one_epoch(
         images += batch["image"].shape[0]
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach())
+        for t, w in task_weights(loss_fn).items():
+            weights[t] = weights.get(t, 0.0) + w
         if steps % cfg.train.log_every == 0 or steps == 1:
             bar.set_postfix(
                 loss=f"{sums['total'] / steps:.3f}",
@@ -165,6 +169,7 @@ def train_one_epoch(
             )
     seconds = time.perf_counter() - start
     stats = {f"loss/{k}": v / max(steps, 1) for k, v in sums.items()}
+    stats.update({f"weight/{t}": w / max(steps, 1) for t, w in weights.items()})
     stats.update(
         {
             "images_per_s": images / max(seconds, 1e-9),
@@ -383,6 +388,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
             net, loss_fn, loader, optimizer, scheduler, scaler, device, cfg, epoch, cfg.train.max_nonfinite
         )
         stats = mean_over_ranks(stats)
+        epoch_end(loss_fn, stats)  # DWA's per-epoch update, identical on every rank
         broadcast_buffers(model)  # every rank evaluates rank 0's model, the one its checkpoint holds
         scale = cfg.data.eval_scale if cfg.data.eval_scale > 0 else phase.scale  # as the model was trained
         summary = summarize(

@@ -3,7 +3,8 @@
 Every term is ``sum over valid pixels / max(count, 1)``: a batch in which no pixel is labelled for a task gives
 exactly 0 with zero gradients (never NaN), and samples that lack a task's label (asymmetric annotations, see
 ``batch["valid_tasks"]``) contribute nothing to that task. ``build_loss`` is the only function that reads
-``LossConfig``; the pieces below receive plain arguments.
+``LossConfig``; the pieces below receive plain arguments. Task weightings live in ``densemtl.weighting``
+(re-exported here).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densemtl.config import LossConfig
-from densemtl.tasks import IGNORE_INDEX, TASKS, check_tasks
+from densemtl.tasks import IGNORE_INDEX, check_tasks
+from densemtl.weighting import WEIGHTINGS, FixedWeighting, TaskWeighting  # noqa: F401 (re-exported)
 
 EPS_DEPTH = 1e-3  # metres; depths are clamped to this before a log so that log never sees 0
 DICE_SMOOTH = 1.0  # added to numerator and denominator of every class's Dice
@@ -209,44 +211,6 @@ def berhu(r: Tensor, valid: Tensor) -> Tensor:
     absr = r.abs()
     c = (0.2 * (absr * valid).amax()).detach().clamp_min(1e-12)  # clamp keeps the unused branch finite
     return torch.where(absr <= c, absr, (absr.square() + c.square()) / (2 * c))
-
-
-# ---------------------------------------------------------------------------------------------- weighting
-class TaskWeighting(nn.Module):
-    """Combines per-task loss terms into the scalar that is back-propagated.
-
-    Subclasses receive ``(tasks, weights)``; adaptive ones may hold parameters (the optimiser must then
-    include ``MultiTaskLoss.parameters()``) and may treat ``weights`` as initial values.
-    """
-
-    def forward(self, losses: dict[str, Tensor]) -> Tensor:
-        """Scalar total from ``{task: scalar loss}``."""
-        raise NotImplementedError
-
-    def current_weights(self) -> dict[str, float]:
-        """The weight each task currently gets, for logging."""
-        raise NotImplementedError
-
-
-class FixedWeighting(TaskWeighting):
-    """``sum_t w_t * L_t`` with constant weights (``a * L_seg + b * L_depth``); missing tasks get 1.0."""
-
-    def __init__(self, tasks: tuple[str, ...], weights: dict[str, float] | None = None) -> None:
-        super().__init__()
-        weights = dict(weights or {})
-        unknown = sorted(set(weights) - set(TASKS))
-        if unknown:
-            raise ValueError(f"loss.weights names unknown task(s) {unknown}; known tasks: {sorted(TASKS)}")
-        self.weights = {t: float(weights.get(t, 1.0)) for t in tasks}
-
-    def forward(self, losses: dict[str, Tensor]) -> Tensor:
-        return sum(self.weights[t] * losses[t] for t in self.weights)  # type: ignore[return-value]
-
-    def current_weights(self) -> dict[str, float]:
-        return dict(self.weights)
-
-
-WEIGHTINGS: dict[str, type[TaskWeighting]] = {"fixed": FixedWeighting}
 
 
 # ------------------------------------------------------------------------------------------------ combined
