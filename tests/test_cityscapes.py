@@ -147,3 +147,21 @@ def test_depth_prep_steps(cs_root):
     speckled[4, 4], speckled[0, :3] = 40.0, 0.0  # a stereo outlier and a hole
     smooth = prepare_depth(speckled, DepthPrep(smooth=3))
     assert smooth[4, 4] == 10.0 and (smooth[0, :3] == 0).all()  # outlier removed, holes stay holes
+
+
+def test_cli_convert_with_depth_prep(cs_root, tmp_path):
+    from densemtl.cli import main
+
+    dst = tmp_path / "cli"
+    args = ["data", "convert", "cityscapes", str(cs_root), str(dst), "--size", "16x32", "--classes", "7",
+            "--crop", "0,0.25,0,0", "--inpaint", "--split", "val"]  # fmt: skip
+    assert main(args) == 0
+    info = read_dataset_json(dst)
+    assert info["splits"] == ["val"] and len(info["classes"]) == 7
+    assert info["depth_prep"]["crop_bottom"] == 0.25 and info["depth_prep"]["inpaint"] is True
+    s = FolderDataset(dst, "val")[0]
+    assert s["image"].shape == (3, 16, 32)
+    assert (s["depth"][0, 4:] > 0).all()  # below the sky every pixel has (inpainted) depth
+    assert (
+        main(["data", "convert", "cityscapes", str(cs_root), str(dst), "--crop", "0,0.2"]) == 2
+    )  # clear error

@@ -169,3 +169,33 @@ def test_real_frames_through_folder_format(tmp_path):
         assert set(ids.tolist()) <= set(range(40)) | {255} and len(ids) > 3
         assert np.array_equal(s["semseg"].numpy(), labels.astype(np.int64))
     assert check_dataset(tmp_path).ok
+
+
+@needs_meta
+def test_cli_convert_nyuv2(labeled_mat, tmp_path):
+    from densemtl.cli import main
+
+    dst = tmp_path / "cli"
+    args = ["data", "convert", "nyuv2", str(labeled_mat), str(dst), "--meta", str(META), "--classes", "13",
+            "--max-per-split", "1", "--size", "3x4"]  # fmt: skip
+    assert main(args) == 0
+    assert read_dataset_json(dst)["classes"] == NYU13_CLASSES
+    s = FolderDataset(dst, "val")[0]
+    assert s["image"].shape == (3, 3, 4)
+    assert s["intrinsics"][0].item() == pytest.approx(NYU_INTRINSICS[0] / 2)
+    assert main(["data", "convert", "nyuv2", str(labeled_mat), str(tmp_path / "x")]) == 2  # --meta missing
+    assert (
+        main(
+            [
+                "data",
+                "convert",
+                "nyuv2",
+                str(labeled_mat),
+                str(tmp_path / "y"),
+                "--meta",
+                str(META),
+                "--crop-valid",
+            ]
+        )
+        == 2
+    )  # fmt: skip  (6x8 frames are smaller than the valid region)

@@ -219,6 +219,76 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from densemtl.data.convert import convert_dataset
+
+    opts: dict = {"image_format": args.image_format, "max_per_split": args.max_per_split}
+    if args.dataset == "nyuv2":
+        opts.update(meta_dir=args.meta, classes=args.classes or 40, crop_valid=args.crop_valid)
+        if args.src.is_dir():  # the MTAN/LibMTL .npy layout takes no metadata options
+            opts = {"image_format": args.image_format}
+    elif args.dataset == "cityscapes":
+        from densemtl.data.cityscapes import DepthPrep
+
+        crop = [float(v) for v in args.crop.split(",")] if args.crop else [0.0] * 4
+        if len(crop) != 4:
+            raise ValueError(f"--crop needs TOP,BOTTOM,LEFT,RIGHT fractions, got {args.crop!r}")
+        prep = DepthPrep(*crop, inpaint=args.inpaint, smooth=args.smooth, clip=args.clip)
+        opts.update(classes=args.classes or 19, prep=prep, splits=tuple(args.split or ("train", "val")))
+    else:
+        opts.update(eval_crop=args.eval_crop)
+    stats = convert_dataset(args.dataset, args.src, args.dst, size=args.size, **opts)
+    print(json.dumps(stats, indent=2))
+    return 0
+
+
+def _add_convert_parser(data) -> None:
+    """``data convert {cityscapes,nyuv2,kitti} SRC DST`` and each dataset's options (see docs/datasets.md)."""
+    s = data.add_parser("convert", help="official Cityscapes / NYUv2 / KITTI layout -> folder format")
+    s.add_argument("dataset", choices=("cityscapes", "nyuv2", "kitti"))
+    s.add_argument(
+        "src", type=Path, help="dataset folder (NYUv2: nyu_depth_v2_labeled.mat or MTAN .npy folder)"
+    )
+    s.add_argument("dst", type=Path)
+    s.add_argument("--size", type=parse_size, default=None, help="output HEIGHTxWIDTH (default: original)")
+    s.add_argument("--image-format", choices=("png", "jpg"), default="png")
+    s.add_argument("--max-per-split", type=int, default=0, help="first N samples per split (0 = all)")
+    s.add_argument("--classes", type=int, default=0, help="nyuv2: 40|13, cityscapes: 19|7")
+    s.add_argument("--meta", type=Path, default=None, help="nyuv2: folder with classMapping40.mat, "
+                   "class13Mapping.mat, splits.mat")  # fmt: skip
+    s.add_argument("--crop-valid", action="store_true", help="nyuv2: keep the valid Kinect region")
+    s.add_argument("--split", action="append", default=[], help="cityscapes: split (repeatable)")
+    s.add_argument(
+        "--crop", default="", help="cityscapes: TOP,BOTTOM,LEFT,RIGHT fractions, e.g. 0,0.2,0.05,0"
+    )
+    s.add_argument("--inpaint", action="store_true", help="cityscapes: fill depth holes (OpenCV)")
+    s.add_argument("--smooth", type=int, default=0, help="cityscapes: median kernel 3|5 (0 = off)")
+    s.add_argument("--clip", type=float, default=0.0, help="cityscapes: clamp depth to M metres (0 = off)")
+    s.add_argument("--eval-crop", choices=("none", "garg", "eigen"), default="none", help="kitti: val crop")
+    s.set_defaults(func=_cmd_convert)
+
+
+def _cmd_pseudolabel(args: argparse.Namespace) -> int:
+    from densemtl.pseudolabel import pseudolabel
+
+    r = pseudolabel(args.teacher, args.data, args.task, args.split or None, args.min_confidence, args.device,
+                    args.size)  # fmt: skip
+    print(json.dumps(r, indent=2))
+    return 0
+
+
+def _add_pseudolabel_parser(sub) -> None:
+    s = sub.add_parser("pseudolabel", help="fill a task's missing targets with a teacher's predictions")
+    s.add_argument("--teacher", type=Path, required=True, help="densemtl .pt checkpoint or exported .onnx")
+    s.add_argument("--data", type=Path, required=True, help="folder-format dataset root (modified in place)")
+    s.add_argument("--task", choices=("depth", "semseg"), default="depth")
+    s.add_argument("--split", action="append", default=[], help="split to fill (repeatable; default: all)")
+    s.add_argument("--min-confidence", type=float, default=0.0, help="semseg: below it -> 255 (ignore)")
+    s.add_argument("--size", type=parse_size, default=None, help="teacher input HEIGHTxWIDTH")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=_cmd_pseudolabel)
+
+
 def _add_deploy_parsers(sub) -> None:
     """export, quantize, benchmark."""
     s = sub.add_parser("export", help="ONNX export with metadata and an ORT-vs-PyTorch parity check")
@@ -302,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", action="append", default=[], help="split to check (repeatable; default: all)")
     s.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     s.set_defaults(func=_cmd_check)
+    _add_convert_parser(data)
 
     s = sub.add_parser("models", help="list backbones and decoders with parameters and GFLOPs")
     s.add_argument("--size", type=parse_size, default=(480, 640))
@@ -355,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_video)
 
     _add_deploy_parsers(sub)
+    _add_pseudolabel_parser(sub)
     s = sub.add_parser("report", help="Markdown report of a run (metrics table and pictures)")
     s.add_argument("run_dir", type=Path)
     s.set_defaults(func=_cmd_report)

@@ -36,6 +36,9 @@ def label_palette(n: int) -> list[list[int]]:
 
 def crop_box(sample: dict[str, Any], top: int, bottom: int, left: int, right: int) -> dict[str, Any]:
     """Keep rows ``top:bottom`` and columns ``left:right`` of every array; shifts the principal point."""
+    h, w = sample["image"].shape[:2]
+    if not (0 <= top < bottom <= h and 0 <= left < right <= w):
+        raise ValueError(f"crop rows {top}:{bottom}, columns {left}:{right} does not fit a {h}x{w} frame")
     out = dict(sample)
     for key in ("image", "semseg", "depth", "normals"):
         if out.get(key) is not None:
