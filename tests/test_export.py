@@ -112,7 +112,13 @@ def test_benchmark_json_schema_and_int8(tmp_path):
     from densemtl.benchmark import format_table, run_benchmark
 
     result = run_benchmark(
-        tiny_model(), size=SIZE, engines=("torch", "onnxruntime", "int8"), threads=1, runs=2, warmup=1
+        tiny_model(),
+        size=SIZE,
+        engines=("torch", "onnxruntime", "int8"),
+        threads=1,
+        runs=2,
+        warmup=1,
+        memory=False,
     )
     result = json.loads(json.dumps(result))  # JSON-serialisable
     names = ["densemtl torch", "densemtl onnxruntime", "densemtl int8"]
@@ -120,7 +126,8 @@ def test_benchmark_json_schema_and_int8(tmp_path):
     assert list(result["engines"]) == names + ref
     assert result["reference"] == ref[1] and result["ratio_to_reference"][ref[1]] == pytest.approx(1.0)
     for s in result["engines"].values():
-        for key in ("median_ms", "p90_ms", "fps", "cpu_median_ms", "params_m", "gflops", "peak_memory_mb"):
+        assert s["peak_memory_mb"] is None  # memory=False; measured in test_peak_memory_of_an_onnx_engine
+        for key in ("median_ms", "p90_ms", "fps", "cpu_median_ms", "params_m", "gflops", "file_mb"):
             assert isinstance(s[key], float) and s[key] >= 0, key
         assert s["p90_ms"] >= s["median_ms"] >= s["min_ms"] > 0
         assert s["fps"] == pytest.approx(1000 / s["median_ms"])
@@ -148,3 +155,12 @@ def test_quantize_keeps_metadata_and_uses_int8(tmp_path):
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     meta = read_metadata(out)
     assert meta["classes"] == INFO["classes"] and meta["quantization"]["calibration"] == "random"
+
+
+def test_peak_memory_of_an_onnx_engine(tmp_path):
+    from densemtl.benchmark import peak_memory_mb
+
+    path = tmp_path / "m.onnx"
+    export_tiny(path, dynamic=True)
+    mb = peak_memory_mb("onnxruntime", path, (384, 512), 1)
+    assert 1 < mb < 2000  # weights + activations of one (1, 3, 384, 512) image, in a fresh process

@@ -3,10 +3,9 @@ torchvision's seg-only ``lraspp_mobilenet_v3_large`` in the same run, so results
 
 Every engine is timed interleaved (A, B, C, A, B, C, ...) after a warm-up, so load from other processes hits
 all alike; we report the median and p90 wall time, FPS (1000 / median), the process CPU time per call, the
-parameters and GFLOPs (2 per multiply-add, convolutions and matmuls only), and the peak memory: resident memory
-above the level before the engine's first call, during that call (RSS sampled every millisecond by a thread,
-outside the timed runs). The first call is when PyTorch and ONNX Runtime allocate activations and arenas (later
-calls reuse cached memory), so it approximates the activation memory an engine needs; weights are not included.
+parameters and GFLOPs (2 per multiply-add, convolutions and matmuls only), the peak memory that loading the
+engine and one inference add (measured in a fresh process per engine) and the file size (ONNX, or the saved
+PyTorch module).
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,28 +27,40 @@ REFERENCE = "lraspp_mobilenet_v3_large"
 ENGINES = ("torch", "onnxruntime", "int8")
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+_MEMORY_CHILD = """
+import resource, sys
+import numpy as np, torch
+kind, path, h, w, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+torch.set_num_threads(threads)
+from densemtl.engines import create_session
+import os
+with open("/proc/self/statm") as f:  # resident now: imports may have peaked higher than this
+    base = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024
+if kind == "torch":
+    model = torch.load(path, weights_only=False).eval()  # our own temporary file
+    with torch.inference_mode():
+        model(torch.randn(1, 3, h, w))
+else:
+    create_session(path, threads).run(None, {"image": np.random.randn(1, 3, h, w).astype(np.float32)})
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+"""
 
 
-def peak_memory_mb(fn: Callable[[], Any]) -> float:
-    """Peak resident memory above the level before ``fn()`` while it runs (MiB; NaN where /proc is missing)."""
-    if not Path("/proc/self/statm").exists():
+def peak_memory_mb(kind: str, path: Path, size: tuple[int, int], threads: int) -> float:
+    """Peak resident memory (MiB) that loading an engine and one inference add, in a fresh process.
+
+    ``kind`` is "torch" (``path``: a ``torch.save``d module) or "onnxruntime" (``path``: an ONNX file). A fresh
+    process, because inside the benchmark's own process allocator caches and earlier engines hide the peak.
+    Linux only (``/proc``, ``ru_maxrss``); NaN when the measurement fails.
+    """
+    import subprocess
+
+    cmd = [sys.executable, "-c", _MEMORY_CHILD, kind, str(path), str(size[0]), str(size[1]), str(threads)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
+        return float(done.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError, OSError):
         return float("nan")
-    base, peak, done = _rss_mb(), [0.0], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_mb())
-            time.sleep(0.001)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    fn()
-    done.set()
-    t.join()
-    return max(0.0, max(peak[0], _rss_mb()) - base)
 
 
 def model_cost(model: nn.Module, size: tuple[int, int]) -> dict[str, float]:
@@ -117,7 +127,7 @@ def build_runners(
     calib_root: str | Path | None = None,
     reference: bool = True,
 ) -> dict[str, dict[str, Any]]:
-    """Name -> {"run": zero-argument callable, "model", "engine", "file_mb"} for each engine (and the reference)."""
+    """Name -> {"run": zero-argument callable, "model", "engine", "file"} for each engine (and the reference)."""
     from torchvision.models.segmentation import lraspp_mobilenet_v3_large
 
     from densemtl.export import export_model
@@ -134,7 +144,8 @@ def build_runners(
     for engine in engines:
         file = None
         if engine == "torch":
-            run = _torch_runner(model, x)
+            run, file = _torch_runner(model, x), tmp / "densemtl.pt"
+            torch.save(model, file)  # for the memory measurement in a fresh process
         else:
             file = (
                 onnx_path
@@ -147,7 +158,10 @@ def build_runners(
         ref = _FirstOutput(
             lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=8)
         ).eval()
-        runners[f"{REFERENCE} torch"] = {"run": _torch_runner(ref, x), "model": REFERENCE, "engine": "torch"}
+        torch.save(ref, tmp / "lraspp.pt")
+        runners[f"{REFERENCE} torch"] = {
+            "run": _torch_runner(ref, x), "model": REFERENCE, "engine": "torch", "file": tmp / "lraspp.pt",
+        }  # fmt: skip
         file = _export_plain(ref, tmp / "lraspp.onnx", size)
         runners[f"{REFERENCE} onnxruntime"] = {
             "run": _ort_runner(file, x, threads), "model": REFERENCE, "engine": "onnxruntime", "file": file,
@@ -199,8 +213,12 @@ def run_benchmark(
     reference: bool = True,
     calib_root: str | Path | None = None,
     label: str = "densemtl",
+    memory: bool = True,
 ) -> dict[str, Any]:
-    """Benchmark ``model`` on every engine (and the reference) at batch 1; returns the JSON-ready result."""
+    """Benchmark ``model`` on every engine (and the reference) at batch 1; returns the JSON-ready result.
+
+    ``memory=False`` skips the peak-memory measurement (one fresh process per engine, seconds each).
+    """
     import onnxruntime as ort
 
     torch.set_num_threads(threads)
@@ -208,15 +226,15 @@ def run_benchmark(
     with tempfile.TemporaryDirectory() as tmp:
         runners = build_runners(model, tuple(engines), size, threads, Path(tmp), calib_root, reference)
         ref_module = runners.pop("_ref_module", {}).get("module")
-        first_call_mb = {k: peak_memory_mb(r["run"]) for k, r in runners.items()}  # before any warm-up
         stats = time_interleaved({k: r["run"] for k, r in runners.items()}, runs, warmup)
         costs = {"densemtl": model_cost(model, size)}
         if ref_module is not None:
             costs[REFERENCE] = model_cost(ref_module, size)
         for name, r in runners.items():
             stats[name].update(model=r["model"], engine=r["engine"], **costs[r["model"]])
-            stats[name]["peak_memory_mb"] = first_call_mb[name]
-            stats[name]["file_mb"] = r["file"].stat().st_size / 2**20 if r.get("file") else None
+            kind = "torch" if r["engine"] == "torch" else "onnxruntime"
+            stats[name]["peak_memory_mb"] = peak_memory_mb(kind, r["file"], size, threads) if memory else None
+            stats[name]["file_mb"] = r["file"].stat().st_size / 2**20
     ref_key = next((k for k in (f"{REFERENCE} onnxruntime", f"{REFERENCE} torch") if k in stats), None)
     return {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
@@ -253,7 +271,7 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(
             f"| {s['model']} | {s['engine']} | {s['median_ms']:.1f} | {s['p90_ms']:.1f} | {s['fps']:.1f} | "
             f"{s['cpu_median_ms']:.1f} | {ratio:.2f} | {s['params_m']:.2f} | {s['gflops']:.2f} | "
-            f"{s['peak_memory_mb']:.0f} |"
+            f"{s['peak_memory_mb'] or float('nan'):.0f} |"
         )
     return "\n".join(lines)
 
