@@ -216,7 +216,7 @@ def test_total_is_weighted_sum_and_missing_weights_are_one() -> None:
         ("semseg", "focal", "ce\\+dice"),
         ("depth", "huber", "berhu"),
         ("depth_space", "disparity", "blog"),
-        ("weighting", "uncertainty", "fixed"),
+        ("weighting", "nash_mtl", "fixed"),
         ("weights", {"normals": 1.0}, "known tasks"),
     ],
 )
