@@ -206,3 +206,28 @@ def test_tile_culled_shadows_match_brute_force_shadow_rays():
     lit = sun_visibility(scene, hits, cam, sun, where=where)
     np.testing.assert_array_equal(lit[where], expected[where])
     assert lit[~where].all()
+
+
+def test_synth_to_files_to_folder_dataset_round_trip(tmp_path: Path):
+    """What the renderer produced is what FolderDataset hands to training (labels exact, depth to 1/256 m)."""
+    from densemtl.data.folder import FolderDataset
+
+    size = (48, 96)
+    generate_dataset(
+        tmp_path, n_train=1, n_val=2, size=size, seed=3, workers=1, progress=False, image_format="png"
+    )
+    ds = FolderDataset(tmp_path, split="val", tasks=("semseg", "depth", "normals"))
+    assert len(ds) == 2 and ds.class_names[0] == "road" and ds.num_classes == 8
+    for i in range(2):
+        ref = render_sample(3, "val", i, size)
+        s = ds[i]
+        np.testing.assert_array_equal(
+            (s["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), ref["image"]
+        )
+        np.testing.assert_array_equal(s["semseg"].numpy(), ref["semseg"].astype(np.int64))
+        depth = s["depth"][0].numpy()
+        assert np.abs(depth - ref["depth"]).max() <= 0.5 / 256 + 1e-6
+        assert ((depth == 0) == (ref["depth"] == 0)).all()
+        assert np.abs(s["normals"].permute(1, 2, 0).numpy() - ref["normals"]).max() < 0.02
+        np.testing.assert_allclose(s["intrinsics"].numpy(), ref["meta"]["intrinsics"], rtol=1e-6)
+        assert all(bool(v) for v in s["valid_tasks"].values())
