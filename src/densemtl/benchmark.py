@@ -28,30 +28,42 @@ ENGINES = ("torch", "onnxruntime", "int8")
 
 
 _MEMORY_CHILD = """
-import resource, sys
-import numpy as np, torch
+import sys
+import numpy as np
 kind, path, h, w, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-torch.set_num_threads(threads)
-from densemtl.engines import create_session
-import os
-with open("/proc/self/statm") as f:  # resident now: imports may have peaked higher than this
-    base = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024
 if kind == "torch":
+    import torch
+    torch.set_num_threads(threads)
     model = torch.load(path, weights_only=False).eval()  # our own temporary file
-    with torch.inference_mode():
-        model(torch.randn(1, 3, h, w))
 else:
-    create_session(path, threads).run(None, {"image": np.random.randn(1, 3, h, w).astype(np.float32)})
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    model = None
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key))
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak (VmHWM) to the current resident size: imports do not count
+base = status("VmRSS:")
+x = np.random.randn(1, 3, h, w).astype(np.float32)
+if kind == "torch":
+    with torch.inference_mode():
+        model(torch.from_numpy(x))
+else:
+    ort.InferenceSession(path, so, providers=["CPUExecutionProvider"]).run(None, {"image": x})
+print((status("VmHWM:") - base) / 1024)
 """
 
 
 def peak_memory_mb(kind: str, path: Path, size: tuple[int, int], threads: int) -> float:
-    """Peak resident memory (MiB) that loading an engine and one inference add, in a fresh process.
+    """Peak resident memory (MiB) above the imports of one inference, in a fresh process.
 
-    ``kind`` is "torch" (``path``: a ``torch.save``d module) or "onnxruntime" (``path``: an ONNX file). A fresh
-    process, because inside the benchmark's own process allocator caches and earlier engines hide the peak.
-    Linux only (``/proc``, ``ru_maxrss``); NaN when the measurement fails.
+    ``kind`` is "torch" (``path``: a ``torch.save``d module, loaded before the baseline: activations and
+    workspace only) or "onnxruntime" (``path``: an ONNX file, session created after the baseline: weights,
+    optimised graph, arenas and activations). A fresh process, because inside the benchmark's own process
+    allocator caches and earlier engines hide the peak. Linux only (``/proc/self/clear_refs`` resets the peak);
+    NaN when the measurement fails.
     """
     import subprocess
 
