@@ -183,7 +183,7 @@ def prediction_panel(
     if "semseg" in pred:
         panels.append(overlay(rgb, colorize_labels(pred["semseg"], palette), alpha=0.6))
     if "depth" in pred:
-        panels.append(colorize_depth(pred["depth"], vmin=0.0, vmax=max_depth))
+        panels.append(colorize_depth(pred["depth"], vmin=1.0, vmax=max_depth, log=True))
     return np.concatenate(panels, axis=1)
 
 
@@ -211,7 +211,7 @@ def write_prediction(
         put("overlay", overlay(rgb, colors, alpha=0.6))
     if "depth" in pred:
         put("depth", encode_depth(np.minimum(pred["depth"], 255.0)))
-        put("depth_color", colorize_depth(pred["depth"], vmin=0.0, vmax=max_depth))
+        put("depth_color", colorize_depth(pred["depth"], vmin=1.0, vmax=max_depth, log=True))
     put("panel", prediction_panel(rgb, pred, palette, max_depth))
     return files
 
