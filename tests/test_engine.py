@@ -78,7 +78,7 @@ def test_demo_scale_training_beats_trivial_baselines(synthetic_root, tmp_path, t
     from densemtl.evaluate import evaluate_checkpoint
 
     run = tmp_path / "learn"
-    sets = tiny_overrides(synthetic_root, run, epochs=8) + ["model.backbone=mobilenet_v3_large",
+    sets = tiny_overrides(synthetic_root, run, epochs=20) + ["model.backbone=mobilenet_v3_large",
                                                              "model.decoder_channels=64", "train.lr=4e-3"]
     train(load_config(None, sets))
     result = evaluate_checkpoint(run / "best.pt", split="val", out_dir=run / "eval")
