@@ -34,6 +34,7 @@ test-fast: install
 bench: install
 	$(PY) benchmarks/latency.py --runs 30
 	$(PY) benchmarks/synth_speed.py --n 96
+	test ! -f $(RUN)/best.pt || $(PY) -m densemtl benchmark --checkpoint $(RUN)/best.pt --size 480x640 --threads 2 --json benchmarks/results/deploy_480x640.json
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
