@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from densemtl.config import load_config
@@ -90,3 +91,25 @@ def test_demo_scale_training_beats_trivial_baselines(synthetic_root, tmp_path, t
     for name in ("metrics.json", "metrics.md", "confusion.png", "depth_error_vs_distance.png",
                  "depth_histogram.png"):
         assert (run / "eval" / name).is_file(), name
+
+
+def test_out_of_memory_stops_with_advice_and_keeps_the_last_checkpoint(synthetic_root, tmp_path, tiny_overrides,
+                                                                       monkeypatch):
+    import densemtl.engine as engine
+
+    run = tmp_path / "oom"
+    calls = {"n": 0}
+    real = engine.train_one_epoch
+
+    def second_epoch_runs_out_of_memory(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_one_epoch", second_epoch_runs_out_of_memory)
+    with pytest.raises(RuntimeError, match=r"out of memory .*batch 8.*lower the batch size.*last.pt"):
+        train(load_config(None, tiny_overrides(synthetic_root, run, epochs=2)))
+    from densemtl.checkpoint import load_checkpoint
+
+    assert load_checkpoint(run / "last.pt")["epoch"] == 0  # epoch 1 survived

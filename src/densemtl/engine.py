@@ -269,6 +269,14 @@ class RunLog:
         self.tb.close()
 
 
+def out_of_memory_message(phase: Phase, cfg: Config, out: Path) -> str:
+    """What to do when a training batch does not fit on the device."""
+    crop = [max(1, round(c * phase.scale)) for c in cfg.data.crop]
+    return (f"out of memory training phase {phase.index} (batch {phase.batch_size}, crops {crop[0]}x{crop[1]}): "
+            "lower the batch size (train.batch_size or train.phases[i].batch_size), the crop (data.crop) or the "
+            f"phase scale, or enable train.amp; the last completed epoch is in {out / 'last.pt'} (--resume)")
+
+
 def config_for_resume(path: str | Path, overrides: list[str]) -> Config:
     """The config stored in a checkpoint, with ``--set`` overrides applied (for ``train --resume``)."""
     from densemtl.config import apply_overrides, from_dict
@@ -384,9 +392,12 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
             device,
             train_sampler(train_sets[phase.index], cfg.train.seed, epoch),
         )
-        stats = train_one_epoch(
-            net, loss_fn, loader, optimizer, scheduler, scaler, device, cfg, epoch, cfg.train.max_nonfinite
-        )
+        try:
+            stats = train_one_epoch(
+                net, loss_fn, loader, optimizer, scheduler, scaler, device, cfg, epoch, cfg.train.max_nonfinite
+            )
+        except torch.OutOfMemoryError as e:
+            raise RuntimeError(out_of_memory_message(phase, cfg, out)) from e
         stats = mean_over_ranks(stats)
         epoch_end(loss_fn, stats)  # DWA's per-epoch update, identical on every rank
         broadcast_buffers(model)  # every rank evaluates rank 0's model, the one its checkpoint holds
