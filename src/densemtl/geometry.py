@@ -41,7 +41,8 @@ def backproject(depth: np.ndarray, intrinsics: Intrinsics) -> np.ndarray:
     return np.stack([x * d, y * d, d], axis=-1)  # (H, W, 3)
 
 
-def _axis_rotation(axis: int, deg: float) -> np.ndarray:
+def axis_rotation(axis: int, deg: float) -> np.ndarray:
+    """Rotation by ``deg`` degrees about coordinate axis 0 (x), 1 (y) or 2 (z), right-handed."""
     c, s = np.cos(np.radians(deg)), np.sin(np.radians(deg))
     i, j = [(1, 2), (2, 0), (0, 1)][axis]
     r = np.eye(3)
@@ -56,7 +57,7 @@ def gravity_rotation(pitch_deg: float = 0.0, roll_deg: float = 0.0) -> np.ndarra
     (camera y down -> ground y up) makes det(R) = -1: the ground frame is left-handed, like the scene frame.
     """
     flip = np.diag([1.0, -1.0, 1.0])
-    return flip @ _axis_rotation(0, -pitch_deg) @ _axis_rotation(2, roll_deg)
+    return flip @ axis_rotation(0, -pitch_deg) @ axis_rotation(2, roll_deg)
 
 
 @dataclass(frozen=True)

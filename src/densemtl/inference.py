@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from densemtl.checkpoint import input_scale, load_checkpoint, model_from_checkpoint
 from densemtl.data.format import IMAGE_EXTS, atomic_write_bytes, encode_depth
@@ -25,16 +25,10 @@ ImageLike = np.ndarray | Image.Image | str | Path
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
-    """Read an image file as uint8 (H, W, 3) RGB, applying EXIF rotation; errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} does not exist")
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{path} is not a readable image ({e}); re-export it as PNG or JPEG") from e
+    """Read an image file as uint8 (H, W, 3) RGB, EXIF rotation applied; errors name the file and the fix."""
+    from densemtl.data.folder import load_image
+
+    return load_image(Path(path))
 
 
 def as_rgb(image: ImageLike) -> np.ndarray:

@@ -19,6 +19,7 @@ from functools import lru_cache
 import numpy as np
 
 from densemtl.data.scene import BOX, CYLINDER, ELLIPSOID, Scene
+from densemtl.geometry import axis_rotation
 
 GROUND, NOTHING = -1, -2  # hit ids besides primitive indices
 _EDGES = np.array(
@@ -26,14 +27,6 @@ _EDGES = np.array(
 )  # (12, 2)
 _PAIRS16 = np.array([(a, b) for a in range(16) for b in range(a + 1, 16)])  # (120, 2)
 _CORNERS = np.array([[(i >> k) & 1 for k in range(3)] for i in range(8)], dtype=np.float64)  # (8, 3)
-
-
-def _rot(axis: int, deg: float) -> np.ndarray:
-    c, s = np.cos(np.radians(deg)), np.sin(np.radians(deg))
-    i, j = [(1, 2), (2, 0), (0, 1)][axis]
-    r = np.eye(3)
-    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-    return r
 
 
 @dataclass(frozen=True)
@@ -69,7 +62,12 @@ class Camera:
     def rotation(self) -> np.ndarray:
         """Camera-to-world rotation (3, 3): world = R @ camera."""
         flip = np.diag([1.0, -1.0, 1.0])  # camera y down -> world y up
-        return _rot(1, self.yaw_deg) @ flip @ _rot(0, -self.pitch_deg) @ _rot(2, self.roll_deg)
+        return (
+            axis_rotation(1, self.yaw_deg)
+            @ flip
+            @ axis_rotation(0, -self.pitch_deg)
+            @ axis_rotation(2, self.roll_deg)
+        )
 
     def meta(self) -> dict:
         """JSON-friendly intrinsics and pose (rotation is camera-to-world)."""
