@@ -46,7 +46,7 @@ def clip(tmp_path_factory):
 
 
 def test_synth_video_writes_a_readable_clip_and_its_camera(clip):
-    assert clip["codec"] in ("avc1", "mp4v")
+    assert clip["codec"] == "h264"  # browser-playable, via imageio-ffmpeg's FFmpeg
     frames = list(read_video(clip["video"]))
     assert len(frames) == 4 and frames[0].shape == (*SIZE, 3)
     assert np.abs(frames[0].astype(int) - frames[-1].astype(int)).mean() > 2  # the camera moved
@@ -79,15 +79,9 @@ def test_panel_has_fps_text():
     assert with_text[:20, :60].max() == 255 and with_text[30:].max() == 0
 
 
-def test_onnx_without_engine_is_a_clear_error(tmp_path):
-    import importlib
-
-    try:
-        if hasattr(importlib.import_module("densemtl.export"), "OnnxPredictor"):
-            pytest.skip("an ONNX Runtime predictor exists; its own tests cover it")
-    except ImportError:
-        pass
-    with pytest.raises(ValueError, match="ONNX"):
+def test_onnx_input_goes_to_the_onnx_runtime_engine(tmp_path):
+    # The engine itself is tested in test_export.py; here: an .onnx path is routed to it, with a clear error.
+    with pytest.raises(FileNotFoundError, match=r"model\.onnx does not exist.*densemtl export"):
         load_engine(tmp_path / "model.onnx")
 
 

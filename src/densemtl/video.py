@@ -1,8 +1,9 @@
 """Video: frames in, RGB | segmentation overlay | depth | BEV panels out as MP4; and a synthetic drive clip.
 
-MP4 is written with OpenCV (``opencv-python-headless``). H.264 ("avc1") is used when the OpenCV build has an
-H.264 encoder; the PyPI wheels ship without one (licensing), so the usual result is MPEG-4 Part 2 ("mp4v"),
-which every common player reads. The codec used is returned and printed. No audio track is written.
+MP4 is written as H.264 (yuv420p, plays in browsers) through the FFmpeg binary that ``imageio-ffmpeg`` ships.
+Without it, OpenCV writes: H.264 ("avc1") when its build has an encoder, which the PyPI wheels lack
+(licensing), else MPEG-4 Part 2 ("mp4v"), which desktop players read but browsers do not. The codec used is
+returned and printed. No audio track is written.
 
 A synthetic clip (``synth_video``) is rendered from a camera driving along the ego lane of ONE sampled street,
 with a ``<clip>.json`` sidecar holding the camera intrinsics and pose, which ``run_video`` reads.
@@ -24,12 +25,42 @@ from densemtl.geometry import backproject, semantic_point_cloud
 CODECS = ("avc1", "mp4v")  # preferred first
 
 
+class FfmpegH264Writer:
+    """H.264 MP4 writer with OpenCV's ``write(bgr)`` / ``release()`` interface, over imageio-ffmpeg's binary."""
+
+    def __init__(self, path: Path, fps: float, size: tuple[int, int]) -> None:
+        import imageio_ffmpeg
+
+        h, w = size
+        self._gen = imageio_ffmpeg.write_frames(
+            str(path),
+            (w, h),
+            fps=float(fps),
+            codec="libx264",
+            pix_fmt_out="yuv420p",
+            quality=7,
+            macro_block_size=2,
+            ffmpeg_log_level="error",  # yuv420p needs even sides: odd ones are padded
+        )
+        self._gen.send(None)  # start ffmpeg
+
+    def write(self, bgr: np.ndarray) -> None:
+        self._gen.send(np.ascontiguousarray(bgr[..., ::-1]).tobytes())  # ffmpeg reads RGB
+
+    def release(self) -> None:
+        self._gen.close()
+
+
 def open_video_writer(path: str | Path, fps: float, size: tuple[int, int]) -> tuple[Any, str]:
-    """An OpenCV writer for ``size`` (H, W) frames and the codec it got: H.264 if available, else mp4v."""
+    """A writer for ``size`` (H, W) BGR frames and its codec: H.264 via imageio-ffmpeg, else OpenCV's best."""
     import cv2
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return FfmpegH264Writer(path, fps, size), "h264"
+    except ImportError:
+        pass  # imageio-ffmpeg not installed: fall back to OpenCV
     h, w = size
     level = cv2.getLogLevel() if hasattr(cv2, "getLogLevel") else None
     if level is not None:
@@ -110,24 +141,12 @@ def synth_video(
 
 
 def load_engine(path: str | Path, device: str = "auto"):
-    """A predictor for a ``.pt`` checkpoint, or for an ``.onnx`` file when the ONNX Runtime engine exists."""
-    path = Path(path)
-    if path.suffix.lower() == ".onnx":
-        import importlib.util
-
-        engine = None
-        if importlib.util.find_spec("densemtl.export") is not None:
-            import densemtl.export as export
-
-            engine = getattr(export, "OnnxPredictor", None)
-        if engine is None:
-            raise ValueError(
-                f"{path} is an ONNX model but this densemtl has no ONNX Runtime engine "
-                "(densemtl.export.OnnxPredictor); pass the .pt checkpoint instead"
-            )
-        return engine.from_file(path)
+    """A predictor for a ``.pt`` checkpoint, or an ONNX Runtime one for an exported ``.onnx`` file."""
     from densemtl.inference import Predictor
 
+    path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        return Predictor.from_onnx(path)
     return Predictor.from_checkpoint(path, device=device)
 
 
