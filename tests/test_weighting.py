@@ -265,3 +265,28 @@ def test_training_logs_weights_and_calls_the_epoch_hook(synthetic_root, tmp_path
     expected = 2 * torch.softmax(r / 2.0, dim=0)
     assert records[2]["weight/semseg"] == pytest.approx(float(expected[0]), rel=1e-4)
     assert records[2]["weight/depth"] == pytest.approx(float(expected[1]), rel=1e-4)
+
+
+def test_training_logs_learned_weights_every_step(synthetic_root, tmp_path, tiny_overrides) -> None:
+    """Uncertainty weighting: steps.jsonl holds every optimiser step's weights (moving step to step), their
+    epoch means match metrics.jsonl, and TensorBoard has the per-step scalars."""
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from densemtl.config import load_config
+    from densemtl.engine import train
+
+    sets = tiny_overrides(synthetic_root, tmp_path, epochs=2) + ["loss.weighting=uncertainty"]
+    sets += ["data.max_samples=8", "train.batch_size=4", "data.crop=[32, 64]", "train.channels_last=false"]
+    train(load_config(None, sets))
+    steps = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    epochs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4]  # 8 images / batch 4, two epochs
+    seg = [s["weight/semseg"] for s in steps]
+    assert len(set(seg)) == len(seg)  # learned log-variances move every step
+    assert all(math.isfinite(s["loss/total"]) for s in steps)
+    assert epochs[0]["weight/semseg"] == pytest.approx(sum(seg[:2]) / 2, rel=1e-6)
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    logged = [e.value for e in events.Scalars("step/weight/semseg")]
+    assert logged == pytest.approx(seg, rel=1e-6)

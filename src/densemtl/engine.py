@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -118,8 +118,13 @@ def train_one_epoch(
     cfg: Config,
     epoch: int,
     max_nonfinite: int,
+    on_step: Callable[[dict[str, float], int], None] | None = None,
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns mean per-task losses, images/s and the number of skipped batches."""
+    """One pass over ``loader``; returns mean per-task losses, images/s and the number of skipped batches.
+
+    ``on_step(record, step)`` receives every optimiser step's per-task losses and task weights (adaptive
+    weightings change them every step), ``step`` counting scheduler steps since the start of training.
+    """
     model.train()
     dtype = amp_dtype(device, cfg.train.amp)
     sums: dict[str, float] = {}
@@ -159,8 +164,12 @@ def train_one_epoch(
         images += batch["image"].shape[0]
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach())
-        for t, w in task_weights(loss_fn).items():
+        now = task_weights(loss_fn)
+        for t, w in now.items():
             weights[t] = weights.get(t, 0.0) + w
+        if on_step is not None:
+            record = {f"loss/{k}": float(v.detach()) for k, v in losses.items()}
+            on_step({**record, **{f"weight/{t}": w for t, w in now.items()}}, scheduler.last_epoch)
         if steps % cfg.train.log_every == 0 or steps == 1:
             bar.set_postfix(
                 loss=f"{sums['total'] / steps:.3f}",
@@ -255,6 +264,7 @@ class RunLog:
         from torch.utils.tensorboard import SummaryWriter
 
         self.jsonl = out_dir / "metrics.jsonl"
+        self.steps = (out_dir / "steps.jsonl").open("a")
         self.tb = SummaryWriter(str(out_dir / "tb"))
 
     def write(self, record: dict[str, Any], step: int) -> None:
@@ -264,8 +274,16 @@ class RunLog:
             if isinstance(v, int | float) and k != "epoch":
                 self.tb.add_scalar(k, v, step)
         self.tb.flush()
+        self.steps.flush()
+
+    def step(self, record: dict[str, float], step: int) -> None:
+        """One optimiser step's losses and task weights: ``steps.jsonl`` and TensorBoard ``step/...``."""
+        self.steps.write(json.dumps({"step": step, **record}) + "\n")
+        for k, v in record.items():
+            self.tb.add_scalar(f"step/{k}", v, step)
 
     def close(self) -> None:
+        self.steps.close()
         self.tb.close()
 
 
@@ -325,7 +343,7 @@ def _epoch_line(
 def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     """Train ``cfg``'s model on its dataset, evaluating and checkpointing after every epoch.
 
-    Writes ``<out_dir>/{config.yaml, last.pt, best.pt, metrics.jsonl, tb/}``. Returns the best value of
+    Writes ``<out_dir>/{config.yaml, last.pt, best.pt, metrics.jsonl, steps.jsonl, tb/}``. Returns the best value of
     ``train.best_metric``, the last evaluation summary and the run folder.
     """
     from densemtl.data.format import read_dataset_json
@@ -379,6 +397,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     elif dist_env.is_main:
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         (out / "metrics.jsonl").unlink(missing_ok=True)
+        (out / "steps.jsonl").unlink(missing_ok=True)
     runlog, total, summary = RunLog(out) if dist_env.is_main else None, total_epochs(phases), {}
     for epoch in range(start, total):
         phase = phase_for_epoch(phases, epoch)
@@ -394,8 +413,9 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
         )
         try:
             stats = train_one_epoch(
-                net, loss_fn, loader, optimizer, scheduler, scaler, device, cfg, epoch, cfg.train.max_nonfinite
-            )
+                net, loss_fn, loader, optimizer, scheduler, scaler, device, cfg, epoch, cfg.train.max_nonfinite,
+                runlog.step if runlog is not None else None,
+            )  # fmt: skip
         except torch.OutOfMemoryError as e:
             raise RuntimeError(out_of_memory_message(phase, cfg, out)) from e
         stats = mean_over_ranks(stats)
