@@ -275,3 +275,24 @@ def test_batchnorm_momentum_follows_the_config():
                                         bn_momentum=momentum))
         bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         assert bns and all(m.momentum == momentum for m in bns)
+
+
+def test_depth_head_respects_bounds_after_upsampling() -> None:
+    """Metres are resized after the mapping: sharp near/far edges must stay inside the bounds at full size."""
+    lo, hi = 0.5, 50.0
+    for param in DEPTH_PARAMS:
+        head = DepthHead(4, param, lo, hi)
+        with torch.no_grad():
+            head.out.weight.fill_(0.0)
+            head.out.bias.fill_(0.0)
+            head.out.weight[0, 0], head.out.weight[0, 1] = 100.0, -100.0
+            x = torch.zeros(1, 4, 6, 8)
+            x[:, 0, :, ::2] = 5.0  # raw +500 on even columns, -500 on odd ones: far beyond both bounds
+            x[:, 1, :, 1::2] = 5.0
+            head.trunk[0].weight.fill_(0.0)
+            head.trunk[0].bias.fill_(0.0)
+            head.trunk[0].weight[:, :, 1, 1] = 1.0  # identity depthwise 3x3
+            out = head(x, (24, 32))
+        assert out.shape == (1, 1, 24, 32)
+        assert out.min() >= lo and out.max() <= hi
+        assert out.max() - out.min() > 0.5 * (hi - lo)  # the edges really are sharp and near the bounds

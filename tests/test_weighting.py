@@ -290,3 +290,18 @@ def test_training_logs_learned_weights_every_step(synthetic_root, tmp_path, tiny
     events = EventAccumulator(str(tmp_path / "tb")).Reload()
     logged = [e.value for e in events.Scalars("step/weight/semseg")]
     assert logged == pytest.approx(seg, rel=1e-6)
+
+
+def test_weighting_hyper_parameters_come_from_config() -> None:
+    from densemtl.config import load_config
+
+    cfg = load_config(None, ["loss.weighting=gradnorm", "loss.weighting_args={alpha: 0.5}"])
+    assert build_loss(cfg.loss, TASKS, num_classes=3).weighting.alpha == 0.5
+    cfg = load_config(None, ["loss.weighting=pcgrad", "loss.weighting_args={seed: 3}"])
+    gen = build_loss(cfg.loss, TASKS, num_classes=3).weighting.generator
+    assert gen.initial_seed() == 3  # an integer seed, although YAML/--set values arrive as floats
+    cfg = load_config(None, ["loss.weighting=dwa", "loss.weighting_args={alpha: 1.0}"])
+    with pytest.raises(ValueError, match=r"\['alpha'\] are not hyper-parameters of loss.weighting=dwa.*temperature"):
+        build_loss(cfg.loss, TASKS, num_classes=3)
+    with pytest.raises(ValueError, match="unknown loss.weighting 'nash'"):
+        build_loss(LossConfig(weighting="nash"), TASKS, num_classes=3)

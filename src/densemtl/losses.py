@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from densemtl.config import LossConfig
 from densemtl.tasks import IGNORE_INDEX, check_tasks
-from densemtl.weighting import WEIGHTINGS, FixedWeighting, TaskWeighting  # noqa: F401 (re-exported)
+from densemtl.weighting import WEIGHTINGS, FixedWeighting, TaskWeighting, build_weighting  # noqa: F401
 
 EPS_DEPTH = 1e-3  # metres; depths are clamped to this before a log so that log never sees 0
 DICE_SMOOTH = 1.0  # added to numerator and denominator of every class's Dice
@@ -254,6 +254,4 @@ def build_loss(
         losses["depth"] = DepthLoss(
             cfg.depth, cfg.depth_space, cfg.depth_clip, cfg.silog_lambda, cfg.silog_scale
         )
-    if cfg.weighting not in WEIGHTINGS:
-        raise ValueError(f"unknown loss.weighting {cfg.weighting!r}; choose one of {sorted(WEIGHTINGS)}")
-    return MultiTaskLoss(losses, WEIGHTINGS[cfg.weighting](tasks, cfg.weights))
+    return MultiTaskLoss(losses, build_weighting(cfg.weighting, tasks, cfg.weights, cfg.weighting_args))

@@ -18,6 +18,8 @@ AMP: every task loss goes through ``scaler.scale`` before its backward, so all g
 
 from __future__ import annotations
 
+import inspect
+
 from collections.abc import Iterable
 
 import torch
@@ -360,6 +362,26 @@ WEIGHTINGS: dict[str, type[TaskWeighting]] = {
     "pcgrad": PCGradWeighting,
     "cagrad": CAGradWeighting,
 }
+
+
+def build_weighting(
+    name: str, tasks: tuple[str, ...], weights: dict[str, float], args: dict[str, float] | None = None
+) -> TaskWeighting:
+    """``WEIGHTINGS[name](tasks, weights, **args)``: ``args`` are the method's hyper-parameters
+    (``loss.weighting_args``, e.g. ``{alpha: 0.5}`` for GradNorm), checked against its constructor."""
+    if name not in WEIGHTINGS:
+        raise ValueError(f"unknown loss.weighting {name!r}; choose one of {sorted(WEIGHTINGS)}")
+    cls = WEIGHTINGS[name]
+    params = inspect.signature(cls.__init__).parameters
+    defaults = {n: p.default for n, p in params.items() if n not in ("self", "tasks", "weights")}
+    unknown = sorted(set(args or {}) - set(defaults))
+    if unknown:
+        raise ValueError(
+            f"loss.weighting_args {unknown} are not hyper-parameters of loss.weighting={name}; "
+            f"it takes {sorted(defaults) or 'none'}"
+        )
+    kwargs = {k: type(defaults[k])(v) for k, v in (args or {}).items()}  # e.g. PCGrad's integer seed
+    return cls(tasks, weights, **kwargs)
 
 
 def shared_parameters(model: nn.Module) -> list[nn.Parameter]:

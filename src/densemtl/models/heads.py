@@ -73,8 +73,11 @@ def raw_for_depth(depth: float, param: str, min_depth: float, max_depth: float) 
 class DepthHead(nn.Module):
     """Metric depth in metres, bounded to ``[min_depth, max_depth]``.
 
-    The raw output is resized to the input before it is mapped to metres, so every pixel respects the bounds.
-    The last convolution starts with tiny weights and the bias of the geometric mean of the bounds.
+    The raw output is mapped to metres at the decoder's resolution (stride 4), then resized to the input:
+    bilinear resizing is a convex combination of neighbours, so every pixel still respects the bounds, and the
+    exp/sigmoid/clamp passes run on 1/16 of the pixels (they were ~5% of ONNX Runtime time at 480x640 when
+    they ran at full resolution). The last convolution starts with tiny weights and the bias of the geometric
+    mean of the bounds.
     """
 
     def __init__(
@@ -93,5 +96,5 @@ class DepthHead(nn.Module):
 
     def forward(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         """(B, in_channels, h, w) -> metres (B, 1, *size)."""
-        raw = resize(self.out(self.trunk(x)), size)
-        return depth_from_raw(raw, self.param, self.min_depth, self.max_depth)
+        metres = depth_from_raw(self.out(self.trunk(x)), self.param, self.min_depth, self.max_depth)
+        return resize(metres, size)
