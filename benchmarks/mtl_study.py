@@ -9,7 +9,9 @@ differ only in initialisation. Reports mIoU, pixel accuracy, AbsRel, RMSE, delta
 
 Latency depends on the architecture only, so it is measured once per architecture after training: batch 1 at the
 preset's ``latency_size``, 2 threads, PyTorch eager and ONNX Runtime (when installed), all models interleaved in
-one loop so that they see the same machine load (the ratios are what to read, not the absolute times).
+one loop so that they see the same machine load (the ratios are what to read, not the absolute times). Training
+images/s likewise: after training, a few optimiser steps of every variant on one batch, interleaved. Finished run
+folders are reused, so an interrupted study continues where it stopped.
 
     python benchmarks/mtl_study.py --preset smoke   # seconds-to-minutes: checks the pipeline end to end
     python benchmarks/mtl_study.py --preset cpu     # the CPU study (see docs/mtl.md for its run time)
@@ -34,6 +36,7 @@ from typing import Any
 
 import torch
 
+from densemtl.benchmark import time_interleaved
 from densemtl.config import load_config
 from densemtl.engine import train
 from densemtl.metrics import delta_m
@@ -45,6 +48,7 @@ IMAGENET = REPO.parent / "shared" / "weights" / "mobilenet_v2_imagenet_features.
 KEYS = ("semseg/miou", "semseg/pixel_acc", "depth/abs_rel", "depth/rmse", "depth/delta1")
 LATENCY_RUNS = 20
 LATENCY_THREADS = 2
+THROUGHPUT_STEPS = 6
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,7 @@ def measure_latency(
     configs: dict[str, str], size: tuple[int, int], device: str, runs: int = LATENCY_RUNS
 ) -> dict[str, dict[str, float]]:
     """``{architecture: {"torch_ms", "ort_ms"}}``, all models timed interleaved in one loop (same load)."""
-    from densemtl.benchmark import _ort_runner, _torch_runner, time_interleaved
+    from densemtl.benchmark import _ort_runner, _torch_runner
     from densemtl.export import export_model
 
     torch.set_num_threads(LATENCY_THREADS)
@@ -160,20 +164,53 @@ def _cuda_runner(model: torch.nn.Module, x: torch.Tensor):
 
 
 def run_one(sets: list[str]) -> dict[str, Any]:
-    """Train one variant; returns its final evaluation, training speed, params and its config file."""
+    """Train one variant (or reuse its finished run folder); returns its final evaluation, params and config.
+
+    A run folder whose ``metrics.jsonl`` already holds every epoch is reused, so an interrupted study continues
+    where it stopped (training is deterministic on CPU: the numbers are the ones a rerun would give).
+    """
     cfg = load_config(None, sets)
-    result = train(cfg)
-    out = Path(result["out_dir"])
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    cfg_run = load_config(out / "config.yaml")  # num_classes resolved from the dataset
-    model = build_model(cfg_run.model)
+    out = Path(cfg.train.out_dir)
+    log = out / "metrics.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    if len(records) != cfg.train.epochs or not (out / "config.yaml").is_file():
+        train(cfg)
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+    last = {k[len("val/") :]: v for k, v in records[-1].items() if k.startswith("val/")}
+    model = build_model(load_config(out / "config.yaml").model)  # num_classes resolved from the dataset
     return {
-        **{k: v for k, v in result["last"].items() if k in KEYS},
-        "images_per_s": statistics.mean(r["images_per_s"] for r in records if "images_per_s" in r),
+        **{k: v for k, v in last.items() if k in KEYS},
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "weights": {k: v for k, v in records[-1].items() if k.startswith("weight/")},
         "config": str(out / "config.yaml"),
     }
+
+
+def measure_training_speed(configs: dict[str, str], steps: int = THROUGHPUT_STEPS) -> dict[str, float]:
+    """Training images/s per variant: optimiser steps (forward, weighting's backward, step) on one fixed batch
+    of the training crop, all variants interleaved step by step so that they share the machine's load."""
+    from densemtl.engine import build_optimizer, make_loader, setup
+    from densemtl.weighting import backward_step
+
+    torch.set_num_threads(LATENCY_THREADS)
+    state = {}
+    for name, config in configs.items():
+        run = setup(load_config(config))
+        dataset = next(iter(run.train_sets.values()))
+        batch = next(iter(make_loader(dataset, run.cfg.train.batch_size, False, 0, 0, run.device)))
+        optimizer = build_optimizer(run.model, run.loss_fn, run.cfg)
+        state[name] = (run.model.train(), run.loss_fn, optimizer, batch)
+
+    def step(name: str) -> None:
+        model, loss_fn, optimizer, batch = state[name]
+        losses = loss_fn(model(batch["image"]), batch)
+        optimizer.zero_grad(set_to_none=True)
+        backward_step(loss_fn, losses, model, torch.amp.GradScaler("cpu", enabled=False))
+        optimizer.step()
+
+    fns = {name: (lambda n=name: step(n)) for name in state}
+    stats = time_interleaved(fns, steps, warmup=1)
+    return {name: len(state[name][3]["image"]) / (st["median_ms"] / 1e3) for name, st in stats.items()}
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -264,6 +301,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     configs = {architecture(n): r[0]["config"] for n, r in runs.items()}
     print(f"== latency at {p.latency_size[0]}x{p.latency_size[1]}: {sorted(configs)}", flush=True)
     latency = measure_latency(configs, p.latency_size, p.device)
+    print("== training images/s, all variants interleaved", flush=True)
+    speed = measure_training_speed({n: r[0]["config"] for n, r in runs.items()})
+    for name, value in speed.items():
+        for r in runs[name]:
+            r["images_per_s"] = value
     seconds = time.perf_counter() - start
     table = aggregate(runs, latency)
     result = {

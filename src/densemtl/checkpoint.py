@@ -7,6 +7,7 @@ dataset's class names and palette, so predictions can be coloured without the da
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import tempfile
@@ -17,6 +18,8 @@ import numpy as np
 import torch
 
 from densemtl.config import Config, from_dict, to_dict
+
+log = logging.getLogger("densemtl")
 
 CHECKPOINT_FORMAT = "densemtl-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -157,3 +160,27 @@ def input_scale(ckpt: dict[str, Any]) -> float:
     if cfg.data.eval_scale > 0:
         return cfg.data.eval_scale
     return float(ckpt.get("input_scale", eval_scale(cfg)))
+
+
+def restore_training_state(
+    path: Path, cfg: Config, model, optimizer, scheduler, scaler, loss_fn
+) -> tuple[int, float | None]:
+    """Load training state from ``path`` into the given objects; returns (first epoch to run, best metric so far).
+
+    Refuses a checkpoint whose model config differs (its weights would not fit); warns on other changes."""
+    ckpt = load_checkpoint(path)
+    if ckpt["config"]["model"] != to_dict(cfg)["model"]:
+        raise ValueError(
+            f"{path} was trained with a different model config; resume with the same "
+            "model settings, or start a new run (optionally from model.backbone_weights)"
+        )
+    if ckpt["config"] != to_dict(cfg):
+        log.warning("resuming %s with changed settings; the run will not match an uninterrupted one", path)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    loss_fn.load_state_dict(ckpt["loss"])
+    set_rng_state(ckpt["rng"])
+    print(f"resumed from {path} after epoch {ckpt['epoch'] + 1}")
+    return ckpt["epoch"] + 1, ckpt.get("best")

@@ -10,11 +10,11 @@ so a run resumed from ``last.pt`` after epoch k reproduces epochs k+1.. of an un
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,13 @@ import yaml
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from densemtl.checkpoint import load_checkpoint, make_payload, rng_state, save_checkpoint, set_rng_state
+from densemtl.checkpoint import (
+    load_checkpoint,
+    make_payload,
+    restore_training_state,
+    rng_state,
+    save_checkpoint,
+)
 from densemtl.config import Config, replace, to_dict
 from densemtl.distributed import (
     broadcast_buffers,
@@ -36,6 +42,7 @@ from densemtl.distributed import (
     train_sampler,
     wrap_model,
 )
+from densemtl.runlog import RunLog, epoch_line, out_of_memory_message
 from densemtl.runtime import (
     amp_dtype,
     autocast,
@@ -107,6 +114,19 @@ def _finite_or_skip(loss: torch.Tensor, params: Iterable[torch.nn.Parameter], cl
     return bool(torch.isfinite(loss)) and bool(torch.isfinite(norm))
 
 
+def _skip_batch(losses, scaler, scheduler, epoch: int, consecutive_bad: int, max_nonfinite: int) -> None:
+    """Drop a batch whose loss or gradient is not finite; stop after ``max_nonfinite`` in a row."""
+    values = {k: float(v) for k, v in losses.items()}
+    log.warning("epoch %d: non-finite loss or gradient, batch skipped (%s)", epoch + 1, values)
+    scaler.update()  # lets the fp16 scaler back off; a no-op when disabled
+    if consecutive_bad >= max_nonfinite:
+        raise NonFiniteLossError(
+            f"{consecutive_bad} consecutive non-finite batches in epoch {epoch + 1}: lower train.lr, "
+            "check the data with `densemtl data check`, or disable AMP (train.amp=false)"
+        )
+    scheduler.step()  # the schedule is a function of the global step, skipped batches included
+
+
 def train_one_epoch(
     model,
     loss_fn,
@@ -141,20 +161,8 @@ def train_one_epoch(
         backward_step(loss_fn, losses, model, scaler)  # per-task gradients for PCGrad/GradNorm/CAGrad
         scaler.unscale_(optimizer)
         if not _finite_or_skip(losses["total"], model.parameters(), cfg.train.grad_clip):
-            skipped += 1
-            consecutive_bad += 1
-            log.warning(
-                "epoch %d: non-finite loss or gradient, batch skipped (%s)",
-                epoch + 1,
-                {k: float(v) for k, v in losses.items()},
-            )
-            scaler.update()  # lets the fp16 scaler back off; a no-op when disabled
-            if consecutive_bad >= max_nonfinite:
-                raise NonFiniteLossError(
-                    f"{consecutive_bad} consecutive non-finite batches in epoch {epoch + 1}: lower train.lr, "
-                    "check the data with `densemtl data check`, or disable AMP (train.amp=false)"
-                )
-            scheduler.step()
+            skipped, consecutive_bad = skipped + 1, consecutive_bad + 1
+            _skip_batch(losses, scaler, scheduler, epoch, consecutive_bad, max_nonfinite)
             continue
         consecutive_bad = 0
         scaler.step(optimizer)
@@ -257,44 +265,6 @@ def _better(value: float, best: float | None, mode: str) -> bool:
     return value > best if mode == "max" else value < best
 
 
-class RunLog:
-    """Where a run's human- and machine-readable records go: JSONL lines and TensorBoard scalars."""
-
-    def __init__(self, out_dir: Path) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.jsonl = out_dir / "metrics.jsonl"
-        self.steps = (out_dir / "steps.jsonl").open("a")
-        self.tb = SummaryWriter(str(out_dir / "tb"))
-
-    def write(self, record: dict[str, Any], step: int) -> None:
-        with self.jsonl.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        for k, v in record.items():
-            if isinstance(v, int | float) and k != "epoch":
-                self.tb.add_scalar(k, v, step)
-        self.tb.flush()
-        self.steps.flush()
-
-    def step(self, record: dict[str, float], step: int) -> None:
-        """One optimiser step's losses and task weights: ``steps.jsonl`` and TensorBoard ``step/...``."""
-        self.steps.write(json.dumps({"step": step, **record}) + "\n")
-        for k, v in record.items():
-            self.tb.add_scalar(f"step/{k}", v, step)
-
-    def close(self) -> None:
-        self.steps.close()
-        self.tb.close()
-
-
-def out_of_memory_message(phase: Phase, cfg: Config, out: Path) -> str:
-    """What to do when a training batch does not fit on the device."""
-    crop = [max(1, round(c * phase.scale)) for c in cfg.data.crop]
-    return (f"out of memory training phase {phase.index} (batch {phase.batch_size}, crops {crop[0]}x{crop[1]}): "
-            "lower the batch size (train.batch_size or train.phases[i].batch_size), the crop (data.crop) or the "
-            f"phase scale, or enable train.amp; the last completed epoch is in {out / 'last.pt'} (--resume)")
-
-
 def config_for_resume(path: str | Path, overrides: list[str]) -> Config:
     """The config stored in a checkpoint, with ``--set`` overrides applied (for ``train --resume``)."""
     from densemtl.config import apply_overrides, from_dict
@@ -302,53 +272,32 @@ def config_for_resume(path: str | Path, overrides: list[str]) -> Config:
     return from_dict(Config, apply_overrides(load_checkpoint(path)["config"], overrides))
 
 
-def _resume(
-    path: Path, cfg: Config, model, optimizer, scheduler, scaler, loss_fn
-) -> tuple[int, float | None]:
-    """Load training state from ``path``; returns (first epoch to run, best metric so far)."""
-    ckpt = load_checkpoint(path)
-    if ckpt["config"]["model"] != to_dict(cfg)["model"]:
-        raise ValueError(
-            f"{path} was trained with a different model config; resume with the same "
-            "model settings, or start a new run (optionally from model.backbone_weights)"
-        )
-    if ckpt["config"] != to_dict(cfg):
-        log.warning("resuming %s with changed settings; the run will not match an uninterrupted one", path)
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    scaler.load_state_dict(ckpt["scaler"])
-    loss_fn.load_state_dict(ckpt["loss"])
-    set_rng_state(ckpt["rng"])
-    print(f"resumed from {path} after epoch {ckpt['epoch'] + 1}")
-    return ckpt["epoch"] + 1, ckpt.get("best")
+@dataclass
+class Run:
+    """Everything one training run holds, built once by :func:`setup` (a plain bag, not an abstraction)."""
+
+    cfg: Config
+    info: dict[str, Any]
+    out: Path
+    device: torch.device
+    dist_env: Any
+    model: torch.nn.Module
+    net: torch.nn.Module  # ``model`` under DDP when started by torchrun, else ``model`` itself
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    phases: list[Phase]
+    train_sets: dict[int, Any]
+    val_loader: DataLoader
+    metrics: Any
 
 
-def _epoch_line(
-    epoch: int, total: int, phase: Phase, stats: dict[str, float], summary: dict[str, float]
-) -> str:
-    keys = [
-        k
-        for k in ("semseg/miou", "semseg/pixel_acc", "depth/abs_rel", "depth/rmse", "depth/delta1")
-        if k in summary
-    ]
-    metrics = "  ".join(f"{k} {summary[k]:.3f}" for k in keys)
-    return (
-        f"epoch {epoch + 1}/{total} [scale {phase.scale:g}, bs {phase.batch_size}] "
-        f"loss {stats.get('loss/total', float('nan')):.3f} | {metrics} | {stats['images_per_s']:.1f} img/s, "
-        f"{stats['train_seconds']:.0f} s"
-    )
-
-
-def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
-    """Train ``cfg``'s model on its dataset, evaluating and checkpointing after every epoch.
-
-    Writes ``<out_dir>/{config.yaml, last.pt, best.pt, metrics.jsonl, steps.jsonl, tb/}``. Returns the best value of
-    ``train.best_metric``, the last evaluation summary and the run folder.
-    """
+def setup(cfg: Config) -> Run:
+    """Resolve ``cfg`` against the dataset and build the model, loss, optimiser, schedule, data and metrics."""
     from densemtl.data.format import read_dataset_json
     from densemtl.losses import build_loss
-    from densemtl.metrics import MultiTaskMetrics, summarize
+    from densemtl.metrics import MultiTaskMetrics
     from densemtl.models import build_model
 
     if cfg.train.threads > 0:
@@ -363,7 +312,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     model = build_model(cfg.model).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    net = wrap_model(model, device, cfg.train.sync_bn)  # DDP under torchrun, else model
+    net = wrap_model(model, device, cfg.train.sync_bn)
     loss_fn = build_loss(cfg.loss, cfg.model.tasks, cfg.model.num_classes).to(device)
     check_loss_supported(loss_fn)
     optimizer = build_optimizer(model, loss_fn, cfg)
@@ -383,88 +332,97 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
         eval_sampler(val_set),
     )
     metrics = MultiTaskMetrics(
-        cfg.model.tasks,
-        cfg.model.num_classes,
-        class_names=info["classes"],
-        min_depth=cfg.data.eval_depth_min,
-        max_depth=cfg.data.eval_depth_max,
-        per_image=cfg.data.eval_per_image,
-    )
+        cfg.model.tasks, cfg.model.num_classes, class_names=info["classes"], min_depth=cfg.data.eval_depth_min,
+        max_depth=cfg.data.eval_depth_max, per_image=cfg.data.eval_per_image,
+    )  # fmt: skip
+    return Run(
+        cfg, info, out, device, dist_env, model, net, loss_fn, optimizer, scheduler, scaler, phases, train_sets,
+        val_loader, metrics,
+    )  # fmt: skip
 
+
+def run_epoch(
+    run: Run, epoch: int, runlog: RunLog | None
+) -> tuple[dict[str, float], dict[str, float], float]:
+    """Train one epoch and evaluate; returns (training stats, validation summary, evaluation scale)."""
+    from densemtl.metrics import summarize
+
+    cfg, phase = run.cfg, phase_for_epoch(run.phases, epoch)
+    seed_everything(cfg.train.seed * 10_000 + epoch, cfg.train.deterministic)
+    train_set = run.train_sets[phase.index]
+    loader = make_loader(
+        train_set, phase.batch_size, True, cfg.data.num_workers, cfg.train.seed * 10_000 + epoch, run.device,
+        train_sampler(train_set, cfg.train.seed, epoch),
+    )  # fmt: skip
+    try:
+        stats = train_one_epoch(
+            run.net, run.loss_fn, loader, run.optimizer, run.scheduler, run.scaler, run.device, cfg, epoch,
+            cfg.train.max_nonfinite, runlog.step if runlog is not None else None,
+        )  # fmt: skip
+    except torch.OutOfMemoryError as e:
+        raise RuntimeError(out_of_memory_message(phase, cfg, run.out)) from e
+    stats = mean_over_ranks(stats)
+    epoch_end(run.loss_fn, stats)  # DWA's per-epoch update, identical on every rank
+    broadcast_buffers(run.model)  # every rank evaluates rank 0's model, the one its checkpoint holds
+    scale = cfg.data.eval_scale if cfg.data.eval_scale > 0 else phase.scale  # as the model was trained
+    summary = summarize(
+        evaluate(
+            run.model, run.val_loader, run.metrics, run.device, cfg.train.amp, cfg.train.channels_last, scale
+        )
+    )
+    if cfg.train.best_metric not in summary:
+        raise ValueError(
+            f"train.best_metric={cfg.train.best_metric!r} is not an evaluation key; choose one of {sorted(summary)}"
+        )
+    return stats, summary, scale
+
+
+def save_epoch(run: Run, epoch: int, scale: float, best: float | None, summary: dict[str, float]) -> dict:
+    """The checkpoint payload after ``epoch``: weights plus everything an exact resume needs."""
+    return make_payload(
+        run.cfg, run.model, run.info, optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
+        scaler=run.scaler.state_dict(), loss=run.loss_fn.state_dict(), epoch=epoch, input_scale=scale, best=best,
+        metrics=summary, rng=rng_state(),
+    )  # fmt: skip
+
+
+def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
+    """Train ``cfg``'s model on its dataset, evaluating and checkpointing after every epoch.
+
+    Writes ``<out_dir>/{config.yaml, last.pt, best.pt, metrics.jsonl, steps.jsonl, tb/}``. Returns the best
+    value of ``train.best_metric``, the last evaluation summary and the run folder.
+    """
+    run = setup(cfg)
+    cfg, out = run.cfg, run.out
     start, best = 0, None
     if resume is not None:
-        start, best = _resume(Path(resume), cfg, model, optimizer, scheduler, scaler, loss_fn)
-    elif dist_env.is_main:
+        start, best = restore_training_state(
+            Path(resume), cfg, run.model, run.optimizer, run.scheduler, run.scaler, run.loss_fn
+        )
+    elif run.dist_env.is_main:
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         (out / "metrics.jsonl").unlink(missing_ok=True)
         (out / "steps.jsonl").unlink(missing_ok=True)
-    runlog, total, summary = RunLog(out) if dist_env.is_main else None, total_epochs(phases), {}
+    runlog, total, summary = RunLog(out) if run.dist_env.is_main else None, total_epochs(run.phases), {}
     for epoch in range(start, total):
-        phase = phase_for_epoch(phases, epoch)
-        seed_everything(cfg.train.seed * 10_000 + epoch, cfg.train.deterministic)
-        loader = make_loader(
-            train_sets[phase.index],
-            phase.batch_size,
-            True,
-            cfg.data.num_workers,
-            cfg.train.seed * 10_000 + epoch,
-            device,
-            train_sampler(train_sets[phase.index], cfg.train.seed, epoch),
-        )
-        try:
-            stats = train_one_epoch(
-                net, loss_fn, loader, optimizer, scheduler, scaler, device, cfg, epoch, cfg.train.max_nonfinite,
-                runlog.step if runlog is not None else None,
-            )  # fmt: skip
-        except torch.OutOfMemoryError as e:
-            raise RuntimeError(out_of_memory_message(phase, cfg, out)) from e
-        stats = mean_over_ranks(stats)
-        epoch_end(loss_fn, stats)  # DWA's per-epoch update, identical on every rank
-        broadcast_buffers(model)  # every rank evaluates rank 0's model, the one its checkpoint holds
-        scale = cfg.data.eval_scale if cfg.data.eval_scale > 0 else phase.scale  # as the model was trained
-        summary = summarize(
-            evaluate(model, val_loader, metrics, device, cfg.train.amp, cfg.train.channels_last, scale)
-        )
-        if cfg.train.best_metric not in summary:
-            raise ValueError(
-                f"train.best_metric={cfg.train.best_metric!r} is not an evaluation key; "
-                f"choose one of {sorted(summary)}"
-            )
+        stats, summary, scale = run_epoch(run, epoch, runlog)
         value = summary[cfg.train.best_metric]
         is_best = _better(value, best, cfg.train.best_mode)
         best = value if is_best else best
         if runlog is None:  # not rank 0: only rank 0 logs and writes checkpoints
             continue
+        phase = phase_for_epoch(run.phases, epoch)
+        val = {f"val/{k}": v for k, v in summary.items()}
         runlog.write(
-            {
-                "epoch": epoch + 1,
-                "phase": phase.index,
-                "scale": phase.scale,
-                **stats,
-                **{f"val/{k}": v for k, v in summary.items()},
-            },
-            step=epoch + 1,
+            {"epoch": epoch + 1, "phase": phase.index, "scale": phase.scale, **stats, **val}, epoch + 1
         )
-        payload = make_payload(
-            cfg,
-            model,
-            info,
-            optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(),
-            scaler=scaler.state_dict(),
-            loss=loss_fn.state_dict(),
-            epoch=epoch,
-            input_scale=scale,
-            best=best,
-            metrics=summary,
-            rng=rng_state(),
-        )
+        payload = save_epoch(run, epoch, scale, best, summary)
         save_checkpoint(out / "last.pt", payload)
         if is_best:
             save_checkpoint(out / "best.pt", payload)
-        print(_epoch_line(epoch, total, phase, stats, summary), flush=True)
+        print(epoch_line(epoch, total, phase, stats, summary), flush=True)
     if runlog is not None:
         runlog.close()
-    if dist_env.enabled:
+    if run.dist_env.enabled:
         cleanup()
     return {"best": best, "last": summary, "out_dir": str(out)}

@@ -19,7 +19,6 @@ AMP: every task loss goes through ``scaler.scale`` before its backward, so all g
 from __future__ import annotations
 
 import inspect
-
 from collections.abc import Iterable
 
 import torch

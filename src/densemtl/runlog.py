@@ -1,0 +1,71 @@
+"""What a training run leaves behind for people and tools: JSONL records, TensorBoard scalars, console lines.
+
+``metrics.jsonl`` holds one line per epoch (mean losses, task weights, speed, validation metrics), ``steps.jsonl``
+one line per optimiser step (task losses and weights: adaptive weightings change them every step).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from densemtl.config import Config
+from densemtl.schedule import Phase
+
+
+class RunLog:
+    """Where a run's human- and machine-readable records go: JSONL lines and TensorBoard scalars."""
+
+    def __init__(self, out_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.jsonl = out_dir / "metrics.jsonl"
+        self.steps = (out_dir / "steps.jsonl").open("a")
+        self.tb = SummaryWriter(str(out_dir / "tb"))
+
+    def write(self, record: dict[str, Any], step: int) -> None:
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for k, v in record.items():
+            if isinstance(v, int | float) and k != "epoch":
+                self.tb.add_scalar(k, v, step)
+        self.tb.flush()
+        self.steps.flush()
+
+    def step(self, record: dict[str, float], step: int) -> None:
+        """One optimiser step's losses and task weights: ``steps.jsonl`` and TensorBoard ``step/...``."""
+        self.steps.write(json.dumps({"step": step, **record}) + "\n")
+        for k, v in record.items():
+            self.tb.add_scalar(f"step/{k}", v, step)
+
+    def close(self) -> None:
+        self.steps.close()
+        self.tb.close()
+
+
+def out_of_memory_message(phase: Phase, cfg: Config, out: Path) -> str:
+    """What to do when a training batch does not fit on the device."""
+    crop = [max(1, round(c * phase.scale)) for c in cfg.data.crop]
+    return (
+        f"out of memory training phase {phase.index} (batch {phase.batch_size}, crops {crop[0]}x{crop[1]}): "
+        "lower the batch size (train.batch_size or train.phases[i].batch_size), the crop (data.crop) or the "
+        f"phase scale, or enable train.amp; the last completed epoch is in {out / 'last.pt'} (--resume)"
+    )
+
+
+def epoch_line(
+    epoch: int, total: int, phase: Phase, stats: dict[str, float], summary: dict[str, float]
+) -> str:
+    """The line printed after every epoch: loss, headline metrics, speed."""
+    keys = [
+        k
+        for k in ("semseg/miou", "semseg/pixel_acc", "depth/abs_rel", "depth/rmse", "depth/delta1")
+        if k in summary
+    ]
+    metrics = "  ".join(f"{k} {summary[k]:.3f}" for k in keys)
+    return (
+        f"epoch {epoch + 1}/{total} [scale {phase.scale:g}, bs {phase.batch_size}] "
+        f"loss {stats.get('loss/total', float('nan')):.3f} | {metrics} | {stats['images_per_s']:.1f} img/s, "
+        f"{stats['train_seconds']:.0f} s"
+    )
