@@ -263,7 +263,8 @@ def markdown(table: dict[str, dict[str, Any]], preset: str, p: Preset, seconds: 
         f"Trained at {p.size[0]}x{p.size[1]} ({p.n_train} train / {p.n_val} val images, {p.epochs} epochs, batch "
         f"{p.batch_size}). Δm% > 0: better than the single-task pair. Latency: batch 1 at {h}x{w}, "
         f"{LATENCY_THREADS} threads, all models interleaved in one loop; *_vs_singles: the model's latency / "
-        "(single semseg + single depth).",
+        "(single semseg + single depth). images_per_s: training steps (forward, the weighting's backward, "
+        "optimiser step) on one batch, all variants interleaved after training.",
         "",
         "| variant | " + " | ".join(cols) + " |",
         "|---" * (len(cols) + 1) + "|",
@@ -273,7 +274,7 @@ def markdown(table: dict[str, dict[str, Any]], preset: str, p: Preset, seconds: 
         for c in cols:
             if c not in row:
                 cells.append("")
-            elif f"{c}_std" in row and len(p.seeds) > 1:
+            elif f"{c}_std" in row and len(p.seeds) > 1 and c not in ("params_m", "images_per_s"):
                 cells.append(f"{row[c]:.3f} ± {row[f'{c}_std']:.3f}")
             else:
                 cells.append(f"{row[c]:.3f}")
