@@ -189,7 +189,8 @@ def run_one(sets: list[str]) -> dict[str, Any]:
 def measure_training_speed(configs: dict[str, str], steps: int = THROUGHPUT_STEPS) -> dict[str, float]:
     """Training images/s per variant: optimiser steps (forward, weighting's backward, step) on one fixed batch
     of the training crop, all variants interleaved step by step so that they share the machine's load."""
-    from densemtl.engine import build_optimizer, make_loader, setup
+    from densemtl.engine import make_loader, setup
+    from densemtl.runtime import to_device
     from densemtl.weighting import backward_step
 
     torch.set_num_threads(LATENCY_THREADS)
@@ -198,8 +199,8 @@ def measure_training_speed(configs: dict[str, str], steps: int = THROUGHPUT_STEP
         run = setup(load_config(config))
         dataset = next(iter(run.train_sets.values()))
         batch = next(iter(make_loader(dataset, run.cfg.train.batch_size, False, 0, 0, run.device)))
-        optimizer = build_optimizer(run.model, run.loss_fn, run.cfg)
-        state[name] = (run.model.train(), run.loss_fn, optimizer, batch)
+        batch = to_device(batch, run.device, run.cfg.train.channels_last)  # as train_one_epoch feeds it
+        state[name] = (run.model.train(), run.loss_fn, run.optimizer, batch)
 
     def step(name: str) -> None:
         model, loss_fn, optimizer, batch = state[name]
@@ -225,8 +226,8 @@ def aggregate(
 ) -> dict[str, dict[str, Any]]:
     """Mean ± std per variant over seeds, Δm% vs the single-task pair (per seed, then averaged), and latency.
 
-    ``latency_vs_singles`` (per engine) is the variant's latency over the summed latency of the two single-task
-    models; the goal holds when every measured engine gives <= 0.6 and Δm >= 0.
+    ``torch_vs_singles`` / ``ort_vs_singles``: the variant's latency over the summed latency of the two
+    single-task models on that engine; the goal holds when every measured engine gives <= 0.6 and Δm >= 0.
     """
     singles = [{**s, **d} for s, d in zip(runs["single: semseg"], runs["single: depth"], strict=True)]
     table: dict[str, dict[str, Any]] = {}

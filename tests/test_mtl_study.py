@@ -27,7 +27,12 @@ def test_aggregate_delta_m_and_latency_goal() -> None:
     depth = {"depth/abs_rel": 0.2, "depth/rmse": 5.0, "depth/delta1": 0.7, "weights": {}}
     better = {**seg, **depth, "semseg/miou": 0.55, "weights": {"weight/semseg": 1.0}}
     worse = {**seg, **depth, "depth/abs_rel": 0.3, "weights": {}}
-    runs = {"single: semseg": [seg], "single: depth": [depth], "mtl shared: a": [better], "mtl split: b": [worse]}
+    runs = {
+        "single: semseg": [seg],
+        "single: depth": [depth],
+        "mtl shared: a": [better],
+        "mtl split: b": [worse],
+    }
     latency = {
         "single: semseg": {"torch_ms": 10.0, "ort_ms": 5.0},
         "single: depth": {"torch_ms": 10.0, "ort_ms": 5.0},
@@ -38,7 +43,9 @@ def test_aggregate_delta_m_and_latency_goal() -> None:
     shared, split = table["mtl shared: a"], table["mtl split: b"]
     assert shared["delta_m"] == pytest.approx(100 * 0.1 / 5)  # +10% mIoU on one of five metrics
     assert split["delta_m"] == pytest.approx(-100 * 0.5 / 5)  # AbsRel 50% worse (lower is better)
-    assert shared["torch_vs_singles"] == pytest.approx(0.55) and shared["ort_vs_singles"] == pytest.approx(0.55)
+    assert shared["torch_vs_singles"] == pytest.approx(0.55) and shared["ort_vs_singles"] == pytest.approx(
+        0.55
+    )
     assert split["ort_vs_singles"] == pytest.approx(0.7)
     assert shared["goal_met"] and not split["goal_met"]
     assert "Goal (≤ 0.6x latency and Δm ≥ 0) met by: mtl shared: a" in study.markdown(

@@ -377,7 +377,7 @@ def run_epoch(
     return stats, summary, scale
 
 
-def save_epoch(run: Run, epoch: int, scale: float, best: float | None, summary: dict[str, float]) -> dict:
+def epoch_payload(run: Run, epoch: int, scale: float, best: float | None, summary: dict[str, float]) -> dict:
     """The checkpoint payload after ``epoch``: weights plus everything an exact resume needs."""
     return make_payload(
         run.cfg, run.model, run.info, optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
@@ -416,7 +416,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
         runlog.write(
             {"epoch": epoch + 1, "phase": phase.index, "scale": phase.scale, **stats, **val}, epoch + 1
         )
-        payload = save_epoch(run, epoch, scale, best, summary)
+        payload = epoch_payload(run, epoch, scale, best, summary)
         save_checkpoint(out / "last.pt", payload)
         if is_best:
             save_checkpoint(out / "best.pt", payload)
