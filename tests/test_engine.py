@@ -71,6 +71,11 @@ def test_resume_after_kill_matches_uninterrupted_run(synthetic_root, tmp_path, t
     for ra, rb in zip(a, b, strict=True):
         for key in ("loss/total", "val/semseg/miou", "val/depth/abs_rel", "val/depth/delta1"):
             assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), (ra["epoch"], key)
+    steps_a = [json.loads(line) for line in (full / "steps.jsonl").read_text().splitlines()]
+    steps_b = [json.loads(line) for line in (killed / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps_b] == [r["step"] for r in steps_a]  # no step twice after the resume
+    for ra, rb in zip(steps_a, steps_b, strict=True):
+        assert ra["loss/total"] == pytest.approx(rb["loss/total"], rel=1e-5, abs=1e-6), ra["step"]
 
 
 @pytest.mark.slow
@@ -113,3 +118,18 @@ def test_out_of_memory_stops_with_advice_and_keeps_the_last_checkpoint(synthetic
     from densemtl.checkpoint import load_checkpoint
 
     assert load_checkpoint(run / "last.pt")["epoch"] == 0  # epoch 1 survived
+
+
+def test_resumed_run_log_drops_steps_after_the_checkpoint(tmp_path):
+    """Steps the interrupted run logged after its last checkpoint (and a torn last line) are dropped on resume."""
+    from densemtl.runlog import RunLog
+
+    lines = [json.dumps({"step": s, "loss/total": float(s)}) for s in range(1, 6)]
+    (tmp_path / "steps.jsonl").write_text("\n".join(lines) + '\n{"step": 6, "loss/to')
+    log = RunLog(tmp_path, resume_step=3)
+    log.step({"loss/total": 40.0}, 4)
+    log.close()
+    records = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and records[-1]["loss/total"] == 40.0
+    RunLog(tmp_path).close()  # a fresh RunLog without resume_step keeps what is there
+    assert len((tmp_path / "steps.jsonl").read_text().splitlines()) == 4

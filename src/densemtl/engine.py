@@ -403,7 +403,9 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         (out / "metrics.jsonl").unlink(missing_ok=True)
         (out / "steps.jsonl").unlink(missing_ok=True)
-    runlog, total, summary = RunLog(out) if run.dist_env.is_main else None, total_epochs(run.phases), {}
+    resume_step = run.scheduler.last_epoch if resume is not None else None  # global step of the checkpoint
+    runlog = RunLog(out, resume_step) if run.dist_env.is_main else None
+    total, summary = total_epochs(run.phases), {}
     for epoch in range(start, total):
         stats, summary, scale = run_epoch(run, epoch, runlog)
         value = summary[cfg.train.best_metric]

@@ -17,10 +17,14 @@ from densemtl.schedule import Phase
 class RunLog:
     """Where a run's human- and machine-readable records go: JSONL lines and TensorBoard scalars."""
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, resume_step: int | None = None) -> None:
+        """``resume_step``: the checkpoint's global step when resuming; step lines written after it by the
+        interrupted run (they will be trained again) are dropped, so the file reads like an uninterrupted run."""
         from torch.utils.tensorboard import SummaryWriter
 
         self.jsonl = out_dir / "metrics.jsonl"
+        if resume_step is not None:
+            _truncate_steps(out_dir / "steps.jsonl", resume_step)
         self.steps = (out_dir / "steps.jsonl").open("a")
         self.tb = SummaryWriter(str(out_dir / "tb"))
 
@@ -42,6 +46,23 @@ class RunLog:
     def close(self) -> None:
         self.steps.close()
         self.tb.close()
+
+
+def _truncate_steps(path: Path, last_step: int) -> None:
+    """Keep the complete lines of ``path`` up to ``last_step`` (a killed run may leave a torn last line)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", last_step + 1) <= last_step:
+            kept.append(line + "\n")
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)  # atomic: the old file stays whole until the new one is complete
 
 
 def out_of_memory_message(phase: Phase, cfg: Config, out: Path) -> str:
