@@ -1,7 +1,7 @@
 """The multi-task learning study: which task weighting and how much sharing help, under one fixed budget.
 
 Trains, on the synthetic benchmark with the same data, epochs and seeds for every variant:
-single-task semseg, single-task depth, multi-task with every weighting in ``densemtl.weighting.WEIGHTINGS``
+single-task semseg, single-task depth, multi-task with every weighting in ``densemtl.train.weighting.WEIGHTINGS``
 (shared decoder), multi-task with split decoders, and multi-task from ImageNet weights (MobileNetV2, local file,
 fully fine-tuned with encoder LR x0.1). Every variant uses the MobileNetV2 backbone so that scratch and ImageNet
 differ only in initialisation. Reports mIoU, pixel accuracy, AbsRel, RMSE, delta1, Δm% vs the single-task pair
@@ -36,12 +36,12 @@ from typing import Any
 
 import torch
 
-from densemtl.benchmark import time_interleaved
 from densemtl.config import load_config
-from densemtl.engine import train
+from densemtl.deploy.benchmark import time_interleaved
 from densemtl.metrics import delta_m
 from densemtl.models import build_model
-from densemtl.weighting import WEIGHTINGS
+from densemtl.train.engine import train
+from densemtl.train.weighting import WEIGHTINGS
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGENET = REPO.parent / "shared" / "weights" / "mobilenet_v2_imagenet_features.pth"
@@ -111,7 +111,7 @@ def base_overrides(p: Preset, root: Path, seed: int, out_dir: Path) -> list[str]
 def ensure_data(p: Preset, root: Path) -> Path:
     """Render the preset's synthetic dataset once (reused by later runs)."""
     if not (root / "dataset.json").is_file():
-        from densemtl.data.synthetic import generate_dataset
+        from densemtl.synth.render import generate_dataset
 
         generate_dataset(root, n_train=p.n_train, n_val=p.n_val, size=p.size, seed=0, progress=False)
     return root
@@ -128,8 +128,8 @@ def measure_latency(
     configs: dict[str, str], size: tuple[int, int], device: str, runs: int = LATENCY_RUNS
 ) -> dict[str, dict[str, float]]:
     """``{architecture: {"torch_ms", "ort_ms"}}``, all models timed interleaved in one loop (same load)."""
-    from densemtl.benchmark import _ort_runner, _torch_runner
-    from densemtl.export import export_model
+    from densemtl.deploy.benchmark import _ort_runner, _torch_runner
+    from densemtl.deploy.export import export_model
 
     torch.set_num_threads(LATENCY_THREADS)
     x = torch.randn(1, 3, *size)
@@ -189,9 +189,9 @@ def run_one(sets: list[str]) -> dict[str, Any]:
 def measure_training_speed(configs: dict[str, str], steps: int = THROUGHPUT_STEPS) -> dict[str, float]:
     """Training images/s per variant: optimiser steps (forward, weighting's backward, step) on one fixed batch
     of the training crop, all variants interleaved step by step so that they share the machine's load."""
-    from densemtl.engine import make_loader, setup
     from densemtl.runtime import to_device
-    from densemtl.weighting import backward_step
+    from densemtl.train.engine import make_loader, setup
+    from densemtl.train.weighting import backward_step
 
     torch.set_num_threads(LATENCY_THREADS)
     state = {}

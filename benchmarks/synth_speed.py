@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from densemtl.data.format import write_sample
-from densemtl.data.streets import sample_scene
-from densemtl.data.synthetic import _cpu_count, generate_dataset, render, sample_camera, sample_rng
+from densemtl.synth.render import _cpu_count, generate_dataset, render, sample_camera, sample_rng
+from densemtl.synth.streets import sample_scene
 
 
 def stage_times(n: int, size: tuple[int, int], out: Path) -> dict[str, float]:

@@ -21,7 +21,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """96 training and 32 validation synthetic street scenes at 64x128."""
-    from densemtl.data.synthetic import generate_dataset
+    from densemtl.synth.render import generate_dataset
 
     root = tmp_path_factory.mktemp("synthetic")
     generate_dataset(root, n_train=96, n_val=32, size=TINY_SIZE, seed=0, workers=1, progress=False)
@@ -44,7 +44,7 @@ def _tiny_overrides(root: Path, out_dir: Path, epochs: int = 2) -> list[str]:
 def tiny_run(synthetic_root, tmp_path_factory) -> Path:
     """A run folder with a one-epoch checkpoint of a tiny model on the tiny synthetic dataset."""
     from densemtl.config import load_config
-    from densemtl.engine import train
+    from densemtl.train.engine import train
 
     run = tmp_path_factory.mktemp("tiny_run")
     train(load_config(None, _tiny_overrides(synthetic_root, run, epochs=1)))

@@ -252,9 +252,14 @@ def test_odd_but_valid_images_are_handled_not_rejected(tmp_path: Path) -> None:
 
 
 def test_checkpoint_from_another_model_is_refused_with_a_fix(tmp_path: Path) -> None:
-    from densemtl.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
     from densemtl.config import load_config
     from densemtl.models import build_model
+    from densemtl.train.checkpoint import (
+        CheckpointError,
+        load_checkpoint,
+        model_from_checkpoint,
+        save_checkpoint,
+    )
 
     cfg = load_config(
         None, ["model.backbone=mobilenet_v3_small", "model.decoder_channels=16", "model.num_classes=3"]
@@ -262,7 +267,7 @@ def test_checkpoint_from_another_model_is_refused_with_a_fix(tmp_path: Path) -> 
     other = load_config(
         None, ["model.backbone=mobilenet_v3_small", "model.decoder_channels=24", "model.num_classes=3"]
     )
-    from densemtl.checkpoint import make_payload
+    from densemtl.train.checkpoint import make_payload
 
     payload = make_payload(cfg, build_model(other.model), {"classes": CLASSES})  # weights of another model
     path = save_checkpoint(tmp_path / "other.pt", payload)
@@ -274,9 +279,9 @@ def test_checkpoint_from_another_model_is_refused_with_a_fix(tmp_path: Path) -> 
 
 
 def test_bad_file_mid_run_stops_clearly_and_keeps_the_last_checkpoint(tmp_path: Path) -> None:
-    from densemtl.checkpoint import load_checkpoint
     from densemtl.config import load_config
-    from densemtl.engine import config_for_resume, train
+    from densemtl.train.checkpoint import load_checkpoint
+    from densemtl.train.engine import config_for_resume, train
 
     data, run = tmp_path / "data", tmp_path / "run"
     make_dataset(data, n=4, splits=("train", "val"), size=(32, 32))
@@ -320,7 +325,7 @@ def test_onnx_file_without_our_metadata_is_refused_with_a_fix(tmp_path: Path) ->
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
-    from densemtl.export import read_metadata
+    from densemtl.deploy.export import read_metadata
 
     x = helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 8, 8])
     y = helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 8, 8])

@@ -5,8 +5,16 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from densemtl.bev import LAYERS, BevGrid, SceneOptions, bev_map, drivable_ids, save_bev, write_scene_outputs
-from densemtl.geometry import CameraPose, PointCloud, semantic_point_cloud
+from densemtl.scene3d.bev import (
+    LAYERS,
+    BevGrid,
+    SceneOptions,
+    bev_map,
+    drivable_ids,
+    save_bev,
+    write_scene_outputs,
+)
+from densemtl.scene3d.geometry import CameraPose, PointCloud, semantic_point_cloud
 
 GRID = BevGrid(x_range=(-4.0, 4.0), z_range=(0.0, 16.0), cell=0.5, min_points=1)
 ROAD, SIDEWALK, CAR = 0, 1, 5
@@ -101,11 +109,11 @@ def test_ground_frame_required_and_files(tmp_path):
 
 def test_synthetic_road_cells_agree_with_the_scene_layout(tmp_path):
     """Ground-truth depth + labels of a rendered street: BEV road cells lie on the scene's road strip."""
-    from densemtl.data.raycast import Camera
-    from densemtl.data.scene import CLASSES
-    from densemtl.data.scene import PALETTE as SCENE_PALETTE
-    from densemtl.data.streets import sample_scene
-    from densemtl.data.synthetic import render
+    from densemtl.synth.raycast import Camera
+    from densemtl.synth.render import render
+    from densemtl.synth.scene import CLASSES
+    from densemtl.synth.scene import PALETTE as SCENE_PALETTE
+    from densemtl.synth.streets import sample_scene
 
     scene = sample_scene(np.random.default_rng(5), ego_lane_clear=True)
     cam = Camera(60.0, 60.0, 63.5, 31.5, position=(scene.ego_x, 1.5, 0.0), pitch_deg=4.0, roll_deg=1.0)

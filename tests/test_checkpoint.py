@@ -7,7 +7,7 @@ import collections
 import pytest
 import torch
 
-from densemtl.checkpoint import (
+from densemtl.train.checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
     load_checkpoint,

@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 
 from densemtl.data.check import check_dataset
-from densemtl.data.cityscapes import (
+from densemtl.data.folder import FolderDataset
+from densemtl.data.format import read_dataset_json
+from densemtl.datasets.cityscapes import (
     CityscapesDataset,
     DepthPrep,
     class_names,
@@ -20,9 +22,7 @@ from densemtl.data.cityscapes import (
     label_lut,
     prepare_depth,
 )
-from densemtl.data.convert import convert_dataset
-from densemtl.data.folder import FolderDataset
-from densemtl.data.format import read_dataset_json
+from densemtl.datasets.convert import convert_dataset
 
 H, W = 32, 64
 BASELINE, FX, FY, U0, V0 = 0.209313, 2262.52, 2265.30, 1096.98, 513.137  # a real Cityscapes camera

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from densemtl.distributed import DistEnv, ShardSampler, env_from_environ, mean_over_ranks, wrap_model
+from densemtl.train.distributed import DistEnv, ShardSampler, env_from_environ, mean_over_ranks, wrap_model
 
 
 def test_one_process_is_a_no_op(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -40,9 +40,9 @@ def _records(run: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_and_resume_in_one(synthetic_root, tmp_path, tiny_overrides) -> None:
-    from densemtl.checkpoint import config_from_checkpoint, load_checkpoint, model_from_checkpoint
-    from densemtl.engine import build_dataset, config_for_resume, evaluate, make_loader, train
     from densemtl.metrics import MultiTaskMetrics, summarize
+    from densemtl.train.checkpoint import config_from_checkpoint, load_checkpoint, model_from_checkpoint
+    from densemtl.train.engine import build_dataset, config_for_resume, evaluate, make_loader, train
 
     run = tmp_path / "ddp"
     # 31 samples per split: uneven validation shards (16 + 15); 15 training samples per rank = 3 batches of 4.

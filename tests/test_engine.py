@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from densemtl.config import load_config
-from densemtl.engine import train
+from densemtl.train.engine import train
 
 
 def _records(run):
@@ -23,8 +23,8 @@ def _records(run):
 
 
 def test_train_writes_checkpoints_logs_and_rebuilds_its_model(synthetic_root, tiny_run):
-    from densemtl.checkpoint import load_checkpoint
     from densemtl.inference import Predictor
+    from densemtl.train.checkpoint import load_checkpoint
 
     run = tiny_run
     result = {"last": load_checkpoint(run / "last.pt")["metrics"]}
@@ -81,7 +81,7 @@ def test_resume_after_kill_matches_uninterrupted_run(synthetic_root, tmp_path, t
 @pytest.mark.slow
 def test_demo_scale_training_beats_trivial_baselines(synthetic_root, tmp_path, tiny_overrides):
     """About a minute of CPU training must clearly beat majority-class and constant-median-depth baselines."""
-    from densemtl.evaluate import evaluate_checkpoint
+    from densemtl.evaluation import evaluate_checkpoint
 
     run = tmp_path / "learn"
     sets = tiny_overrides(synthetic_root, run, epochs=20) + ["model.backbone=mobilenet_v3_large",
@@ -100,7 +100,7 @@ def test_demo_scale_training_beats_trivial_baselines(synthetic_root, tmp_path, t
 
 def test_out_of_memory_stops_with_advice_and_keeps_the_last_checkpoint(synthetic_root, tmp_path, tiny_overrides,
                                                                        monkeypatch):
-    import densemtl.engine as engine
+    import densemtl.train.engine as engine
 
     run = tmp_path / "oom"
     calls = {"n": 0}
@@ -115,14 +115,14 @@ def test_out_of_memory_stops_with_advice_and_keeps_the_last_checkpoint(synthetic
     monkeypatch.setattr(engine, "train_one_epoch", second_epoch_runs_out_of_memory)
     with pytest.raises(RuntimeError, match=r"out of memory .*batch 8.*lower the batch size.*last.pt"):
         train(load_config(None, tiny_overrides(synthetic_root, run, epochs=2)))
-    from densemtl.checkpoint import load_checkpoint
+    from densemtl.train.checkpoint import load_checkpoint
 
     assert load_checkpoint(run / "last.pt")["epoch"] == 0  # epoch 1 survived
 
 
 def test_resumed_run_log_drops_steps_after_the_checkpoint(tmp_path):
     """Steps the interrupted run logged after its last checkpoint (and a torn last line) are dropped on resume."""
-    from densemtl.runlog import RunLog
+    from densemtl.train.runlog import RunLog
 
     lines = [json.dumps({"step": s, "loss/total": float(s)}) for s in range(1, 6)]
     (tmp_path / "steps.jsonl").write_text("\n".join(lines) + '\n{"step": 6, "loss/to')

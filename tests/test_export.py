@@ -30,7 +30,7 @@ def tiny_model() -> torch.nn.Module:
 
 
 def export_tiny(path, dynamic=False, bake=False):
-    from densemtl.export import ExportWrapper, build_metadata, export_model
+    from densemtl.deploy.export import ExportWrapper, build_metadata, export_model
 
     model = tiny_model()
     meta = build_metadata(ExportWrapper(model, True, bake), SIZE, dynamic, INFO, input_scale=0.5)
@@ -41,7 +41,7 @@ def export_tiny(path, dynamic=False, bake=False):
 def test_export_parity_metadata_and_outputs(tmp_path):
     import onnxruntime as ort
 
-    from densemtl.export import check_parity, parity_images, read_metadata
+    from densemtl.deploy.export import check_parity, parity_images, read_metadata
 
     path = tmp_path / "m.onnx"
     model = export_tiny(path, bake=True)
@@ -67,7 +67,7 @@ def test_export_parity_metadata_and_outputs(tmp_path):
 
 
 def test_parity_check_catches_a_different_model(tmp_path):
-    from densemtl.export import check_parity, parity_images
+    from densemtl.deploy.export import check_parity, parity_images
 
     path = tmp_path / "m.onnx"
     model = export_tiny(path)
@@ -78,7 +78,7 @@ def test_parity_check_catches_a_different_model(tmp_path):
 
 
 def test_dynamic_axes_batch_and_size(tmp_path):
-    from densemtl.engines import OnnxModel
+    from densemtl.deploy.ort import OnnxModel
 
     path = tmp_path / "dyn.onnx"
     model = export_tiny(path, dynamic=True)
@@ -109,7 +109,7 @@ def test_fixed_size_engine_resizes_and_predictor_matches_torch(tmp_path):
 def test_benchmark_json_schema_and_int8(tmp_path):
     import onnx
 
-    from densemtl.benchmark import format_table, run_benchmark
+    from densemtl.deploy.benchmark import format_table, run_benchmark
 
     result = run_benchmark(
         tiny_model(),
@@ -145,8 +145,8 @@ def test_benchmark_json_schema_and_int8(tmp_path):
 def test_quantize_keeps_metadata_and_uses_int8(tmp_path):
     import onnx
 
-    from densemtl.export import read_metadata
-    from densemtl.quantize import quantize_onnx
+    from densemtl.deploy.export import read_metadata
+    from densemtl.deploy.quantize import quantize_onnx
 
     path = tmp_path / "m.onnx"
     export_tiny(path)
@@ -158,7 +158,7 @@ def test_quantize_keeps_metadata_and_uses_int8(tmp_path):
 
 
 def test_peak_memory_of_an_onnx_engine(tmp_path):
-    from densemtl.benchmark import peak_memory_mb
+    from densemtl.deploy.benchmark import peak_memory_mb
 
     path = tmp_path / "m.onnx"
     export_tiny(path, dynamic=True)

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from densemtl.data.raycast import Camera
-from densemtl.geometry import (
+from densemtl.scene3d.geometry import (
     CameraPose,
     PointCloud,
     backproject,
@@ -24,6 +23,7 @@ from densemtl.geometry import (
     voxel_downsample,
     write_ply,
 )
+from densemtl.synth.raycast import Camera
 
 NYU = Path(__file__).resolve().parents[2] / "shared" / "data" / "nyu_samples"
 NYU_K = (518.8579, 519.4696, 325.5824, 253.7362)
@@ -138,9 +138,9 @@ def test_ply_and_npz_round_trip(tmp_path, with_conf):
 
 
 def test_synthetic_ground_points_are_flat():
-    from densemtl.data import scene as sc
-    from densemtl.data.streets import sample_scene
-    from densemtl.data.synthetic import render
+    from densemtl.synth import scene as sc
+    from densemtl.synth.render import render
+    from densemtl.synth.streets import sample_scene
 
     scene = sample_scene(np.random.default_rng(3), ego_lane_clear=True)
     cam = Camera(40.0, 40.0, 39.5, 23.5, position=(scene.ego_x, 1.4, 0.0), pitch_deg=3.0, roll_deg=-1.5)

@@ -9,11 +9,11 @@ import pytest
 from PIL import Image
 
 from densemtl.data.check import check_dataset
-from densemtl.data.cityscapes import label_lut
-from densemtl.data.convert import convert_dataset
 from densemtl.data.folder import FolderDataset
 from densemtl.data.format import read_dataset_json
-from densemtl.data.kitti import eval_crop_mask, read_calib
+from densemtl.datasets.cityscapes import label_lut
+from densemtl.datasets.convert import convert_dataset
+from densemtl.datasets.kitti import eval_crop_mask, read_calib
 
 H, W = 24, 80
 DRIVE = "2011_09_26_drive_0002_sync"

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from densemtl.config import LossConfig
-from densemtl.losses import (
+from densemtl.train.losses import (
     DEPTH_LOSSES,
     DEPTH_SPACES,
     SEG_LOSSES,

@@ -14,9 +14,9 @@ import torch
 from densemtl.config import load_config
 from densemtl.data.check import check_dataset
 from densemtl.data.folder import FolderDataset
-from densemtl.engine import train
-from densemtl.losses import build_loss
-from densemtl.pseudolabel import pseudolabel
+from densemtl.data.pseudolabel import pseudolabel
+from densemtl.train.engine import train
+from densemtl.train.losses import build_loss
 
 
 def _make_mixed(src: Path, dst: Path, n_train: int = 64) -> Path:

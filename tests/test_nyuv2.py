@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from densemtl.data.check import check_dataset
-from densemtl.data.convert import crop_box
 from densemtl.data.folder import FolderDataset
 from densemtl.data.format import read_dataset_json, write_dataset_json, write_sample
-from densemtl.data.nyuv2 import (
+from densemtl.datasets.common import crop_box
+from densemtl.datasets.nyuv2 import (
     NYU13_CLASSES,
     NYU_INTRINSICS,
     NYU_VALID_CROP,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from densemtl.config import PhaseConfig, TrainConfig
-from densemtl.schedule import StepSchedule, one_cycle, phase_for_epoch, resolve_phases, total_epochs
+from densemtl.train.schedule import StepSchedule, one_cycle, phase_for_epoch, resolve_phases, total_epochs
 
 
 def test_one_cycle_shape():

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from densemtl.data import scene as sc
+from densemtl.synth import scene as sc
 from densemtl.data.format import decode_depth, decode_normals, read_dataset_json
-from densemtl.data.raycast import Camera
-from densemtl.data.synthetic import generate_dataset, render, render_sample
+from densemtl.synth.raycast import Camera
+from densemtl.synth.render import generate_dataset, render, render_sample
 
 SIZE = (64, 128)
 
@@ -182,9 +182,9 @@ def test_dataset_is_deterministic_across_workers_and_round_trips(tmp_path: Path)
 
 def test_tile_culled_shadows_match_brute_force_shadow_rays():
     """Culling is exact: every caster tested against every pixel gives the same sun visibility."""
-    from densemtl.data.raycast import _INTERSECT, cast, sun_visibility
-    from densemtl.data.streets import sample_scene
-    from densemtl.data.synthetic import sample_camera, sample_rng
+    from densemtl.synth.raycast import _INTERSECT, cast, sun_visibility
+    from densemtl.synth.render import sample_camera, sample_rng
+    from densemtl.synth.streets import sample_scene
 
     rng = sample_rng(3, "train", 0)
     scene = sample_scene(rng)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from densemtl.config import load_config
-from densemtl.engine import build_optimizer, train_one_epoch
-from densemtl.losses import build_loss
 from densemtl.models import build_model
-from densemtl.weighting import shared_parameters
+from densemtl.train.engine import build_optimizer, train_one_epoch
+from densemtl.train.losses import build_loss
+from densemtl.train.weighting import shared_parameters
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 WEIGHTS = SHARED / "weights" / "mobilenet_v2_imagenet_features.pth"

@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from densemtl.bev import BevGrid, SceneOptions
-from densemtl.video import load_engine, predict_video, read_video, synth_video, video_panel
+from densemtl.scene3d.bev import BevGrid, SceneOptions
+from densemtl.synth.drive import synth_video
+from densemtl.viz.video import load_engine, predict_video, read_video, video_panel
 
 SIZE = (48, 96)
 

@@ -10,8 +10,15 @@ import pytest
 from PIL import Image
 
 from densemtl.data.format import write_dataset_json, write_sample
-from densemtl.data.preview import legend_strip, panel_size, write_preview
-from densemtl.viz import colorize_depth, colorize_labels, colorize_normals, make_grid, overlay, save_png
+from densemtl.viz.colors import (
+    colorize_depth,
+    colorize_labels,
+    colorize_normals,
+    make_grid,
+    overlay,
+    save_png,
+)
+from densemtl.viz.preview import legend_strip, panel_size, write_preview
 
 PALETTE = [[10, 20, 30], [200, 100, 0], [0, 255, 0]]
 

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from densemtl.config import LossConfig
-from densemtl.losses import build_loss
-from densemtl.weighting import (
+from densemtl.train.losses import build_loss
+from densemtl.train.weighting import (
     WEIGHTINGS,
     DWAWeighting,
     GradNormWeighting,
@@ -254,7 +254,7 @@ def test_training_logs_weights_and_calls_the_epoch_hook(synthetic_root, tmp_path
     import json
 
     from densemtl.config import load_config
-    from densemtl.engine import train
+    from densemtl.train.engine import train
 
     sets = tiny_overrides(synthetic_root, tmp_path, epochs=3) + ["loss.weighting=dwa", "data.max_samples=4"]
     sets += ["train.batch_size=4", "data.crop=[32, 64]", "train.channels_last=false"]
@@ -275,7 +275,7 @@ def test_training_logs_learned_weights_every_step(synthetic_root, tmp_path, tiny
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from densemtl.config import load_config
-    from densemtl.engine import train
+    from densemtl.train.engine import train
 
     sets = tiny_overrides(synthetic_root, tmp_path, epochs=2) + ["loss.weighting=uncertainty"]
     sets += ["data.max_samples=8", "train.batch_size=4", "data.crop=[32, 64]", "train.channels_last=false"]

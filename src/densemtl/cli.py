@@ -23,7 +23,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from densemtl.data.synthetic import generate_dataset
+    from densemtl.synth.render import generate_dataset
 
     stats = generate_dataset(
         args.out,
@@ -39,7 +39,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_preview(args: argparse.Namespace) -> int:
-    from densemtl.data.preview import write_preview
+    from densemtl.viz.preview import write_preview
 
     out = write_preview(args.root, split=args.split, n=args.n, out=args.out)
     print(f"wrote {out}")
@@ -70,7 +70,7 @@ def _load_cfg(args: argparse.Namespace):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from densemtl.engine import config_for_resume, train
+    from densemtl.train.engine import config_for_resume, train
 
     if args.resume is not None and args.config is None:
         cfg = config_for_resume(args.resume, args.set)  # continue with the run's own settings
@@ -82,7 +82,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from densemtl.evaluate import evaluate_checkpoint
+    from densemtl.evaluation import evaluate_checkpoint
 
     result = evaluate_checkpoint(
         args.checkpoint, data_root=args.data, split=args.split, out_dir=args.out, device=args.device
@@ -110,8 +110,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _scene_options(args: argparse.Namespace):
     """SceneOptions from the camera flags (``_add_camera_args``)."""
-    from densemtl.bev import BevGrid, SceneOptions
-    from densemtl.geometry import CameraPose
+    from densemtl.scene3d.bev import BevGrid, SceneOptions
+    from densemtl.scene3d.geometry import CameraPose
 
     k = (args.fx, args.fy, args.cx, args.cy)
     if any(v is not None for v in k) and any(v is None for v in k):
@@ -151,7 +151,7 @@ def _add_camera_args(s: argparse.ArgumentParser) -> None:
 
 
 def _cmd_video(args: argparse.Namespace) -> int:
-    from densemtl.video import run_video
+    from densemtl.viz.video import run_video
 
     source = int(args.input) if args.input.isdigit() else Path(args.input)
     from dataclasses import replace
@@ -163,7 +163,7 @@ def _cmd_video(args: argparse.Namespace) -> int:
 
 
 def _cmd_synth_video(args: argparse.Namespace) -> int:
-    from densemtl.video import synth_video
+    from densemtl.synth.drive import synth_video
 
     r = synth_video(args.out, args.frames, args.size, args.fps, args.speed, args.hfov, args.seed)
     print(f"wrote {r['frames']} frames to {r['video']} (codec {r['codec']}) and camera {r['meta']}")
@@ -171,14 +171,14 @@ def _cmd_synth_video(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from densemtl.report import write_report
+    from densemtl.viz.report import write_report
 
     print(f"wrote {write_report(args.run_dir)}")
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from densemtl.export import export_checkpoint
+    from densemtl.deploy.export import export_checkpoint
 
     r = export_checkpoint(
         args.checkpoint, args.out, size=args.size, dynamic=args.dynamic,
@@ -191,7 +191,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    from densemtl.quantize import accuracy_change, quantize_onnx
+    from densemtl.deploy.quantize import accuracy_change, quantize_onnx
 
     out = args.out or args.onnx.with_name(args.onnx.stem + "_int8.onnx")
     quantize_onnx(args.onnx, out, args.calib, n=args.n, split=args.calib_split)
@@ -204,7 +204,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
-    from densemtl.benchmark import format_table, load_benchmark_model, run_benchmark
+    from densemtl.deploy.benchmark import format_table, load_benchmark_model, run_benchmark
 
     model, label, calib = load_benchmark_model(args.checkpoint, args.config, args.set)
     engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
@@ -220,7 +220,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from densemtl.data.convert import convert_dataset
+    from densemtl.datasets.convert import convert_dataset
 
     opts: dict = {"image_format": args.image_format, "max_per_split": args.max_per_split}
     if args.dataset == "nyuv2":
@@ -228,7 +228,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         if args.src.is_dir():  # the MTAN/LibMTL .npy layout takes no metadata options
             opts = {"image_format": args.image_format}
     elif args.dataset == "cityscapes":
-        from densemtl.data.cityscapes import DepthPrep
+        from densemtl.datasets.cityscapes import DepthPrep
 
         crop = [float(v) for v in args.crop.split(",")] if args.crop else [0.0] * 4
         if len(crop) != 4:
@@ -269,7 +269,7 @@ def _add_convert_parser(data) -> None:
 
 
 def _cmd_pseudolabel(args: argparse.Namespace) -> int:
-    from densemtl.pseudolabel import pseudolabel
+    from densemtl.data.pseudolabel import pseudolabel
 
     r = pseudolabel(args.teacher, args.data, args.task, args.split or None, args.min_confidence, args.device,
                     args.size)  # fmt: skip

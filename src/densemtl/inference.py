@@ -14,38 +14,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from densemtl.checkpoint import input_scale, load_checkpoint, model_from_checkpoint
-from densemtl.data.format import IMAGE_EXTS, atomic_write_bytes, encode_depth
+from densemtl.data.format import atomic_write_bytes, encode_depth
+from densemtl.data.images import ImageLike, as_rgb, list_images, read_rgb  # noqa: F401 (public here too)
 from densemtl.runtime import forward_at_scale, resolve_device
+from densemtl.train.checkpoint import input_scale, load_checkpoint, model_from_checkpoint
 
 if TYPE_CHECKING:
-    from densemtl.bev import SceneOptions
-
-ImageLike = np.ndarray | Image.Image | str | Path
-
-
-def read_rgb(path: str | Path) -> np.ndarray:
-    """Read an image file as uint8 (H, W, 3) RGB, EXIF rotation applied; errors name the file and the fix."""
-    from densemtl.data.folder import load_image
-
-    return load_image(Path(path))
-
-
-def as_rgb(image: ImageLike) -> np.ndarray:
-    """Accept a path, a PIL image or an array (H, W, 3|4) / (H, W) and return uint8 RGB (H, W, 3)."""
-    if isinstance(image, str | Path):
-        return read_rgb(image)
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
-    arr = np.asarray(image)
-    if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=2)
-    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
-        raise ValueError(f"expected an image of shape (H, W, 3), got {arr.shape}")
-    if arr.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 image, got {arr.dtype}; scale floats to 0..255 first")
-    return arr[..., :3]
-
+    from densemtl.scene3d.bev import SceneOptions
 
 class Predictor:
     """A trained model ready to predict: ``Predictor.from_checkpoint(path).predict(image)``.
@@ -87,7 +62,7 @@ class Predictor:
         """
         ckpt = load_checkpoint(path)
         if engine == "onnxruntime":
-            from densemtl.engines import onnx_model_from_checkpoint
+            from densemtl.deploy.export import onnx_model_from_checkpoint
 
             dev = "cuda" if resolve_device(device).type == "cuda" else "cpu"
             model = onnx_model_from_checkpoint(path, threads, dev)
@@ -102,7 +77,7 @@ class Predictor:
 
         A graph exported at a fixed size runs at that size unless ``size`` says otherwise.
         """
-        from densemtl.engines import OnnxModel
+        from densemtl.deploy.ort import OnnxModel
 
         model = OnnxModel.from_file(path, threads)
         meta = model.metadata
@@ -143,22 +118,6 @@ class Predictor:
         return result
 
 
-def list_images(inputs: list[str | Path]) -> list[Path]:
-    """Expand files and folders (non-recursive) into a sorted list of image files."""
-    paths: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            found = sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_EXTS)
-            if not found:
-                raise FileNotFoundError(f"folder {item} contains no .png/.jpg images")
-            paths += found
-        elif item.is_file():
-            paths.append(item)
-        else:
-            raise FileNotFoundError(f"input {item} does not exist")
-    return paths
-
-
 def _png(array: np.ndarray) -> bytes:
     import io
 
@@ -171,7 +130,7 @@ def prediction_panel(
     rgb: np.ndarray, pred: dict[str, np.ndarray], palette: np.ndarray, max_depth: float | None = None
 ) -> np.ndarray:
     """Side-by-side RGB | segmentation overlay | coloured depth (uint8 (H, 3W, 3) or fewer panels)."""
-    from densemtl.viz import colorize_depth, colorize_labels, overlay
+    from densemtl.viz.colors import colorize_depth, colorize_labels, overlay
 
     panels = [rgb]
     if "semseg" in pred:
@@ -190,7 +149,7 @@ def write_prediction(
     max_depth: float | None = None,
 ) -> dict[str, Path]:
     """Write the files for one prediction; depth PNG = uint16 metres * 256 (0 invalid), as the folder format."""
-    from densemtl.viz import colorize_depth, colorize_labels, overlay
+    from densemtl.viz.colors import colorize_depth, colorize_labels, overlay
 
     files: dict[str, Path] = {}
 
@@ -221,7 +180,7 @@ def predict_paths(
 ) -> list[dict[str, Path]]:
     """Run a checkpoint over images/folders and write per-image outputs into ``out``.
 
-    ``scene`` (a ``densemtl.bev.SceneOptions``) adds the point cloud (PLY + NPZ) and/or BEV map per image.
+    ``scene`` (a ``densemtl.scene3d.bev.SceneOptions``) adds the point cloud (PLY + NPZ) and/or BEV map per image.
     ``engine``: "torch" or "onnxruntime" (the checkpoint exported to ONNX and run by ONNX Runtime).
     """
     from tqdm.auto import tqdm
@@ -236,7 +195,7 @@ def predict_paths(
         pred = predictor.predict(rgb)
         files = write_prediction(out_dir, path.stem, rgb, pred, predictor.palette, max_depth)
         if scene is not None:
-            from densemtl.bev import write_scene_outputs
+            from densemtl.scene3d.bev import write_scene_outputs
 
             files |= write_scene_outputs(
                 out_dir, path.stem, path, rgb, pred, predictor.palette, predictor.class_names, scene

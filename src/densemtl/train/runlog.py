@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from densemtl.config import Config
-from densemtl.schedule import Phase
+from densemtl.train.schedule import Phase
 
 
 class RunLog:

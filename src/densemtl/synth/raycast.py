@@ -18,8 +18,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from densemtl.data.scene import BOX, CYLINDER, ELLIPSOID, Scene
-from densemtl.geometry import axis_rotation
+from densemtl.scene3d.geometry import axis_rotation
+from densemtl.synth.scene import BOX, CYLINDER, ELLIPSOID, Scene
 
 GROUND, NOTHING = -1, -2  # hit ids besides primitive indices
 _EDGES = np.array(

@@ -23,15 +23,23 @@ import yaml
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from densemtl.checkpoint import (
+from densemtl.config import Config, replace, to_dict
+from densemtl.data.loaders import build_dataset, make_loader
+from densemtl.runtime import (
+    amp_dtype,
+    autocast,
+    forward_at_scale,
+    seed_everything,
+    to_device,
+)
+from densemtl.train.checkpoint import (
     load_checkpoint,
     make_payload,
     restore_training_state,
     rng_state,
     save_checkpoint,
 )
-from densemtl.config import Config, replace, to_dict
-from densemtl.distributed import (
+from densemtl.train.distributed import (
     broadcast_buffers,
     check_loss_supported,
     cleanup,
@@ -42,69 +50,15 @@ from densemtl.distributed import (
     train_sampler,
     wrap_model,
 )
-from densemtl.runlog import RunLog, epoch_line, out_of_memory_message
-from densemtl.runtime import (
-    amp_dtype,
-    autocast,
-    forward_at_scale,
-    seed_everything,
-    seed_worker,
-    to_device,
-)
-from densemtl.schedule import Phase, StepSchedule, phase_for_epoch, resolve_phases, total_epochs
-from densemtl.weighting import backward_step, epoch_end, task_weights
+from densemtl.train.runlog import RunLog, epoch_line, out_of_memory_message
+from densemtl.train.schedule import Phase, StepSchedule, phase_for_epoch, resolve_phases, total_epochs
+from densemtl.train.weighting import backward_step, epoch_end, task_weights
 
 log = logging.getLogger("densemtl")
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive batches with a non-finite loss or gradient."""
-
-
-def build_dataset(cfg: Config, split: str, train: bool, base_scale: float = 1.0):
-    """A FolderDataset for ``split`` with the training or evaluation transforms at ``base_scale``."""
-    from densemtl.data.folder import FolderDataset
-    from densemtl.data.transforms import build_transforms
-
-    d = cfg.data
-    transform = build_transforms(
-        train=train,
-        crop=d.crop if train else None,
-        scale_range=d.scale_range,
-        hflip=d.hflip,
-        color_jitter=d.color_jitter,
-        base_scale=base_scale,
-    )
-    return FolderDataset(
-        d.root, split=split, transform=transform, tasks=cfg.model.tasks, max_samples=d.max_samples
-    )
-
-
-def make_loader(
-    dataset, batch_size: int, train: bool, workers: int, seed: int, device: torch.device, sampler=None
-) -> DataLoader:
-    """DataLoader whose order and augmentation depend only on ``seed`` (reseeded per epoch by the caller).
-
-    ``sampler`` (this process's shard under DDP, see ``densemtl.distributed``) replaces the shuffling.
-    """
-    n = len(sampler) if sampler is not None else len(dataset)
-    if train and n < batch_size:
-        raise ValueError(
-            f"{n} training samples (per process) cannot fill one batch of {batch_size}; "
-            "lower train.batch_size or add data"
-        )
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=train and sampler is None,
-        sampler=sampler,
-        drop_last=train,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        worker_init_fn=seed_worker,
-        generator=torch.Generator().manual_seed(seed),
-        persistent_workers=False,
-    )
 
 
 def _finite_or_skip(loss: torch.Tensor, params: Iterable[torch.nn.Parameter], clip: float) -> bool:
@@ -296,9 +250,9 @@ class Run:
 def setup(cfg: Config) -> Run:
     """Resolve ``cfg`` against the dataset and build the model, loss, optimiser, schedule, data and metrics."""
     from densemtl.data.format import read_dataset_json
-    from densemtl.losses import build_loss
     from densemtl.metrics import MultiTaskMetrics
     from densemtl.models import build_model
+    from densemtl.train.losses import build_loss
 
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from densemtl.data.transforms import denormalize
+from densemtl.deploy.metadata import read_metadata, to_numpy
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
@@ -93,8 +94,6 @@ class OnnxModel(nn.Module):
         cls, path: str | Path, threads: int = 0, device: str = "cpu", spinning: bool = False
     ) -> OnnxModel:
         """Open an exported file with its metadata."""
-        from densemtl.export import read_metadata
-
         return cls(create_session(path, threads, device, spinning), read_metadata(path))
 
     @property
@@ -104,8 +103,6 @@ class OnnxModel(nn.Module):
 
     def run(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run the graph as it is on its own input convention; returns every output by name."""
-        from densemtl.export import to_numpy
-
         outputs = self.session.run(self.output_names, {"image": to_numpy(image)})
         return {n: torch.from_numpy(v) for n, v in zip(self.output_names, outputs, strict=True)}
 
@@ -131,15 +128,3 @@ class OnnxModel(nn.Module):
                 k: F.interpolate(v, size=(h, w), mode="bilinear", align_corners=False) for k, v in out.items()
             }
         return {k: v.to(x.device) for k, v in out.items()}
-
-
-def onnx_model_from_checkpoint(path: str | Path, threads: int = 0, device: str = "cpu") -> OnnxModel:
-    """Export a checkpoint (dynamic axes, parity-checked) to a temporary file and open it in ONNX Runtime."""
-    import tempfile
-
-    from densemtl.export import export_checkpoint
-
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = Path(tmp) / "model.onnx"
-        export_checkpoint(path, onnx_path, dynamic=True, class_ids=False)
-        return OnnxModel.from_file(onnx_path, threads, device)  # the session holds the graph in memory

@@ -3,7 +3,7 @@
 Every term is ``sum over valid pixels / max(count, 1)``: a batch in which no pixel is labelled for a task gives
 exactly 0 with zero gradients (never NaN), and samples that lack a task's label (asymmetric annotations, see
 ``batch["valid_tasks"]``) contribute nothing to that task. ``build_loss`` is the only function that reads
-``LossConfig``; the pieces below receive plain arguments. Task weightings live in ``densemtl.weighting``
+``LossConfig``; the pieces below receive plain arguments. Task weightings live in ``densemtl.train.weighting``
 (re-exported here).
 """
 
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from densemtl.config import LossConfig
 from densemtl.tasks import IGNORE_INDEX, check_tasks
-from densemtl.weighting import WEIGHTINGS, FixedWeighting, TaskWeighting, build_weighting  # noqa: F401
+from densemtl.train.weighting import WEIGHTINGS, FixedWeighting, TaskWeighting, build_weighting  # noqa: F401
 
 EPS_DEPTH = 1e-3  # metres; depths are clamped to this before a log so that log never sees 0
 DICE_SMOOTH = 1.0  # added to numerator and denominator of every class's Dice

@@ -8,7 +8,6 @@ nothing about a particular dataset.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,46 +117,3 @@ def write_converted(
         normals=sample.get("normals"), meta=info or None, image_format=image_format,
     )  # fmt: skip
     return sample
-
-
-def _nyuv2(src: Path, dst: Path, size: tuple[int, int] | None, **options: Any) -> dict[str, Any]:
-    from densemtl.data.nyuv2 import convert_nyuv2
-
-    return convert_nyuv2(src, dst, size=size, **options)
-
-
-def _cityscapes(src: Path, dst: Path, size: tuple[int, int] | None, **options: Any) -> dict[str, Any]:
-    from densemtl.data.cityscapes import convert_cityscapes
-
-    return convert_cityscapes(src, dst, size=size, **options)
-
-
-def _kitti(src: Path, dst: Path, size: tuple[int, int] | None, **options: Any) -> dict[str, Any]:
-    from densemtl.data.kitti import convert_kitti
-
-    return convert_kitti(src, dst, size=size, **options)
-
-
-CONVERTERS: dict[str, Callable[..., dict[str, Any]]] = {
-    "cityscapes": _cityscapes,
-    "nyuv2": _nyuv2,
-    "kitti": _kitti,
-}
-
-
-def convert_dataset(
-    kind: str, src: str | Path, dst: str | Path, size: tuple[int, int] | None = None, **options: Any
-) -> dict[str, Any]:
-    """Convert dataset ``kind`` from its official layout at ``src`` to the folder format at ``dst``.
-
-    Returns per-split sample counts and the dataset name. ``options`` go to the dataset's converter
-    (see ``convert_nyuv2``, ``convert_cityscapes``, ``convert_kitti``).
-    """
-    if kind not in CONVERTERS:
-        raise ValueError(f"unknown dataset {kind!r}; convertible datasets: {sorted(CONVERTERS)}")
-    src = Path(src)
-    if not src.exists():
-        raise FileNotFoundError(
-            f"{src} does not exist; pass the folder (or file) of the original {kind} data"
-        )
-    return CONVERTERS[kind](src, Path(dst), size, **options)

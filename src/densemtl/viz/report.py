@@ -24,7 +24,7 @@ def _relative(path: Path, base: Path) -> str:
 
 def write_report(run_dir: str | Path, eval_dir: str = "eval_val", max_panels: int = 4) -> Path:
     """Write ``<run_dir>/report.md`` and return its path."""
-    from densemtl.plots import plot_training_curves
+    from densemtl.viz.plots import plot_training_curves
 
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from densemtl.data.convert import Intrinsics, crop_box, label_palette, write_converted
 from densemtl.data.format import write_dataset_json
+from densemtl.datasets.common import Intrinsics, crop_box, label_palette, write_converted
 
 # Kinect RGB camera of the official toolbox (pixels, 640x480 frames).
 NYU_INTRINSICS: Intrinsics = (518.8579, 519.4696, 325.5824, 253.7362)

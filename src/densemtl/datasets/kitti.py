@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from densemtl.data.cityscapes import class_names, label_lut, palette
-from densemtl.data.convert import Intrinsics, write_converted
 from densemtl.data.format import write_dataset_json
+from densemtl.datasets.common import Intrinsics, write_converted
+from densemtl.datasets.labels import class_names, label_lut, palette
 
 DEPTH_MAX = 80.0  # metres, the standard evaluation cap
 # Evaluation crops as fractions (top, bottom, left, right) of the frame (Garg et al. 2016; Eigen et al. 2014).

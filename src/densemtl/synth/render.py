@@ -26,11 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from densemtl.data import scene as sc
+from densemtl.synth import scene as sc
 from densemtl.data.format import write_dataset_json, write_sample
-from densemtl.data.raycast import GROUND, NOTHING, Camera, Hits, cast, gather, scatter, sun_visibility
-from densemtl.data.scene import CLASSES, PALETTE, Scene
-from densemtl.data.streets import sample_scene
+from densemtl.synth.raycast import GROUND, NOTHING, Camera, Hits, cast, gather, scatter, sun_visibility
+from densemtl.synth.scene import CLASSES, PALETTE, Scene
+from densemtl.synth.streets import sample_scene
 
 DEPTH_MAX = 80.0
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
@@ -383,7 +383,7 @@ def generate_dataset(
         "seed": int(seed),
         "size": [h, w],
         "counts": splits,
-        "renderer": "densemtl.data.synthetic (exact ray casting)",
+        "renderer": "densemtl.synth.render (exact ray casting)",
         "world_frame": "x right, y up, z forward along the road, ground plane y = 0, metres",
         "camera_frame": "OpenCV: x right, y down, z forward; depth = z coordinate in metres, 0 = sky/invalid",
         "normals": "unit vectors in the camera frame, (0, 0, 0) for sky",

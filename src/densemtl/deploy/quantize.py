@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from densemtl.export import read_metadata
+from densemtl.deploy.metadata import read_metadata
 
 
 def calibration_batches(
@@ -25,8 +25,8 @@ def calibration_batches(
     """``n`` images of ``root/split`` (evenly spread) as the graph's input, (1, 3, H, W) float32 each."""
     import torch.nn.functional as F
 
+    from densemtl.data.images import list_images, read_rgb
     from densemtl.data.transforms import normalize
-    from densemtl.inference import list_images, read_rgb
 
     meta = read_metadata(onnx_path)
     folder = Path(root) / split / "images"
@@ -114,9 +114,9 @@ def evaluate_onnx(
 ) -> dict[str, Any]:
     """Metrics of an exported file on a dataset split (the same code as ``densemtl evaluate``)."""
     from densemtl.config import Config, from_dict, replace
-    from densemtl.engine import build_dataset, make_loader
-    from densemtl.engines import OnnxModel
-    from densemtl.evaluate import run_evaluation
+    from densemtl.data.loaders import build_dataset, make_loader
+    from densemtl.deploy.ort import OnnxModel
+    from densemtl.evaluation import run_evaluation
     from densemtl.metrics import summarize
 
     model = OnnxModel.from_file(onnx_path, threads=threads)

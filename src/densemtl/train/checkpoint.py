@@ -154,7 +154,7 @@ def _no_pretrained(model_cfg: Any) -> Any:
 
 def input_scale(ckpt: dict[str, Any]) -> float:
     """The input scale a checkpoint's model was evaluated at (``data.eval_scale`` or its training phase)."""
-    from densemtl.schedule import eval_scale
+    from densemtl.train.schedule import eval_scale
 
     cfg = config_from_checkpoint(ckpt)
     if cfg.data.eval_scale > 0:

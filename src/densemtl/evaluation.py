@@ -14,9 +14,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from densemtl.checkpoint import config_from_checkpoint, input_scale, load_checkpoint, model_from_checkpoint
 from densemtl.config import Config, replace
 from densemtl.runtime import forward_at_scale, resolve_device, to_device
+from densemtl.train.checkpoint import (
+    config_from_checkpoint,
+    input_scale,
+    load_checkpoint,
+    model_from_checkpoint,
+)
 
 
 class DepthErrorProfile:
@@ -146,7 +151,7 @@ def evaluate_checkpoint(
     batch_size: int = 4,
 ) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on ``split`` and write metrics.json, metrics.md and plots into ``out_dir``."""
-    from densemtl.engine import build_dataset, make_loader
+    from densemtl.data.loaders import build_dataset, make_loader
     from densemtl.metrics import summarize
 
     ckpt = load_checkpoint(checkpoint)
@@ -199,7 +204,7 @@ def markdown_table(result: dict[str, Any], class_names: list[str]) -> str:
 
 def write_outputs(result: dict[str, Any], class_names: list[str], out: Path) -> None:
     """metrics.json, metrics.md and the three plots."""
-    from densemtl.plots import plot_confusion, plot_depth_error_vs_distance, plot_depth_histograms
+    from densemtl.viz.plots import plot_confusion, plot_depth_error_vs_distance, plot_depth_histograms
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float) + "\n")

@@ -13,7 +13,14 @@ from PIL import Image, ImageDraw, ImageFont
 
 from densemtl.data.folder import FolderDataset
 from densemtl.data.format import TASK_DIRS, read_dataset_json
-from densemtl.viz import BACKGROUND, colorize_depth, colorize_labels, colorize_normals, make_grid, save_png
+from densemtl.viz.colors import (
+    BACKGROUND,
+    colorize_depth,
+    colorize_labels,
+    colorize_normals,
+    make_grid,
+    save_png,
+)
 
 MAX_PANEL_WIDTH = 384  # preview panels are shrunk to this width (aspect kept) so the grid stays viewable
 

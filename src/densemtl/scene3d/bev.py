@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from densemtl.geometry import (
+from densemtl.scene3d.geometry import (
     CameraPose,
     Intrinsics,
     PointCloud,
@@ -195,7 +195,7 @@ def colorize_bev(
 ) -> np.ndarray:
     """BEV layers -> uint8 (rows, cols, 3): unknown dark, free light grey, drivable green, obstacles in their
     class colour, other seen ground dimmed class colour, camera as a red dot at the bottom centre."""
-    from densemtl.viz import colorize_labels
+    from densemtl.viz.colors import colorize_labels
 
     cls_rgb = colorize_labels(bev["class"], palette).astype(np.float32)
     out = np.empty((*bev["class"].shape, 3), np.float32)
@@ -218,7 +218,7 @@ def save_bev(
     stem: str | Path, bev: dict[str, np.ndarray], palette: np.ndarray, grid: BevGrid
 ) -> dict[str, Path]:
     """Write ``<stem>_bev.png`` (colour map) and ``<stem>_bev.npy`` (float32 (5, rows, cols), ``LAYERS`` order)."""
-    from densemtl.viz import save_png
+    from densemtl.viz.colors import save_png
 
     stem = Path(stem)
     stack = np.stack([bev[k].astype(np.float32) for k in LAYERS])  # class 255 = unseen, height nan = unseen

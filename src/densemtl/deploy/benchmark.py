@@ -113,7 +113,7 @@ def _export_plain(model: nn.Module, path: Path, size: tuple[int, int]) -> Path:
 
 
 def _ort_runner(path: Path, x: torch.Tensor, threads: int) -> Callable[[], Any]:
-    from densemtl.engines import create_session
+    from densemtl.deploy.ort import create_session
 
     session, feed = create_session(path, threads), {"image": x.numpy()}
     return lambda: session.run(None, feed)
@@ -142,8 +142,8 @@ def build_runners(
     """Name -> {"run": zero-argument callable, "model", "engine", "file"} for each engine (and the reference)."""
     from torchvision.models.segmentation import lraspp_mobilenet_v3_large
 
-    from densemtl.export import export_model
-    from densemtl.quantize import quantize_onnx
+    from densemtl.deploy.export import export_model
+    from densemtl.deploy.quantize import quantize_onnx
 
     unknown = [e for e in engines if e not in ENGINES]
     if unknown:
@@ -293,9 +293,9 @@ def load_benchmark_model(
 ) -> tuple[nn.Module, str, str | None]:
     """The model to time, a label, and a calibration root: a checkpoint's, or a config's with random weights
     (latency does not depend on the weights; ``num_classes`` 0 becomes 8, the synthetic dataset's)."""
-    from densemtl.checkpoint import config_from_checkpoint, load_checkpoint, model_from_checkpoint
     from densemtl.config import load_config, replace
     from densemtl.models import build_model
+    from densemtl.train.checkpoint import config_from_checkpoint, load_checkpoint, model_from_checkpoint
 
     if checkpoint is not None:
         ckpt = load_checkpoint(checkpoint)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from densemtl.data.scene import (
+from densemtl.synth.scene import (
     BARK,
     BUILDING,
     CAR,

@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from densemtl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from densemtl.deploy.metadata import FORMAT, METADATA_KEY, read_metadata, to_numpy  # noqa: F401 (public here too)
+from densemtl.deploy.ort import OnnxModel
 
 OPSET = 18
-METADATA_KEY = "densemtl"
-FORMAT = "densemtl-onnx"
 DEPTH_TOLERANCE_M = 1e-3  # parity: max abs depth error, metres
 CLASS_AGREEMENT = 0.999  # parity: fraction of pixels with the same class id
 
@@ -157,17 +157,6 @@ def export_model(
     return out
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The ``densemtl`` metadata JSON of an exported file (without loading the weights into a session)."""
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    props = {p.key: p.value for p in proto.metadata_props}
-    if METADATA_KEY not in props:
-        raise ValueError(f"{path} has no '{METADATA_KEY}' metadata; export it with `densemtl export`")
-    return json.loads(props[METADATA_KEY])
-
-
 @torch.no_grad()
 def check_parity(
     model: nn.Module, onnx_path: str | Path, images: torch.Tensor, threads: int = 0
@@ -177,8 +166,6 @@ def check_parity(
     Returns the max abs depth error (metres), the fraction of pixels with equal class ids, and ``passed``
     (depth error <= 1e-3 m and class agreement >= 99.9%).
     """
-    from densemtl.engines import OnnxModel
-
     model = model.eval()
     ort_model = OnnxModel.from_file(onnx_path, threads=threads)
     depth_err, same, total = 0.0, 0, 0
@@ -202,8 +189,8 @@ def parity_images(
     data_root: str | Path | None, size: tuple[int, int], n: int = 4
 ) -> tuple[torch.Tensor, str]:
     """``n`` real validation images resized to ``size`` and normalised, or random ones when there is no data."""
+    from densemtl.data.images import list_images, read_rgb
     from densemtl.data.transforms import normalize
-    from densemtl.inference import list_images, read_rgb
 
     root = Path(data_root) if data_root else None
     for split in ("val", "train"):
@@ -220,8 +207,8 @@ def parity_images(
 
 def default_size(ckpt: dict[str, Any], data_root: str | Path | None) -> tuple[int, int]:
     """Network input size: a dataset image (or the training crop) scaled by the checkpoint's input scale."""
-    from densemtl.checkpoint import config_from_checkpoint, input_scale
-    from densemtl.inference import list_images, read_rgb
+    from densemtl.data.images import list_images, read_rgb
+    from densemtl.train.checkpoint import config_from_checkpoint, input_scale
 
     cfg = config_from_checkpoint(ckpt)
     h, w = cfg.data.crop
@@ -246,7 +233,7 @@ def export_checkpoint(
 
     Raises ``ValueError`` when parity fails (the file is kept for inspection). Returns a report dict.
     """
-    from densemtl.checkpoint import (
+    from densemtl.train.checkpoint import (
         config_from_checkpoint,
         input_scale,
         load_checkpoint,
@@ -270,6 +257,11 @@ def export_checkpoint(
     return report
 
 
-def to_numpy(x: torch.Tensor) -> np.ndarray:
-    """Contiguous float32 NumPy array (what ONNX Runtime expects)."""
-    return np.ascontiguousarray(x.detach().cpu().float().numpy())
+def onnx_model_from_checkpoint(path: str | Path, threads: int = 0, device: str = "cpu") -> OnnxModel:
+    """Export a checkpoint (dynamic axes, parity-checked) to a temporary file and open it in ONNX Runtime."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        export_checkpoint(path, onnx_path, dynamic=True, class_ids=False)
+        return OnnxModel.from_file(onnx_path, threads, device)  # the session holds the graph in memory

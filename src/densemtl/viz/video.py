@@ -1,12 +1,12 @@
-"""Video: frames in, RGB | segmentation overlay | depth | BEV panels out as MP4; and a synthetic drive clip.
+"""Video: frames in, RGB | segmentation overlay | depth | BEV panels out as MP4.
 
 MP4 is written as H.264 (yuv420p, plays in browsers) through the FFmpeg binary that ``imageio-ffmpeg`` ships.
 Without it, OpenCV writes: H.264 ("avc1") when its build has an encoder, which the PyPI wheels lack
 (licensing), else MPEG-4 Part 2 ("mp4v"), which desktop players read but browsers do not. The codec used is
 returned and printed. No audio track is written.
 
-A synthetic clip (``synth_video``) is rendered from a camera driving along the ego lane of ONE sampled street,
-with a ``<clip>.json`` sidecar holding the camera intrinsics and pose, which ``run_video`` reads.
+A synthetic clip comes from :func:`densemtl.synth.drive.synth_video`; its ``<clip>.json`` sidecar (camera
+intrinsics and pose) is read by ``run_video``.
 """
 
 from __future__ import annotations
@@ -19,8 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from densemtl.bev import SceneOptions, bev_map, colorize_bev, drivable_ids, resolve_intrinsics, resolve_pose
-from densemtl.geometry import backproject, semantic_point_cloud
+from densemtl.scene3d.bev import (
+    SceneOptions,
+    bev_map,
+    colorize_bev,
+    drivable_ids,
+    resolve_intrinsics,
+    resolve_pose,
+)
+from densemtl.scene3d.geometry import backproject, semantic_point_cloud
 
 CODECS = ("avc1", "mp4v")  # preferred first
 
@@ -105,39 +112,6 @@ def read_video(source: str | Path | int, max_frames: int | None = None):
             yield frame[..., ::-1].copy()
     finally:
         cap.release()
-
-
-def synth_video(
-    out: str | Path,
-    frames: int = 60,
-    size: tuple[int, int] = (192, 384),
-    fps: float = 12.0,
-    speed: float = 8.0,
-    hfov_deg: float = 70.0,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Render a clip of a camera driving at ``speed`` m/s along the ego lane of one synthetic street.
-
-    Writes ``out`` (MP4) and ``out.json`` (intrinsics, camera height, pitch, roll: the sample meta keys).
-    """
-    from densemtl.data.raycast import Camera
-    from densemtl.data.streets import sample_scene
-    from densemtl.data.synthetic import render
-
-    rng = np.random.default_rng(seed)
-    length = 40.0 + frames * speed / fps  # the street must extend past the last frame's view
-    scene = sample_scene(rng, length=length + 80.0, start=-30.0, ego_lane_clear=True)
-    images, meta = [], {}
-    for k in range(frames):
-        z = k * speed / fps
-        cam = Camera.from_fov(size, hfov_deg, position=(scene.ego_x, 1.5, z), pitch_deg=2.0)
-        view = render(scene, cam, size, noise_rng=rng)
-        images.append(view["image"])
-        meta = {key: view["meta"][key] for key in ("intrinsics", "camera_height", "pitch_deg", "roll_deg")}
-    codec = write_video(out, images, fps)
-    sidecar = Path(f"{out}.json")
-    sidecar.write_text(json.dumps({**meta, "fps": fps, "speed_m_s": speed, "seed": seed}, indent=2) + "\n")
-    return {"video": Path(out), "meta": sidecar, "frames": frames, "codec": codec}
 
 
 def load_engine(path: str | Path, device: str = "auto"):

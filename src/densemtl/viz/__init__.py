@@ -1,0 +1,1 @@
+"""Pictures: colour maps, plots, dataset previews, run reports and video panels."""
