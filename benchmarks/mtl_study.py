@@ -147,8 +147,8 @@ def measure_latency(
         stats = time_interleaved(fns, runs, warmup=2)
     out: dict[str, dict[str, float]] = {}
     for key, st in stats.items():
-        arch, engine = key.split("|")
-        out.setdefault(arch, {})[engine] = st["median_ms"]
+        arch, backend = key.split("|")
+        out.setdefault(arch, {})[backend] = st["median_ms"]
     return out
 
 
@@ -227,7 +227,7 @@ def aggregate(
     """Mean ± std per variant over seeds, Δm% vs the single-task pair (per seed, then averaged), and latency.
 
     ``torch_vs_singles`` / ``ort_vs_singles``: the variant's latency over the summed latency of the two
-    single-task models on that engine; the goal holds when every measured engine gives <= 0.6 and Δm >= 0.
+    single-task models on that backend; the goal holds when every measured backend gives <= 0.6 and Δm >= 0.
     """
     singles = [{**s, **d} for s, d in zip(runs["single: semseg"], runs["single: depth"], strict=True)]
     table: dict[str, dict[str, Any]] = {}
@@ -242,11 +242,11 @@ def aggregate(
             dms = [delta_m(r, s, keys=KEYS) for r, s in zip(seed_runs, singles, strict=True)]
             row["delta_m"], row["delta_m_std"] = _mean_std(dms)
             ratios = []
-            for engine in ("torch_ms", "ort_ms"):
-                pair = [latency.get(f"single: {t}", {}).get(engine) for t in ("semseg", "depth")]
-                if engine in row and None not in pair:
-                    row[f"{engine[:-3]}_vs_singles"] = row[engine] / sum(pair)
-                    ratios.append(row[f"{engine[:-3]}_vs_singles"])
+            for backend in ("torch_ms", "ort_ms"):
+                pair = [latency.get(f"single: {t}", {}).get(backend) for t in ("semseg", "depth")]
+                if backend in row and None not in pair:
+                    row[f"{backend[:-3]}_vs_singles"] = row[backend] / sum(pair)
+                    ratios.append(row[f"{backend[:-3]}_vs_singles"])
             row["goal_met"] = bool(ratios) and max(ratios) <= 0.6 and row["delta_m"] >= 0
         row["weights"] = seed_runs[-1]["weights"]
         table[name] = row

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from densemtl.data.format import write_sample
+from densemtl.data.folder import write_sample
 from densemtl.synth.render import _cpu_count, generate_dataset, render, sample_camera, sample_rng
 from densemtl.synth.streets import sample_scene
 
@@ -38,10 +38,10 @@ def stage_times(n: int, size: tuple[int, int], out: Path) -> dict[str, float]:
             "bench",
             f"{i:06d}",
             s["image"],
-            s["semseg"],
-            s["depth"],
-            s["normals"],
             s["meta"],
+            semseg=s["semseg"],
+            depth=s["depth"],
+            normals=s["normals"],
             image_format="jpg",
         )
         t3 = time.perf_counter()

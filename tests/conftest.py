@@ -1,7 +1,11 @@
-"""Shared fixtures: a tiny synthetic dataset rendered once per test session, and small model settings."""
+"""Shared fixtures: a tiny synthetic dataset rendered once per test session, and small model settings.
+
+Helper functions shared by several test files live in tests/helpers.py (``from helpers import ...``).
+"""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +16,9 @@ SHARED = REPO.parent / "shared"
 
 # Tiny settings so a full train/evaluate cycle takes seconds on 2 CPU cores.
 TINY_SIZE = (64, 128)
+
+if str(REPO / "tests") not in sys.path:  # `from helpers import ...` also under --import-mode=importlib
+    sys.path.insert(0, str(REPO / "tests"))
 
 
 def pytest_configure(config):

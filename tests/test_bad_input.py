@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,40 +19,13 @@ from PIL import Image
 
 from densemtl.data.check import check_dataset
 from densemtl.data.folder import FolderDataset
-from densemtl.data.format import DatasetFormatError, write_dataset_json, write_sample
+from densemtl.data.format import DatasetFormatError
+from helpers import CLASSES
+from helpers import make_dataset as _make_dataset
 
 H, W = 40, 48
-CLASSES = ["road", "car", "sky"]
-PALETTE = [[128, 64, 128], [0, 0, 142], [70, 130, 180]]
-
-
-def make_dataset(root: Path, n: int = 3, splits: tuple[str, ...] = ("train",), size=(H, W)) -> dict:
-    """Tiny valid dataset with every task in each split; returns the labels and depth written, by id."""
-    write_dataset_json(
-        root,
-        name="tiny",
-        tasks=["semseg", "depth", "normals"],
-        classes=CLASSES,
-        palette=PALETTE,
-        splits=list(splits),
-        depth_max=80.0,
-    )
-    rng = np.random.default_rng(0)
-    written = {}
-    for split in splits:
-        for i in range(n):
-            h, w = size
-            semseg = rng.integers(0, 2, (h, w)).astype(np.uint8)  # class 2 ("sky") never occurs
-            semseg[0] = 255
-            depth = rng.uniform(1.0, 60.0, (h, w)).astype(np.float32)
-            depth[-1] = 0.0
-            normals = np.zeros((h, w, 3), np.float32)
-            normals[..., 2] = -1.0
-            image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-            meta = {"intrinsics": [40.0, 40.0, (w - 1) / 2, (h - 1) / 2]}
-            write_sample(root, split, f"s{i:03d}", image, semseg, depth, normals, meta)
-            written[(split, f"s{i:03d}")] = {"semseg": semseg, "depth": depth}
-    return written
+# every task in each split; class 2 ("sky") never occurs; returns what was written by (split, id)
+make_dataset = partial(_make_dataset, n=3, size=(H, W), label_ids=2)
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -218,9 +192,10 @@ def test_statistics_match_what_was_written(tmp_path: Path) -> None:
         depth = np.stack([v["depth"] for (s, _), v in written.items() if s == split])
         valid = depth[depth > 0]
         assert stats.samples == 3 and stats.with_task == {"semseg": 3, "depth": 3, "normals": 3}
-        assert stats.class_pixels == np.bincount(labels[labels != 255], minlength=3).tolist()
-        assert stats.class_images == [3, 3, 0] and stats.ignore_pixels == int((labels == 255).sum())
-        d = stats.depth
+        seg = stats.tasks["semseg"]
+        assert seg["class_pixels"] == np.bincount(labels[labels != 255], minlength=3).tolist()
+        assert seg["class_images"] == [3, 3, 0] and seg["ignore_pixels"] == int((labels == 255).sum())
+        d = stats.tasks["depth"]
         assert d["valid_fraction"] == pytest.approx(valid.size / depth.size)
         assert d["min"] == pytest.approx(valid.min(), abs=1 / 256) and d["max"] == pytest.approx(
             valid.max(), abs=1 / 256

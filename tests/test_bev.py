@@ -139,15 +139,29 @@ def test_synthetic_road_cells_agree_with_the_scene_layout(tmp_path):
     (tmp_path / "val" / "meta" / "000000.json").write_text(__import__("json").dumps(meta))
     pred = {"semseg": out["semseg"], "depth": out["depth"]}
     opts = SceneOptions(pointcloud=True, bev=True, grid=grid, voxel=0.2)
+    info = {"classes": list(CLASSES), "palette": np.array(SCENE_PALETTE).tolist()}  # as Predictor.info
     files = write_scene_outputs(
-        tmp_path,
-        "000000",
-        tmp_path / "val/images/000000.png",
-        out["image"],
-        pred,
-        np.array(SCENE_PALETTE),
-        CLASSES,
-        opts,
+        tmp_path, "000000", tmp_path / "val/images/000000.png", out["image"], pred, info, opts
     )
     assert set(files) == {"ply", "npz", "bev", "bev_npy"}
     np.testing.assert_array_equal(np.load(files["bev_npy"])[1], bev["class"].astype(np.float32))
+
+
+def test_scene_reads_depth_and_optional_labels_from_a_prediction(tmp_path):
+    from densemtl.scene3d.bev import scene_of
+
+    rgb = np.zeros((16, 32, 3), np.uint8)
+    depth = np.full((16, 32), 5.0, np.float32)  # a wall 5 m ahead
+    opts = SceneOptions(bev=True, hfov_deg=60.0, pose=CameraPose(1.5, 0.0, 0.0), grid=GRID)
+    assert (
+        write_scene_outputs(tmp_path, "x", None, rgb, {"semseg": np.zeros((16, 32), np.uint8)}, {}, opts)
+        == {}
+    )
+    bare = scene_of(rgb, {"depth": depth}, {}, opts, {})
+    assert len(bare.cloud) == 16 * 32 and (bare.cloud.label == 255).all() and bare.cloud.confidence is None
+    pred = {"depth": depth, "semseg": np.full((16, 32), CAR, np.uint8), "confidence": np.full((16, 32), 0.7)}
+    labelled = scene_of(rgb, pred, {"classes": ["road", "sidewalk"]}, opts, {})
+    assert (labelled.cloud.label == CAR).all() and np.allclose(labelled.cloud.confidence, 0.7)
+    assert labelled.drivable == (0,) and labelled.pose == opts.pose
+    files = write_scene_outputs(tmp_path, "x", None, rgb, pred, {"palette": PALETTE.tolist()}, opts)
+    assert set(files) == {"bev", "bev_npy"}

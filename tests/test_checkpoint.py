@@ -101,3 +101,33 @@ def test_incomplete_or_old_checkpoint_is_refused_with_a_reason(tmp_path):
     save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "version": 0, "model": {}})
     with pytest.raises(CheckpointError, match=r"lacks \['config', 'dataset'\].*older densemtl"):
         load_checkpoint(path)
+
+
+def test_version_1_checkpoints_are_converted_on_load(tmp_path):
+    """Version 1 models took ImageNet-normalised input; loaded now, they take RGB in [0, 1] and give the same."""
+    from densemtl.config import Config, ModelConfig, to_dict
+    from densemtl.models import build_model
+    from densemtl.train.checkpoint import CHECKPOINT_VERSION, make_payload, model_from_checkpoint
+
+    torch.manual_seed(0)
+    cfg = Config(model=ModelConfig(num_classes=3, backbone="mobilenet_v3_small", decoder_channels=8))
+    model = build_model(cfg.model).eval()
+    old = make_payload(cfg, model, {"classes": ["a", "b", "c"]})
+    old["version"] = 1
+    for key in ("pixel_mean", "pixel_std"):  # a version-1 file has no normalisation buffers
+        del old["model"][key]
+    save_checkpoint(tmp_path / "v1.pt", old)
+    ckpt = load_checkpoint(tmp_path / "v1.pt")
+    assert ckpt["version"] == CHECKPOINT_VERSION == 2 and ckpt["config"] == to_dict(cfg)
+    loaded = model_from_checkpoint(ckpt).eval()
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    assert torch.equal(loaded.pixel_mean.flatten(), mean) and torch.equal(loaded.pixel_std.flatten(), std)
+    rgb = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        new = loaded(rgb)
+        # What the version-1 network computed: the backbone fed (rgb - mean) / std by the caller.
+        loaded.pixel_mean.zero_()
+        loaded.pixel_std.fill_(1.0)
+        before = loaded((rgb - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))
+    for task in new:
+        assert torch.allclose(new[task], before[task], atol=1e-5), task

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from densemtl.cli import main
+from densemtl.cli import build_parser, main
 from densemtl.data.format import decode_depth
+from densemtl.inference import Predictor
+from densemtl.tasks import TASKS
 
 
 def _val_images(root, n=2):
@@ -21,7 +24,10 @@ def test_predict_writes_every_output_consistent_with_the_python_api(synthetic_ro
 
     images = _val_images(synthetic_root)
     out = tmp_path / "pred"
-    assert main(["predict", "--checkpoint", str(tiny_run / "best.pt"), *map(str, images), "--out", str(out)]) == 0
+    assert (
+        main(["predict", "--checkpoint", str(tiny_run / "best.pt"), *map(str, images), "--out", str(out)])
+        == 0
+    )
     pred = Predictor.from_checkpoint(tiny_run / "best.pt").predict(images[0])
     stem = images[0].stem
     for name in ("semseg", "semseg_color", "overlay", "depth", "depth_color", "panel"):
@@ -54,14 +60,37 @@ def test_evaluate_matches_training_time_validation_and_report(synthetic_root, ti
     assert "semseg/miou" in report and "trivial baseline" in report
     for link in [line.split("](")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]:
         assert (tiny_run / link).is_file(), link
+    for task in ("semseg", "depth"):  # every part that is about a task comes from that task
+        assert TASKS[task].baseline_text() in report and f"\n- {task}: loss `" in report
+    assert "### Confusion matrix" in report and "### Depth error vs distance" in report
 
 
 def test_data_synth_and_preview_commands(tmp_path):
     root = tmp_path / "ds"
-    assert main(["data", "synth", "--out", str(root), "--train", "2", "--val", "2", "--size", "32x64",
-                 "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "synth",
+                "--out",
+                str(root),
+                "--train",
+                "2",
+                "--val",
+                "2",
+                "--size",
+                "32x64",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert json.loads((root / "dataset.json").read_text())["name"] == "synthetic-streets"
-    assert main(["data", "preview", str(root), "--split", "val", "-n", "2", "--out", str(tmp_path / "p.png")]) == 0
+    assert (
+        main(["data", "preview", str(root), "--split", "val", "-n", "2", "--out", str(tmp_path / "p.png")])
+        == 0
+    )
     assert Image.open(tmp_path / "p.png").size[0] > 64
 
 
@@ -83,3 +112,52 @@ def test_errors_exit_2_with_a_message(argv, fragment, capsys):
 def test_size_argument_is_validated():
     with pytest.raises(SystemExit):
         main(["data", "synth", "--size", "256by512"])
+
+
+def test_backend_flags_and_their_old_engine_names():
+    p = build_parser()
+    for flag in ("--backend", "--engine"):
+        args = p.parse_args(["predict", "--checkpoint", "m.pt", "x.png", "--out", "o", flag, "onnxruntime"])
+        assert args.backend == "onnxruntime"
+        args = p.parse_args(
+            ["video", "--checkpoint", "m.pt", "clip.mp4", "--out", "o.mp4", flag, "onnxruntime"]
+        )
+        assert args.backend == "onnxruntime"
+    assert p.parse_args(["predict", "--checkpoint", "m.pt", "x.png", "--out", "o"]).backend == "torch"
+    for flag in ("--backends", "--engines"):
+        assert p.parse_args(["benchmark", flag, "torch,int8"]).backends == "torch,int8"
+
+
+def test_engine_keyword_is_a_deprecated_name_of_backend(tiny_run):
+    with pytest.warns(DeprecationWarning, match="backend="):
+        predictor = Predictor.from_checkpoint(tiny_run / "best.pt", engine="torch")
+    assert predictor.tasks == ("semseg", "depth")
+    with pytest.raises(ValueError, match="backend 'tensorrt'"):
+        Predictor.from_checkpoint(tiny_run / "best.pt", backend="tensorrt")
+
+
+def test_pseudolabel_fills_any_task_from_the_cli(synthetic_root, tiny_run, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data)
+    removed = sorted((data / "val" / "semseg").iterdir())[:3]
+    for f in removed:
+        f.unlink()
+    teacher = ["pseudolabel", "--teacher", str(tiny_run / "best.pt"), "--data", str(data), "--device", "cpu"]
+    argv = [*teacher, "--task", "semseg", "--split", "val", "--min-confidence", "0.5"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["task"] == "semseg" and result["filled"] == {"val": 3} and result["kept"] == {"val": 29}
+    image = next((data / "val" / "images").glob(f"{removed[0].stem}.*"))
+    pred = Predictor.from_checkpoint(tiny_run / "best.pt", device="cpu").predict(image)
+    expected = np.where(pred["confidence"] < 0.5, 255, pred["semseg"])  # unsure pixels: ignore
+    assert (expected == 255).any()  # the tiny teacher is unsure somewhere: the threshold is exercised
+    np.testing.assert_array_equal(np.array(Image.open(removed[0])), expected)
+    assert json.loads((data / "dataset.json").read_text())["pseudo_labels"]["semseg"]["count"] == 3
+
+    with pytest.raises(SystemExit):  # argparse: the task list comes from densemtl.tasks.TASKS
+        main([*teacher, "--task", "nope"])
+    assert "unknown task 'nope'" in capsys.readouterr().err
+    info = json.loads((data / "dataset.json").read_text())
+    (data / "dataset.json").write_text(json.dumps({**info, "classes": info["classes"][::-1]}))
+    assert main([*teacher, "--task", "semseg"]) == 2  # a class-list task needs the teacher's classes
+    assert "same class list" in capsys.readouterr().err

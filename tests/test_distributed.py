@@ -7,16 +7,15 @@ reduction helpers are also checked without a process group.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from densemtl.train.distributed import DistEnv, ShardSampler, env_from_environ, mean_over_ranks, wrap_model
+from helpers import records
 
 
 def test_one_process_is_a_no_op(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -34,13 +33,9 @@ def test_shards_cover_every_sample_once_without_padding() -> None:
     assert sorted(i for s in shards for i in s) == data and [len(s) for s in shards] == [4, 4, 3]
 
 
-def _records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_and_resume_in_one(synthetic_root, tmp_path, tiny_overrides) -> None:
-    from densemtl.metrics import MultiTaskMetrics, summarize
+    from densemtl.metrics import build_metrics, summarize
     from densemtl.train.checkpoint import config_from_checkpoint, load_checkpoint, model_from_checkpoint
     from densemtl.train.engine import build_dataset, config_for_resume, evaluate, make_loader, train
 
@@ -68,7 +63,7 @@ def test_two_gloo_processes_match_one_and_resume_in_one(synthetic_root, tmp_path
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert res.stdout.count("epoch 2/2") == 1, "only rank 0 prints"
-    recs = _records(run)
+    recs = records(run)
     assert [r["epoch"] for r in recs] == [1, 2]
     assert recs[1]["loss/total"] < recs[0]["loss/total"]
 
@@ -77,17 +72,12 @@ def test_two_gloo_processes_match_one_and_resume_in_one(synthetic_root, tmp_path
     cfg = config_from_checkpoint(ckpt)
     model = model_from_checkpoint(ckpt)
     val = make_loader(build_dataset(cfg, "val", False), 4, False, 0, 0, torch.device("cpu"))
-    metrics = MultiTaskMetrics(
-        cfg.model.tasks,
-        cfg.model.num_classes,
-        min_depth=cfg.data.eval_depth_min,
-        max_depth=cfg.data.eval_depth_max,
-    )
+    metrics = build_metrics(cfg, ckpt["dataset"])
     single = summarize(evaluate(model, val, metrics, torch.device("cpu")))
     for key in ("semseg/miou", "semseg/pixel_acc", "depth/abs_rel", "depth/rmse", "depth/delta1"):
         assert recs[1][f"val/{key}"] == pytest.approx(single[key], rel=1e-5, abs=1e-6), key
 
     # The 2-process checkpoint resumes in this single process and continues at epoch 3.
     train(config_for_resume(run / "last.pt", ["train.epochs=3"]), resume=run / "last.pt")
-    assert [r["epoch"] for r in _records(run)] == [1, 2, 3]
+    assert [r["epoch"] for r in records(run)] == [1, 2, 3]
     assert load_checkpoint(run / "last.pt")["epoch"] == 2

@@ -16,10 +16,7 @@ from PIL import Image
 
 from densemtl.config import load_config
 from densemtl.train.engine import train
-
-
-def _records(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+from helpers import records
 
 
 def test_train_writes_checkpoints_logs_and_rebuilds_its_model(synthetic_root, tiny_run):
@@ -31,7 +28,7 @@ def test_train_writes_checkpoints_logs_and_rebuilds_its_model(synthetic_root, ti
     for name in ("config.yaml", "last.pt", "best.pt", "metrics.jsonl"):
         assert (run / name).is_file(), name
     assert any((run / "tb").iterdir())
-    rec = _records(run)[0]
+    rec = records(run)[0]
     assert rec["epoch"] == 1 and np.isfinite(rec["loss/total"]) and rec["skipped_batches"] == 0
     assert 0.0 <= result["last"]["semseg/miou"] <= 1.0
     pred = Predictor.from_checkpoint(run / "best.pt").predict(
@@ -61,18 +58,17 @@ def test_resume_after_kill_matches_uninterrupted_run(synthetic_root, tmp_path, t
     time.sleep(0.5)  # now inside epoch 2
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = len(_records(killed))
+    done = len(records(killed))
     assert 1 <= done < 3, "the run must be killed before it finishes"
 
     subprocess.run([sys.executable, "-m", "densemtl", "train", "--resume", str(killed / "last.pt")], check=True,
                    env=env, capture_output=True)
-    a, b = _records(full), _records(killed)
+    a, b = records(full), records(killed)
     assert [r["epoch"] for r in b] == [1, 2, 3]
     for ra, rb in zip(a, b, strict=True):
         for key in ("loss/total", "val/semseg/miou", "val/depth/abs_rel", "val/depth/delta1"):
             assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), (ra["epoch"], key)
-    steps_a = [json.loads(line) for line in (full / "steps.jsonl").read_text().splitlines()]
-    steps_b = [json.loads(line) for line in (killed / "steps.jsonl").read_text().splitlines()]
+    steps_a, steps_b = records(full, "steps.jsonl"), records(killed, "steps.jsonl")
     assert [r["step"] for r in steps_b] == [r["step"] for r in steps_a]  # no step twice after the resume
     for ra, rb in zip(steps_a, steps_b, strict=True):
         assert ra["loss/total"] == pytest.approx(rb["loss/total"], rel=1e-5, abs=1e-6), ra["step"]
@@ -129,7 +125,7 @@ def test_resumed_run_log_drops_steps_after_the_checkpoint(tmp_path):
     log = RunLog(tmp_path, resume_step=3)
     log.step({"loss/total": 40.0}, 4)
     log.close()
-    records = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3, 4] and records[-1]["loss/total"] == 40.0
+    steps = records(tmp_path, "steps.jsonl")
+    assert [r["step"] for r in steps] == [1, 2, 3, 4] and steps[-1]["loss/total"] == 40.0
     RunLog(tmp_path).close()  # a fresh RunLog without resume_step keeps what is there
     assert len((tmp_path / "steps.jsonl").read_text().splitlines()) == 4

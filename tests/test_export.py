@@ -20,21 +20,26 @@ SIZE = (64, 96)
 INFO = {"classes": ["a", "b", "c", "d"], "palette": [[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255]]}
 
 
-def tiny_model() -> torch.nn.Module:
+DEFAULT_TASKS = ModelConfig().tasks  # the default model's tasks (semseg + depth)
+
+
+def tiny_model(tasks: tuple[str, ...] = DEFAULT_TASKS) -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = ModelConfig(num_classes=4, backbone="mobilenet_v3_small", decoder_channels=16, pretrained="none")
+    cfg = ModelConfig(
+        tasks=tasks, num_classes=4, backbone="mobilenet_v3_small", decoder_channels=16, pretrained="none"
+    )
     model = build_model(cfg).eval()
     with torch.no_grad():  # non-trivial depth: the head starts almost constant
         model.heads["depth"].out.weight.normal_(std=0.5)
     return model
 
 
-def export_tiny(path, dynamic=False, bake=False):
+def export_tiny(path, dynamic=False, tasks=DEFAULT_TASKS):
     from densemtl.deploy.export import ExportWrapper, build_metadata, export_model
 
-    model = tiny_model()
-    meta = build_metadata(ExportWrapper(model, True, bake), SIZE, dynamic, INFO, input_scale=0.5)
-    export_model(model, path, SIZE, dynamic=dynamic, bake_normalization=bake, metadata=meta)
+    model = tiny_model(tasks)
+    meta = build_metadata(ExportWrapper(model, True), SIZE, dynamic, INFO, input_scale=0.5)
+    export_model(model, path, SIZE, dynamic=dynamic, metadata=meta)
     return model
 
 
@@ -44,21 +49,18 @@ def test_export_parity_metadata_and_outputs(tmp_path):
     from densemtl.deploy.export import check_parity, parity_images, read_metadata
 
     path = tmp_path / "m.onnx"
-    model = export_tiny(path, bake=True)
+    model = export_tiny(path)
     meta = read_metadata(path)
     assert meta["classes"] == INFO["classes"] and meta["palette"] == INFO["palette"]
-    assert meta["depth_units"] == "metres" and meta["input_scale"] == 0.5
-    assert meta["input"]["normalization"] == "baked" and meta["input"]["size"] == list(SIZE)
+    assert meta["depth_units"] == "metres" and meta["input_scale"] == 0.5 and meta["version"] == 2
+    assert meta["input"]["normalization"] == "in-model" and meta["input"]["size"] == list(SIZE)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["image"]
     assert [o.name for o in session.get_outputs()] == ["semseg_logits", "semseg", "depth"]
-    raw = torch.rand(1, 3, *SIZE) * 255  # baked graph: raw pixels in
+    raw = torch.rand(1, 3, *SIZE)  # RGB in [0, 1], as the PyTorch model takes it
     logits, ids, depth = session.run(None, {"image": raw.numpy()})
     with torch.no_grad():
-        ref = model(
-            (raw / 255 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-            / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-        )
+        ref = model(raw)
     assert np.array_equal(ids, logits.argmax(1)) and ids.shape == (1, *SIZE)
     assert np.abs(depth - ref["depth"].numpy()).max() < 1e-3
     assert depth.std() > 0.01  # the comparison is not between two constants
@@ -77,6 +79,42 @@ def test_parity_check_catches_a_different_model(tmp_path):
     assert not report["passed"] and report["depth_max_abs_err_m"] > 1e-3
 
 
+def test_three_task_export_parity_covers_normals(tmp_path):
+    from densemtl.deploy.export import check_parity, parity_images, read_metadata
+    from densemtl.deploy.ort import OnnxModel
+
+    path = tmp_path / "m3.onnx"
+    tasks = ("semseg", "depth", "normals")
+    model = export_tiny(path, dynamic=True, tasks=tasks)
+    meta = read_metadata(path)
+    assert meta["tasks"] == list(tasks) and meta["outputs"] == ["semseg_logits", "semseg", "depth", "normals"]
+    got = OnnxModel.from_file(path, threads=1)(torch.rand(1, 3, 40, 56))
+    assert got["normals"].shape == (1, 3, 40, 56)
+    assert torch.allclose(got["normals"].norm(dim=1), torch.ones(1, 40, 56), atol=1e-4)  # unit vectors
+    report = check_parity(model, path, parity_images(None, SIZE, n=2)[0])
+    assert report["passed"] and report["normals_within_0_5_deg"] >= 0.999
+    with torch.no_grad():
+        model.heads["normals"].out.bias.add_(torch.tensor([0.5, 0.0, 0.0]))  # normals tilt: parity must fail
+    report = check_parity(model, path, parity_images(None, SIZE, n=1)[0])
+    assert not report["passed"] and report["normals_within_0_5_deg"] < 0.999
+
+
+def test_graphs_from_before_in_model_normalisation_are_refused(tmp_path):
+    import onnx
+
+    from densemtl.deploy.metadata import METADATA_KEY
+    from densemtl.deploy.ort import OnnxModel
+
+    path = tmp_path / "old.onnx"
+    export_tiny(path)
+    proto = onnx.load(str(path))
+    entry = next(p for p in proto.metadata_props if p.key == METADATA_KEY)
+    entry.value = json.dumps({**json.loads(entry.value), "version": 1})
+    onnx.save(proto, str(path))
+    with pytest.raises(ValueError, match="re-export"):
+        OnnxModel.from_file(path, threads=1)
+
+
 def test_dynamic_axes_batch_and_size(tmp_path):
     from densemtl.deploy.ort import OnnxModel
 
@@ -84,7 +122,7 @@ def test_dynamic_axes_batch_and_size(tmp_path):
     model = export_tiny(path, dynamic=True)
     engine = OnnxModel.from_file(path, threads=1)
     assert engine.fixed_size is None
-    x = torch.randn(2, 3, 48, 80)  # another batch and size than traced
+    x = torch.rand(2, 3, 48, 80)  # another batch and size than traced
     with torch.no_grad():
         ref = model(x)
     got = engine(x)
@@ -114,7 +152,7 @@ def test_benchmark_json_schema_and_int8(tmp_path):
     result = run_benchmark(
         tiny_model(),
         size=SIZE,
-        engines=("torch", "onnxruntime", "int8"),
+        backends=("torch", "onnxruntime", "int8"),
         threads=1,
         runs=2,
         warmup=1,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -11,39 +12,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from densemtl.data.folder import FolderDataset, validate_sample
-from densemtl.data.format import DatasetFormatError, write_dataset_json, write_sample
+from densemtl.data.folder import FolderDataset, validate_sample, write_sample
+from densemtl.data.format import DatasetFormatError
+from helpers import CLASSES, PALETTE
+from helpers import make_dataset as _make_dataset
 
 H, W = 24, 32
-CLASSES = ["road", "car", "sky"]
-PALETTE = [[128, 64, 128], [0, 0, 142], [70, 130, 180]]
-
-
-def make_dataset(root: Path, n: int = 2, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
-    """Tiny dataset with every task; returns what was written, by id."""
-    write_dataset_json(
-        root,
-        name="tiny",
-        tasks=["semseg", "depth", "normals"],
-        classes=CLASSES,
-        palette=PALETTE,
-        splits=["train"],
-        depth_max=80.0,
-    )
-    rng = np.random.default_rng(seed)
-    written = {}
-    for i in range(n):
-        image = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
-        semseg = rng.integers(0, len(CLASSES), (H, W)).astype(np.uint8)
-        semseg[0, :5] = 255
-        depth = rng.uniform(0.5, 80.0, (H, W)).astype(np.float32)
-        depth[1, :3] = 0.0
-        normals = rng.normal(size=(H, W, 3)).astype(np.float32)
-        normals /= np.linalg.norm(normals, axis=-1, keepdims=True)
-        meta = {"intrinsics": [30.0 + i, 31.0, 15.5, 11.5]}
-        write_sample(root, "train", f"s{i:03d}", image, semseg, depth, normals, meta)
-        written[f"s{i:03d}"] = {"image": image, "semseg": semseg, "depth": depth, "normals": normals}
-    return written
+make_dataset = partial(_make_dataset, size=(H, W))  # every task, train split only, by (split, id)
 
 
 @pytest.fixture
@@ -59,7 +34,7 @@ def test_round_trip(tmp_path: Path) -> None:
     assert ds.class_names == CLASSES and ds.palette == PALETTE and ds.num_classes == 3
     assert ds.info["name"] == "tiny"
     s = ds[1]
-    ref = written["s001"]
+    ref = written["train", "s001"]
     assert s["id"] == "s001"
     assert s["image"].dtype == torch.float32 and s["image"].shape == (3, H, W)
     assert torch.equal(

@@ -8,19 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from densemtl.config import LossConfig
-from densemtl.train.losses import (
-    DEPTH_LOSSES,
-    DEPTH_SPACES,
-    SEG_LOSSES,
-    WEIGHTINGS,
-    DepthLoss,
-    FixedWeighting,
-    SegLoss,
-    berhu,
-    build_loss,
-    depth_transform,
-)
+from densemtl.config import Config, LossConfig, ModelConfig
+from densemtl.tasks.depth import DEPTH_LOSSES, DEPTH_SPACES, DepthLoss, berhu, depth_transform
+from densemtl.tasks.semseg import SEG_LOSSES, SegLoss
+from densemtl.train.losses import WEIGHTINGS, FixedWeighting
+from densemtl.train.losses import build_loss as _build_loss
+
+
+def build_loss(loss: LossConfig, tasks: tuple[str, ...], num_classes: int):
+    """The loss of a config with these loss settings, tasks and classes."""
+    return _build_loss(Config(loss=loss, model=ModelConfig(tasks=tasks, num_classes=num_classes)))
+
 
 C = 4
 
@@ -217,7 +215,7 @@ def test_total_is_weighted_sum_and_missing_weights_are_one() -> None:
         ("depth", "huber", "berhu"),
         ("depth_space", "disparity", "blog"),
         ("weighting", "nash_mtl", "fixed"),
-        ("weights", {"normals": 1.0}, "known tasks"),
+        ("weights", {"edges": 1.0}, "known tasks"),
     ],
 )
 def test_unknown_names_are_clear_errors(field: str, value: object, match: str) -> None:

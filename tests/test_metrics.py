@@ -11,15 +11,30 @@ import torch
 import torch.distributed as dist
 from torchmetrics.classification import MulticlassJaccardIndex
 
+from densemtl.config import Config, DataConfig, ModelConfig
 from densemtl.metrics import (
     LOWER_IS_BETTER,
-    DepthMetrics,
     MultiTaskMetrics,
-    SegMetrics,
+    build_metrics,
     delta_m,
     load_metrics_json,
     summarize,
 )
+from densemtl.tasks.depth_metrics import DepthMetrics
+from densemtl.tasks.semseg import SegMetrics
+
+
+def _multitask(classes: list[str] | None = None, max_depth: float = 80.0) -> MultiTaskMetrics:
+    """Semseg (3 classes) + depth metrics as training builds them (``build_metrics``)."""
+    cfg = Config(
+        model=ModelConfig(tasks=("semseg", "depth"), num_classes=3), data=DataConfig(eval_depth_max=max_depth)
+    )
+    return build_metrics(cfg, {"classes": classes or []})
+
+
+def _scalars(d: dict) -> dict:
+    return {k: v for k, v in d.items() if k != "profile"}
+
 
 # 2x3 image, 3 classes; the last pixel is ignored (its prediction 2 must not count)
 SEG_GT = torch.tensor([[[0, 0, 1], [1, 2, 255]]])
@@ -178,7 +193,8 @@ def test_depth_merge_of_halves_equals_whole(per_image: bool) -> None:
     a.update(pred[:1], gt[:1])
     b.update(pred[1:], gt[1:])
     a.merge(b)
-    assert a.compute() == pytest.approx(whole.compute(), rel=1e-12)
+    assert _scalars(a.compute()) == pytest.approx(_scalars(whole.compute()), rel=1e-12)
+    assert a.compute()["profile"]["count"] == whole.compute()["profile"]["count"]
 
 
 def test_seg_merge_of_halves_equals_whole() -> None:
@@ -197,7 +213,7 @@ def test_seg_merge_of_halves_equals_whole() -> None:
 
 def test_all_reduce_is_a_noop_without_distributed_and_sums_with_it(tmp_path: Path) -> None:
     pred, gt = _random_depth(3)
-    m = MultiTaskMetrics(("semseg", "depth"), num_classes=3)
+    m = _multitask()
     m.update({"semseg": SEG_PRED, "depth": pred[:1]}, {"semseg": SEG_GT, "depth": gt[:1]})
     before = m.compute()
     m.all_reduce()  # no process group: nothing changes
@@ -214,7 +230,7 @@ def _ddp_worker(rank: int, store: str, out: str) -> None:
     """One of two processes: each sees half the data, all_reduce gives the whole dataset's metrics."""
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     pred, gt = _random_depth(5)
-    m = MultiTaskMetrics(("semseg", "depth"), num_classes=3)
+    m = _multitask()
     half = slice(0, 1) if rank == 0 else slice(1, 4)
     seg_pred = SEG_PRED if rank == 0 else torch.zeros_like(SEG_PRED)
     m.update({"semseg": seg_pred, "depth": pred[half]}, {"semseg": SEG_GT, "depth": gt[half]})
@@ -229,21 +245,24 @@ def test_all_reduce_across_two_processes_equals_one_process(tmp_path: Path) -> N
     out = tmp_path / "result.pt"
     torch.multiprocessing.spawn(_ddp_worker, args=(str(tmp_path / "store"), str(out)), nprocs=2)
     pred, gt = _random_depth(5)
-    single = MultiTaskMetrics(("semseg", "depth"), num_classes=3)
+    single = _multitask()
     single.update({"semseg": SEG_PRED, "depth": pred[:1]}, {"semseg": SEG_GT, "depth": gt[:1]})
     single.update(
         {"semseg": torch.zeros_like(SEG_PRED), "depth": pred[1:]}, {"semseg": SEG_GT, "depth": gt[1:]}
     )
     got = torch.load(out, weights_only=False)
     assert got["semseg"] == single.compute()["semseg"]
-    assert got["depth"] == pytest.approx(single.compute()["depth"], rel=1e-12)
+    assert _scalars(got["depth"]) == pytest.approx(_scalars(single.compute()["depth"]), rel=1e-12)
+    want = single.compute()["depth"]["profile"]
+    assert got["depth"]["profile"]["count"] == want["count"]
+    assert got["depth"]["profile"]["mae"] == pytest.approx(want["mae"], rel=1e-12)
 
 
 def test_multitask_metrics_skip_unlabelled_samples_and_summarize() -> None:
     pred, gt = _random_depth(4)
     seg_gt = torch.cat([SEG_GT, SEG_GT]).repeat(2, 1, 1)  # (4, 2, 3)
     seg_pred = torch.cat([SEG_PRED, torch.zeros_like(SEG_PRED)]).repeat(2, 1, 1)
-    m = MultiTaskMetrics(("semseg", "depth"), num_classes=3, class_names=["a", "b", "c"], max_depth=80.0)
+    m = _multitask(["a", "b", "c"], max_depth=80.0)
     flags = {
         "semseg": torch.tensor([True, False, True, False]),
         "depth": torch.tensor([True, True, False, False]),
@@ -255,7 +274,8 @@ def test_multitask_metrics_skip_unlabelled_samples_and_summarize() -> None:
     depth_alone.update(pred[:2], gt[:2])
     assert res["semseg"]["miou"] == pytest.approx(seg_alone.compute()["miou"])
     assert res["semseg"]["pixels"] == 10
-    assert res["depth"] == pytest.approx(depth_alone.compute())
+    assert _scalars(res["depth"]) == pytest.approx(_scalars(depth_alone.compute()))
+    assert res["depth"]["profile"] == depth_alone.compute()["profile"]
     flat = summarize(res)
     assert flat["semseg/miou"] == pytest.approx(1 / 3) and "depth/abs_rel" in flat and "depth/delta1" in flat
     assert flat["score"] == pytest.approx((res["semseg"]["miou"] + res["depth"]["delta1"]) / 2)

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from densemtl.config import load_config
+from densemtl.config import ModelConfig, load_config, replace
 from densemtl.data.check import check_dataset
 from densemtl.data.folder import FolderDataset
 from densemtl.data.pseudolabel import pseudolabel
 from densemtl.train.engine import train
 from densemtl.train.losses import build_loss
+from helpers import records
 
 
 def _make_mixed(src: Path, dst: Path, n_train: int = 64) -> Path:
@@ -45,7 +46,7 @@ def mixed_run(synthetic_root, tmp_path_factory, tiny_overrides) -> tuple[Path, P
 
 
 def test_losses_skip_unlabelled_samples():
-    loss_fn = build_loss(load_config().loss, ("semseg", "depth"), num_classes=3)
+    loss_fn = build_loss(replace(load_config(), model=ModelConfig(tasks=("semseg", "depth"), num_classes=3)))
     logits = torch.randn(2, 3, 8, 8, requires_grad=True)
     depth = (torch.rand(2, 1, 8, 8) + 0.5).requires_grad_()
     batch = {"semseg": torch.randint(0, 3, (2, 8, 8)), "depth": torch.rand(2, 1, 8, 8) + 1,
@@ -64,12 +65,12 @@ def test_mixed_dataset_trains_and_both_tasks_improve(mixed_run):
     flags = [ds[i]["valid_tasks"] for i in range(4)]
     assert flags == [{"semseg": True, "depth": False}, {"semseg": False, "depth": True}] * 2
     assert check_dataset(root).ok  # missing task files are allowed, not errors
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 4
-    for r in records:
+    epochs = records(out)
+    assert len(epochs) == 4
+    for r in epochs:
         assert all(math.isfinite(v) for k, v in r.items() if k.startswith("loss/")), r
-        assert r.get("skipped", 0) == 0
-    first, last = records[0], records[-1]
+        assert r["skipped_batches"] == 0  # the key the engine logs; a missing key fails
+    first, last = epochs[0], epochs[-1]
     assert last["val/semseg/miou"] > first["val/semseg/miou"]
     assert last["val/depth/abs_rel"] < first["val/depth/abs_rel"]
 

@@ -17,8 +17,8 @@ from densemtl.config import ModelConfig
 from densemtl.models import BACKBONES, DECODERS, build_model
 from densemtl.models import backbones as bb
 from densemtl.models.decoders import ASPP, CRP, LWRefineNet, UNet, max_pool5
-from densemtl.models.heads import DEPTH_PARAMS, DepthHead, depth_from_raw, raw_for_depth
 from densemtl.models.zoo import describe, format_model_table
+from densemtl.tasks.depth import DEPTH_PARAMS, DepthHead, depth_from_raw, raw_for_depth
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "mobilenet_v2_imagenet_features.pth"
 SMALL = dict(num_classes=5, decoder_channels=16, min_depth=0.5, max_depth=50.0)

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from densemtl.data.check import check_dataset
-from densemtl.data.folder import FolderDataset
-from densemtl.data.format import read_dataset_json, write_dataset_json, write_sample
+from densemtl.data.folder import FolderDataset, write_sample
+from densemtl.data.format import read_dataset_json, write_dataset_json
 from densemtl.datasets.common import crop_box
 from densemtl.datasets.nyuv2 import (
     NYU13_CLASSES,
@@ -19,8 +19,11 @@ from densemtl.datasets.nyuv2 import (
     convert_nyuv2,
     load_mapping13,
     load_mapping40,
+    load_nyu_normals,
     load_splits,
+    nyu_normals_to_camera,
 )
+from densemtl.tasks.normals import normals_from_depth
 
 h5py = pytest.importorskip("h5py")
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -137,6 +140,7 @@ def test_convert_mtan_layout(tmp_path):
     image = np.load(src / "val" / "image" / "1.npy")
     assert np.abs(s["image"].permute(1, 2, 0).numpy() - image).max() <= 0.5 / 255 + 1e-6
     assert np.allclose(s["normals"][:, 0, 0].numpy(), [0, 0, -1], atol=0.01)
+    assert read_dataset_json(tmp_path / "out")["tasks"] == ["semseg", "depth", "normals"]
     assert s["intrinsics"][0].item() == pytest.approx(NYU_INTRINSICS[0] * w / 640, rel=1e-4)
 
 
@@ -199,3 +203,85 @@ def test_cli_convert_nyuv2(labeled_mat, tmp_path):
         )
         == 2
     )  # fmt: skip  (6x8 frames are smaller than the valid region)
+
+
+def _nyu_encode(cam: np.ndarray) -> np.ndarray:
+    """Camera-frame normals (..., 3) -> NYU normal-map pixels (R, G, B) = (x, z, -y), value = (n + 1) * 127.5."""
+    nyu = np.stack([cam[..., 0], cam[..., 2], -cam[..., 1]], -1)
+    return np.clip(np.rint((nyu + 1) * 127.5), 0, 255).astype(np.uint8)
+
+
+def _angles_deg(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.degrees(np.arccos(np.clip((a.astype(np.float64) * b).sum(-1), -1.0, 1.0)))
+
+
+@pytest.mark.skipif(not SAMPLES.is_dir(), reason="shared NYU samples not present")
+def test_real_nyu_normals_encoding_and_axes_agree_with_depth():
+    """Frame 433: the converted map is unit length inside the valid Kinect region, invalid (127, 127, 127)
+    outside, and agrees with normals differenced from its own depth on planar wall and floor pixels."""
+    raw = np.asarray(Image.open(SAMPLES / "norm_gt_000433.png"))
+    cam = load_nyu_normals(SAMPLES / "norm_gt_000433.png", (480, 640))
+    assert cam.shape == (480, 640, 3) and cam.dtype == np.float32
+    valid = np.any(cam != 0, axis=-1)
+    assert np.array_equal(~valid, (raw == 127).all(-1))  # grey is the only invalid value
+    top, bottom, left, right = NYU_VALID_CROP
+    inside = np.zeros_like(valid)
+    inside[top:bottom, left:right] = True
+    assert not valid[~inside].any() and valid[inside].mean() > 0.99
+    assert np.allclose(np.linalg.norm(cam[valid], axis=-1), 1.0, atol=1e-5)
+
+    depth = np.asarray(Image.open(SAMPLES / "depth_gt_000433.png")).astype(np.float32) / 5000.0
+    est, planar = normals_from_depth(
+        depth, NYU_INTRINSICS, step=8, planar_tol=0.01
+    )  # Kinect noise: wide stencil
+    labels = np.asarray(Image.open(SAMPLES / "segm_gt_000433.png"))  # 40 classes: 0 wall, 1 floor
+    wall, floor = planar & valid & (labels == 0), planar & valid & (labels == 1)
+    assert wall.sum() > 5000 and floor.sum() > 5000
+    err = _angles_deg(est, cam)
+    # measured: walls and floor 5.1, floor 3.4, walls 11.4 degrees (median)
+    assert np.median(err[wall | floor]) < 10.0
+    assert np.median(err[floor]) < 8.0 and np.median(err[wall]) < 20.0
+    mirrored = cam * np.float32([-1, 1, 1])  # the runner-up mapping: fits the floor, not the walls (72)
+    assert np.median(_angles_deg(est, mirrored)[wall]) > 40.0
+
+
+def test_nyu_normals_to_camera_axes_and_checks():
+    cam = np.array([[[0.36, -0.48, -0.8], [0.0, -1.0, 0.0], [0.0, 0.0, 0.0]]], np.float32)  # (1, 3, 3)
+    rgb = _nyu_encode(cam)
+    rgb[0, 2] = 127  # NYU's invalid grey
+    assert rgb[0, 1].tolist() == [128, 128, 255]  # a floor (y up) is blue in NYU maps
+    out = nyu_normals_to_camera(rgb)
+    assert np.allclose(out[0, :2], cam[0, :2], atol=0.01) and (out[0, 2] == 0).all()
+    for bad in (rgb[..., 0], rgb.astype(np.float32), np.zeros((2, 2, 4), np.uint8)):
+        with pytest.raises(ValueError, match="uint8 RGB"):
+            nyu_normals_to_camera(bad)
+
+
+@needs_meta
+def test_convert_labeled_mat_with_normals_dir(labeled_mat, tmp_path):
+    splits = load_splits(META / "splits.mat")
+    first_train, first_val = int(splits["train"][0]), int(splits["val"][0])
+    normal = np.float32([0.36, -0.48, -0.8])
+    normals_dir = tmp_path / "normals"
+    normals_dir.mkdir()
+    for frame in (first_train, first_val):  # the second train frame has no map
+        rgb = _nyu_encode(np.tile(normal, (H, W, 1)))
+        Image.fromarray(rgb).save(normals_dir / f"norm_gt_{frame + 1:06d}.png")  # 1-based frame numbers
+    dst = tmp_path / "nyu"
+    convert_nyuv2(labeled_mat, dst, meta_dir=META, max_per_split=2, normals_dir=normals_dir)
+    assert read_dataset_json(dst)["tasks"] == ["semseg", "depth", "normals"]
+    ds = FolderDataset(dst, "train", tasks=("semseg", "depth", "normals"))
+    with_map, without = ds[0], ds[1]
+    assert with_map["valid_tasks"]["normals"] and not without["valid_tasks"]["normals"]
+    assert np.abs(with_map["normals"].permute(1, 2, 0).numpy() - normal).max() < 0.02
+    assert (without["normals"] == 0).all()
+    assert FolderDataset(dst, "val", tasks=("normals",))[0]["valid_tasks"]["normals"]
+    assert check_dataset(dst).ok
+
+    Image.fromarray(np.zeros((H + 1, W, 3), np.uint8)).save(
+        normals_dir / f"norm_gt_{first_train + 1:06d}.png"
+    )
+    with pytest.raises(ValueError, match="normal map is"):
+        convert_nyuv2(labeled_mat, tmp_path / "bad", meta_dir=META, max_per_split=1, normals_dir=normals_dir)
+    with pytest.raises(FileNotFoundError, match="normals_dir"):
+        convert_nyuv2(labeled_mat, tmp_path / "x", meta_dir=META, normals_dir=tmp_path / "missing")

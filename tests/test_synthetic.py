@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from densemtl.synth import scene as sc
 from densemtl.data.format import decode_depth, decode_normals, read_dataset_json
+from densemtl.synth import scene as sc
 from densemtl.synth.raycast import Camera
 from densemtl.synth.render import generate_dataset, render, render_sample
 

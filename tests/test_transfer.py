@@ -49,7 +49,7 @@ def _train(sets: list[str], steps: int = 2, size: int = 64):
     )
     torch.manual_seed(0)
     model = build_model(cfg.model)
-    loss_fn = build_loss(cfg.loss, cfg.model.tasks, C)
+    loss_fn = build_loss(cfg)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = build_optimizer(model, loss_fn, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)

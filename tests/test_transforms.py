@@ -7,17 +7,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from densemtl.data.folder import FolderDataset
-from densemtl.data.format import write_dataset_json, write_sample
-from densemtl.data.transforms import (
-    IMAGENET_MEAN,
-    build_transforms,
-    crop_sample,
-    denormalize,
-    hflip_sample,
-    normalize,
-    resize_sample,
-)
+from densemtl.data.folder import FolderDataset, write_sample
+from densemtl.data.format import write_dataset_json
+from densemtl.data.transforms import build_transforms, crop_sample, hflip_sample, resize_sample
 
 H, W = 20, 30
 K = [25.0, 27.0, 14.2, 9.7]  # fx, fy, cx, cy
@@ -72,7 +64,7 @@ def test_train_pipeline_keeps_keys_aligned_and_intrinsics_consistent(crop: tuple
         valid = out["semseg"] != 255
         sem = out["semseg"] - OFF
         assert valid.sum() == min(crop[0], H) * min(crop[1], W)
-        assert torch.equal(image_ids(denormalize(out["image"]))[valid], sem[valid])
+        assert torch.equal(image_ids(out["image"])[valid], sem[valid])
         assert torch.equal(out["depth"][0][valid], sem[valid].float() + 1)
         assert (out["depth"][0][~valid] == 0).all() and (out["normals"][:, ~valid] == 0).all()
         flipped = bool(out["normals"][0][valid][0] < 0)
@@ -142,13 +134,13 @@ def test_crop_pads_with_each_keys_fill() -> None:
     assert (out["image"][:, pad] == 0).all() and (out["normals"][:, pad] == 0).all()
     assert torch.equal(out["semseg"][~pad].reshape(H, W), pattern_sample()["semseg"])
     assert torch.allclose(out["intrinsics"], torch.tensor([K[0], K[1], K[2] + 5, K[3] + 3]))
-    # Small image, random crop: image fill is black before normalisation.
+    # Small image, random crop: the image is padded black (the model normalises its RGB itself).
     torch.manual_seed(0)
     t = build_transforms(train=True, crop=(30, 40), scale_range=(0.5, 0.5), hflip=False, color_jitter=0.0)
     out = t(pattern_sample())
     pad = out["semseg"] == 255
     assert pad.sum() == 30 * 40 - 10 * 15
-    black = normalize(torch.zeros(3, 1, 1))[:, 0, 0]
+    black = torch.zeros(3)
     assert torch.allclose(out["image"][:, pad], black[:, None].expand(3, int(pad.sum())))
 
 
@@ -170,7 +162,7 @@ def test_unknown_intrinsics_stay_zero_and_colour_jitter_touches_image_only() -> 
     out = t(pattern_sample())
     assert torch.equal(out["semseg"], pattern_sample()["semseg"])
     assert torch.equal(out["depth"], pattern_sample()["depth"])
-    assert not torch.allclose(denormalize(out["image"]), pattern_sample()["image"], atol=1e-3)
+    assert not torch.allclose(out["image"], pattern_sample()["image"], atol=1e-3)
 
 
 def test_eval_transform_resizes_by_base_scale_only() -> None:
@@ -181,17 +173,17 @@ def test_eval_transform_resizes_by_base_scale_only() -> None:
         a["intrinsics"], torch.tensor([K[0] / 2, K[1] / 2, (K[2] + 0.5) / 2 - 0.5, (K[3] + 0.5) / 2 - 0.5])
     )
     full = build_transforms(train=False, crop=None)(pattern_sample())
-    assert torch.allclose(denormalize(full["image"]), pattern_sample()["image"], atol=1e-6)
+    assert torch.allclose(full["image"], pattern_sample()["image"], atol=1e-6)
     torch.manual_seed(1)
     phase = build_transforms(train=True, crop=(16, 24), scale_range=(1.0, 1.0), base_scale=0.5)
     assert phase(pattern_sample())["semseg"].shape == (8, 12)
 
 
-def test_normalize_round_trip() -> None:
-    x = torch.rand(2, 3, 4, 5)
-    assert torch.allclose(denormalize(normalize(x)), x, atol=1e-6)
-    mean_img = torch.tensor(IMAGENET_MEAN).view(3, 1, 1).expand(3, 4, 4)
-    assert torch.allclose(normalize(mean_img), torch.zeros(3, 4, 4), atol=1e-6)
+def test_pipeline_keeps_rgb_in_unit_range() -> None:
+    """Samples carry RGB in [0, 1] unnormalised: the model owns its normalisation (see test_models)."""
+    full = build_transforms(train=False, crop=None)(pattern_sample())
+    assert torch.equal(full["image"], pattern_sample()["image"])
+    assert float(full["image"].min()) >= 0.0 and float(full["image"].max()) <= 1.0
 
 
 def test_dataloader_with_folder_dataset(tmp_path) -> None:

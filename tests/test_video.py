@@ -9,16 +9,18 @@ import pytest
 
 from densemtl.scene3d.bev import BevGrid, SceneOptions
 from densemtl.synth.drive import synth_video
-from densemtl.viz.video import load_engine, predict_video, read_video, video_panel
+from densemtl.viz.video import load_backend, predict_video, read_video, video_panel
 
 SIZE = (48, 96)
 
 
-class GroundTruthEngine:
+class GroundTruthPredictor:
     """Stands in for a Predictor: road below the horizon at the exact depth of the flat ground, sky above."""
 
     class_names = ["road", "sidewalk", "building", "vegetation", "pole", "car", "person", "sky"]
     palette = np.array([[128, 64, 128], [244, 35, 232], *[[70, 70, 70]] * 5, [70, 130, 180]], np.uint8)
+    info = {"classes": class_names, "palette": palette.tolist(), "depth": {"max": 80.0}}
+    tasks = ("semseg", "depth")
 
     def __init__(self, meta: dict) -> None:
         fx, fy, cx, cy = meta["intrinsics"]
@@ -56,10 +58,10 @@ def test_synth_video_writes_a_readable_clip_and_its_camera(clip):
 
 
 def test_predict_video_panels_show_the_bev_and_fps(clip, tmp_path):
-    engine = GroundTruthEngine(json.loads(clip["meta"].read_text()))
+    predictor = GroundTruthPredictor(json.loads(clip["meta"].read_text()))
     grid = BevGrid(x_range=(-10.0, 10.0), z_range=(0.0, 20.0), cell=0.5)
-    r = predict_video(engine, clip["video"], tmp_path / "out.mp4", SceneOptions(bev=True, grid=grid))
-    assert r["frames"] == engine.calls == 4 and r["fps"] > 0
+    r = predict_video(predictor, clip["video"], tmp_path / "out.mp4", SceneOptions(bev=True, grid=grid))
+    assert r["frames"] == predictor.calls == 4 and r["fps"] > 0
     panels = list(read_video(r["video"]))
     assert len(panels) == 4
     h, w = panels[0].shape[:2]
@@ -75,15 +77,15 @@ def test_panel_has_fps_text():
     rgb = np.zeros((*SIZE, 3), np.uint8)
     pred = {"semseg": np.zeros(SIZE, np.uint8)}
     palette = np.zeros((1, 3), np.uint8)
-    with_text = video_panel(rgb, pred, palette, None, 12.3)
+    with_text = video_panel(rgb, pred, {"palette": palette}, ("semseg",), None, 12.3)
     assert with_text.shape == (SIZE[0], 2 * SIZE[1], 3)
     assert with_text[:20, :60].max() == 255 and with_text[30:].max() == 0
 
 
-def test_onnx_input_goes_to_the_onnx_runtime_engine(tmp_path):
-    # The engine itself is tested in test_export.py; here: an .onnx path is routed to it, with a clear error.
+def test_onnx_input_goes_to_the_onnx_runtime_backend(tmp_path):
+    # The backend itself is tested in test_export.py; here: an .onnx path is routed to it, with a clear error.
     with pytest.raises(FileNotFoundError, match=r"model\.onnx does not exist.*densemtl export"):
-        load_engine(tmp_path / "model.onnx")
+        load_backend(tmp_path / "model.onnx")
 
 
 def test_cli_synth_video_and_video_error(tmp_path, capsys):

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from densemtl.data.format import write_dataset_json, write_sample
+from densemtl.data.folder import write_sample
+from densemtl.data.format import write_dataset_json
 from densemtl.viz.colors import (
     colorize_depth,
     colorize_labels,

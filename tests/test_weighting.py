@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from densemtl.config import LossConfig
+from densemtl.config import Config, LossConfig, ModelConfig
 from densemtl.train.losses import build_loss
 from densemtl.train.weighting import (
     WEIGHTINGS,
@@ -237,7 +237,9 @@ def test_amp_scaler_gives_the_same_unscaled_update() -> None:
 
 @pytest.mark.parametrize("name", sorted(WEIGHTINGS))
 def test_every_weighting_is_selectable_and_drives_backward(name: str) -> None:
-    loss_fn = build_loss(LossConfig(weighting=name), TASKS, num_classes=3)
+    loss_fn = build_loss(
+        Config(loss=LossConfig(weighting=name), model=ModelConfig(tasks=TASKS, num_classes=3))
+    )
     model = Toy()
     losses = _toy_losses(model)
     losses["total"] = loss_fn.weighting(losses)
@@ -296,12 +298,17 @@ def test_weighting_hyper_parameters_come_from_config() -> None:
     from densemtl.config import load_config
 
     cfg = load_config(None, ["loss.weighting=gradnorm", "loss.weighting_args={alpha: 0.5}"])
-    assert build_loss(cfg.loss, TASKS, num_classes=3).weighting.alpha == 0.5
+    assert (
+        build_loss(Config(loss=cfg.loss, model=ModelConfig(tasks=TASKS, num_classes=3))).weighting.alpha
+        == 0.5
+    )
     cfg = load_config(None, ["loss.weighting=pcgrad", "loss.weighting_args={seed: 3}"])
-    gen = build_loss(cfg.loss, TASKS, num_classes=3).weighting.generator
+    gen = build_loss(Config(loss=cfg.loss, model=ModelConfig(tasks=TASKS, num_classes=3))).weighting.generator
     assert gen.initial_seed() == 3  # an integer seed, although YAML/--set values arrive as floats
     cfg = load_config(None, ["loss.weighting=dwa", "loss.weighting_args={alpha: 1.0}"])
-    with pytest.raises(ValueError, match=r"\['alpha'\] are not hyper-parameters of loss.weighting=dwa.*temperature"):
-        build_loss(cfg.loss, TASKS, num_classes=3)
+    with pytest.raises(
+        ValueError, match=r"\['alpha'\] are not hyper-parameters of loss.weighting=dwa.*temperature"
+    ):
+        build_loss(Config(loss=cfg.loss, model=ModelConfig(tasks=TASKS, num_classes=3)))
     with pytest.raises(ValueError, match="unknown loss.weighting 'nash'"):
-        build_loss(LossConfig(weighting="nash"), TASKS, num_classes=3)
+        build_loss(Config(loss=LossConfig(weighting="nash"), model=ModelConfig(tasks=TASKS, num_classes=3)))

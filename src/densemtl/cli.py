@@ -102,7 +102,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         device=args.device,
         size=args.size,
         scene=scene,
-        engine=args.engine,
+        backend=args.backend,
     )
     print(f"wrote predictions for {len(written)} image(s) to {args.out}")
     return 0
@@ -133,6 +133,12 @@ def _scene_options(args: argparse.Namespace):
     )
 
 
+def _add_backend_arg(s: argparse.ArgumentParser) -> None:
+    """``--backend`` of ``predict`` and ``video`` (``--engine``: its old name, still accepted)."""
+    s.add_argument("--backend", "--engine", dest="backend", choices=("torch", "onnxruntime"), default="torch",
+                   help="inference backend for a .pt checkpoint (onnxruntime: exported first)")  # fmt: skip
+
+
 def _add_camera_args(s: argparse.ArgumentParser) -> None:
     """Intrinsics, pose and BEV/point-cloud extent flags shared by ``predict`` and ``video``."""
     g = s.add_argument_group(
@@ -157,7 +163,9 @@ def _cmd_video(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     opts = replace(_scene_options(args), bev=not args.no_bev)
-    r = run_video(args.checkpoint, source, args.out, opts, args.fps, args.max_frames, args.device)
+    r = run_video(
+        args.checkpoint, source, args.out, opts, args.fps, args.max_frames, args.device, args.backend
+    )
     print(f"wrote {r['frames']} frames to {r['video']} (codec {r['codec']}, {r['fps']:.1f} FPS)")
     return 0
 
@@ -174,48 +182,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from densemtl.viz.report import write_report
 
     print(f"wrote {write_report(args.run_dir)}")
-    return 0
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    from densemtl.deploy.export import export_checkpoint
-
-    r = export_checkpoint(
-        args.checkpoint, args.out, size=args.size, dynamic=args.dynamic,
-        bake_normalization=args.bake_normalization, class_ids=not args.no_class_ids, data_root=args.data,
-    )  # fmt: skip
-    print(
-        f"wrote {r['onnx']} ({r['file_mb']:.1f} MiB, input {r['size'][0]}x{r['size'][1]}); parity {r['parity']}"
-    )
-    return 0
-
-
-def _cmd_quantize(args: argparse.Namespace) -> int:
-    from densemtl.deploy.quantize import accuracy_change, quantize_onnx
-
-    out = args.out or args.onnx.with_name(args.onnx.stem + "_int8.onnx")
-    quantize_onnx(args.onnx, out, args.calib, n=args.n, split=args.calib_split)
-    print(f"wrote {out}")
-    if args.eval_split:
-        change = accuracy_change(args.onnx, out, args.calib, args.eval_split, args.eval_samples)
-        out.with_suffix(".accuracy.json").write_text(json.dumps(change, indent=2) + "\n")
-        print(json.dumps(change["delta"], indent=2))
-    return 0
-
-
-def _cmd_benchmark(args: argparse.Namespace) -> int:
-    from densemtl.deploy.benchmark import format_table, load_benchmark_model, run_benchmark
-
-    model, label, calib = load_benchmark_model(args.checkpoint, args.config, args.set)
-    engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
-    result = run_benchmark(
-        model, args.size, engines, args.threads, args.runs, args.warmup, not args.no_reference, calib, label
-    )
-    print(format_table(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
     return 0
 
 
@@ -268,11 +234,21 @@ def _add_convert_parser(data) -> None:
     s.set_defaults(func=_cmd_convert)
 
 
+def _task_name(text: str) -> str:
+    """``--task``: a name in ``densemtl.tasks.TASKS`` (imported only when the flag is given: fast --help)."""
+    from densemtl.tasks import TASKS
+
+    if text not in TASKS:
+        raise argparse.ArgumentTypeError(f"unknown task {text!r}; choose from {sorted(TASKS)}")
+    return text
+
+
 def _cmd_pseudolabel(args: argparse.Namespace) -> int:
     from densemtl.data.pseudolabel import pseudolabel
 
-    r = pseudolabel(args.teacher, args.data, args.task, args.split or None, args.min_confidence, args.device,
-                    args.size)  # fmt: skip
+    task = {"task": args.task} if args.task is not None else {}  # the library's default task otherwise
+    r = pseudolabel(args.teacher, args.data, splits=args.split or None, min_confidence=args.min_confidence,
+                    device=args.device, size=args.size, **task)  # fmt: skip
     print(json.dumps(r, indent=2))
     return 0
 
@@ -281,55 +257,18 @@ def _add_pseudolabel_parser(sub) -> None:
     s = sub.add_parser("pseudolabel", help="fill a task's missing targets with a teacher's predictions")
     s.add_argument("--teacher", type=Path, required=True, help="densemtl .pt checkpoint or exported .onnx")
     s.add_argument("--data", type=Path, required=True, help="folder-format dataset root (modified in place)")
-    s.add_argument("--task", choices=("depth", "semseg"), default="depth")
+    s.add_argument("--task", type=_task_name, default=None, help="task to fill, any of densemtl.tasks.TASKS "
+                   "(default: depth)")  # fmt: skip
     s.add_argument("--split", action="append", default=[], help="split to fill (repeatable; default: all)")
-    s.add_argument("--min-confidence", type=float, default=0.0, help="semseg: below it -> 255 (ignore)")
+    s.add_argument("--min-confidence", type=float, default=0.0, help="for tasks whose pseudo_label uses it "
+                   "(semseg: pixels less confident -> 255, ignore)")  # fmt: skip
     s.add_argument("--size", type=parse_size, default=None, help="teacher input HEIGHTxWIDTH")
     s.add_argument("--device", default="auto")
     s.set_defaults(func=_cmd_pseudolabel)
 
 
-def _add_deploy_parsers(sub) -> None:
-    """export, quantize, benchmark."""
-    s = sub.add_parser("export", help="ONNX export with metadata and an ORT-vs-PyTorch parity check")
-    s.add_argument("--checkpoint", type=Path, required=True)
-    s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--size", type=parse_size, default=None, help="network input HEIGHTxWIDTH")
-    s.add_argument("--dynamic", action="store_true", help="free batch, height and width axes")
-    s.add_argument("--bake-normalization", action="store_true", help="input is 0..255 RGB")
-    s.add_argument("--no-class-ids", action="store_true", help="omit the argmax output 'semseg'")
-    s.add_argument("--data", type=Path, default=None, help="dataset root for parity images")
-    s.set_defaults(func=_cmd_export)
-
-    s = sub.add_parser("quantize", help="INT8 static quantisation (ONNX Runtime) + accuracy change")
-    s.add_argument("--onnx", type=Path, required=True)
-    s.add_argument("--calib", type=Path, required=True, help="dataset root with calibration images")
-    s.add_argument("-n", type=int, default=64, help="calibration images")
-    s.add_argument("--calib-split", default="train")
-    s.add_argument("--out", type=Path, default=None, help="default: <onnx>_int8.onnx")
-    s.add_argument("--eval-split", default="val", help="split for the accuracy change ('' to skip)")
-    s.add_argument("--eval-samples", type=int, default=0, help="first N images of it (0 = all)")
-    s.set_defaults(func=_cmd_quantize)
-
-    s = sub.add_parser("benchmark", help="latency per engine vs torchvision LR-ASPP, table + JSON")
-    s.add_argument("--checkpoint", type=Path, default=None)
-    s.add_argument("--config", "--model", dest="config", type=Path, default=None)
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    s.add_argument("--size", type=parse_size, default=(480, 640))
-    s.add_argument("--engines", default="torch,onnxruntime,int8")
-    s.add_argument("--threads", type=int, default=2)
-    s.add_argument("--runs", type=int, default=30)
-    s.add_argument("--warmup", type=int, default=5)
-    s.add_argument("--no-reference", action="store_true", help="skip the LR-ASPP reference")
-    s.add_argument("--json", type=Path, default=None)
-    s.set_defaults(func=_cmd_benchmark)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every subcommand."""
-    p = argparse.ArgumentParser(prog="densemtl", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _add_data_parsers(sub) -> None:
+    """``data synth | synth-video | preview | check | convert``."""
     data = sub.add_parser("data", help="create, convert, inspect datasets").add_subparsers(
         dest="data_cmd", required=True
     )
@@ -360,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_synth_video)
 
-    s = data.add_parser("preview", help="grid of RGB | labels | depth | normals")
+    s = data.add_parser("preview", help="grid of RGB | each task's target")
     s.add_argument("root", type=Path)
     s.add_argument("--split", default="val")
     s.add_argument("-n", type=int, default=8)
@@ -373,6 +312,47 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     s.set_defaults(func=_cmd_check)
     _add_convert_parser(data)
+
+
+def _add_predict_parsers(sub) -> None:
+    """``predict`` (images) and ``video`` (a clip or a camera)."""
+    s = sub.add_parser("predict", help="every task of a checkpoint for images or folders")
+    s.add_argument("--checkpoint", type=Path, required=True)
+    s.add_argument("inputs", nargs="+", type=Path)
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument(
+        "--size", type=parse_size, default=None, help="resize input to HEIGHTxWIDTH for the network"
+    )
+    s.add_argument("--device", default="auto")
+    s.add_argument("--pointcloud", action="store_true", help="also write <id>.ply and <id>_cloud.npz")
+    s.add_argument("--bev", action="store_true", help="also write the bird's-eye view <id>_bev.png/.npy")
+    _add_camera_args(s)
+    _add_backend_arg(s)
+    s.set_defaults(func=_cmd_predict)
+
+    s = sub.add_parser("video", help="video file or camera -> MP4 of RGB | each task | BEV panels")
+    s.add_argument(
+        "--checkpoint", type=Path, required=True, help=".pt checkpoint (or an exported .onnx: ONNX Runtime)"
+    )
+    s.add_argument("input", help="video file, or a camera index (0) for live input")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--fps", type=float, default=None, help="output frame rate (default: clip's, else 12)")
+    s.add_argument("--max-frames", type=int, default=None)
+    s.add_argument("--no-bev", action="store_true", help="leave the BEV panel out")
+    s.add_argument("--device", default="auto")
+    _add_backend_arg(s)
+    _add_camera_args(s)
+    s.set_defaults(func=_cmd_video)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    from densemtl.deploy.commands import add_deploy_parsers  # argparse only: no torch at --help
+
+    p = argparse.ArgumentParser(prog="densemtl", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    _add_data_parsers(sub)
 
     s = sub.add_parser("models", help="list backbones and decoders with parameters and GFLOPs")
     s.add_argument("--size", type=parse_size, default=(480, 640))
@@ -398,34 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.set_defaults(func=_cmd_evaluate)
 
-    s = sub.add_parser("predict", help="segmentation + depth for images or folders")
-    s.add_argument("--checkpoint", type=Path, required=True)
-    s.add_argument("inputs", nargs="+", type=Path)
-    s.add_argument("--out", type=Path, required=True)
-    s.add_argument(
-        "--size", type=parse_size, default=None, help="resize input to HEIGHTxWIDTH for the network"
-    )
-    s.add_argument("--device", default="auto")
-    s.add_argument("--pointcloud", action="store_true", help="also write <id>.ply and <id>_cloud.npz")
-    s.add_argument("--bev", action="store_true", help="also write the bird's-eye view <id>_bev.png/.npy")
-    _add_camera_args(s)
-    s.add_argument("--engine", choices=("torch", "onnxruntime"), default="torch")
-    s.set_defaults(func=_cmd_predict)
-
-    s = sub.add_parser("video", help="video file or camera -> MP4 of RGB | segmentation | depth | BEV panels")
-    s.add_argument(
-        "--checkpoint", type=Path, required=True, help=".pt checkpoint (or .onnx with ONNX engine)"
-    )
-    s.add_argument("input", help="video file, or a camera index (0) for live input")
-    s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--fps", type=float, default=None, help="output frame rate (default: clip's, else 12)")
-    s.add_argument("--max-frames", type=int, default=None)
-    s.add_argument("--no-bev", action="store_true", help="leave the BEV panel out")
-    s.add_argument("--device", default="auto")
-    _add_camera_args(s)
-    s.set_defaults(func=_cmd_video)
-
-    _add_deploy_parsers(sub)
+    _add_predict_parsers(sub)
+    add_deploy_parsers(sub, parse_size)
     _add_pseudolabel_parser(sub)
     s = sub.add_parser("report", help="Markdown report of a run (metrics table and pictures)")
     s.add_argument("run_dir", type=Path)

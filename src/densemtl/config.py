@@ -66,13 +66,14 @@ class LossConfig:
 
     semseg: str = "ce"  # ce | bce | dice | ce+dice
     depth: str = "l1"  # l1 | mse | berhu | silog
+    normals: str = "cosine"  # cosine (1 - cos) | angular (angle in radians, L1)
     depth_space: str = "log"  # metres | log | blog (clip to depth_clip, then ln(d)/5)
     depth_clip: float = 80.0  # metres
     silog_lambda: float = 0.85  # SILog variance weight (1.0 = fully scale-invariant)
     silog_scale: float = 10.0  # SILog multiplier (BTS convention)
     weighting: str = "fixed"  # fixed | uncertainty | dwa | gradnorm | pcgrad | cagrad
     weighting_args: dict[str, float] = field(default_factory=dict)  # e.g. {alpha: 0.5} (GradNorm), {c: 0.4}
-    weights: dict[str, float] = field(default_factory=lambda: {"semseg": 1.0, "depth": 1.0})
+    weights: dict[str, float] = field(default_factory=dict)  # {task: weight}; a task not named weighs 1.0
     class_weights: tuple[float, ...] = ()  # empty = uniform
 
 

@@ -1,12 +1,15 @@
-"""Evaluate a checkpoint: dataset-level metrics, trivial baselines, a Markdown table and plots.
+"""The one evaluation loop (validation during training and ``densemtl evaluate``), trivial baselines, reports.
 
-The baselines say what "learned" means: a model must beat predicting the majority class everywhere and a
-constant depth (the training set's median), both scored with the very same metric code.
+Training-time validation and ``densemtl evaluate`` call the same :func:`evaluate` with the same precision
+(autocast on CUDA when ``train.amp``), so a checkpoint gets the same numbers from both. The baselines say what
+"learned" means: every task's trivial predictor (``Task.fit_baseline``: the majority class, the median depth,
+the mean normal) is scored with the very same metric code in the same pass.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from densemtl.config import Config, replace
-from densemtl.runtime import forward_at_scale, resolve_device, to_device
+from densemtl.runtime import amp_dtype, autocast, forward_at_scale, resolve_device, to_device
+from densemtl.tasks import TASKS
 from densemtl.train.checkpoint import (
     config_from_checkpoint,
     input_scale,
@@ -24,120 +28,92 @@ from densemtl.train.checkpoint import (
 )
 
 
-class DepthErrorProfile:
-    """Depth error per ground-truth distance bin plus predicted/GT depth histograms (valid pixels only)."""
+@dataclass
+class Baseline:
+    """Trivial predictions scored alongside the model: ``stats`` per task (``Task.fit_baseline``) and the
+    metrics they are accumulated into."""
 
-    def __init__(self, max_depth: float, bins: int = 16) -> None:
-        self.edges = np.linspace(0.0, max_depth, bins + 1)
-        self.abs_err = np.zeros(bins)
-        self.rel_err = np.zeros(bins)
-        self.count = np.zeros(bins, dtype=np.int64)
-        self.gt_hist = np.zeros(bins, dtype=np.int64)
-        self.pred_hist = np.zeros(bins, dtype=np.int64)
+    stats: dict[str, dict[str, Any]]
+    metrics: Any  # MultiTaskMetrics
 
-    def update(self, pred: torch.Tensor, gt: torch.Tensor, min_depth: float) -> None:
-        """``pred``, ``gt``: (B, 1, H, W) metres; pixels with GT outside [min_depth, max] are skipped."""
-        g = gt.flatten().double().cpu().numpy()
-        p = pred.flatten().double().cpu().numpy()
-        keep = (g >= min_depth) & (g <= self.edges[-1])
-        g, p = g[keep], np.clip(p[keep], min_depth, self.edges[-1])
-        idx = np.clip(np.searchsorted(self.edges, g, side="right") - 1, 0, len(self.count) - 1)
-        self.abs_err += np.bincount(idx, np.abs(p - g), len(self.count))
-        self.rel_err += np.bincount(idx, np.abs(p - g) / g, len(self.count))
-        self.count += np.bincount(idx, minlength=len(self.count))
-        self.gt_hist += np.histogram(g, self.edges)[0]
-        self.pred_hist += np.histogram(p, self.edges)[0]
-
-    def table(self) -> dict[str, list[float]]:
-        n = np.maximum(self.count, 1)
-        return {
-            "edges": self.edges.tolist(),
-            "mae": (self.abs_err / n).tolist(),
-            "abs_rel": (self.rel_err / n).tolist(),
-            "count": self.count.tolist(),
-            "gt_hist": self.gt_hist.tolist(),
-            "pred_hist": self.pred_hist.tolist(),
-        }
+    def update(self, batch: dict) -> None:
+        """Score the trivial predictions for one (CPU) batch."""
+        outputs = {t: TASKS[t].baseline_output(s, batch["image"]) for t, s in self.stats.items()}
+        self.metrics.update(outputs, batch)
 
 
-def training_statistics(cfg: Config, max_samples: int = 200) -> dict[str, float]:
-    """Majority class and median valid depth over (an even subset of) the training split."""
+@torch.inference_mode()
+def evaluate(
+    model,
+    loader,
+    metrics,
+    device: torch.device,
+    amp: bool = False,
+    channels_last: bool = False,
+    scale: float = 1.0,
+    baseline: Baseline | None = None,
+) -> dict[str, Any]:
+    """Run ``model`` over ``loader`` at input ``scale`` and return ``metrics.compute()``.
+
+    Metrics are dataset-level, against ground truth at its native resolution, and reduced across ranks. With
+    ``amp`` the forward pass runs under autocast on CUDA (as in training); metrics are computed in fp32.
+    ``baseline`` is scored on the same batches.
+    """
+    model.eval()
+    metrics.reset()
+    dtype = amp_dtype(device, amp)
+    for batch in tqdm(loader, desc="evaluate", leave=False, disable=None, mininterval=1.0):
+        if baseline is not None:
+            baseline.update(batch)
+        batch = to_device(batch, device, channels_last)
+        with autocast(device, dtype):
+            outputs = forward_at_scale(model, batch["image"], scale)
+        metrics.update({k: v.float() for k, v in outputs.items()}, batch)
+    metrics.all_reduce()
+    return metrics.compute()
+
+
+def training_statistics(cfg: Config, max_samples: int = 200) -> dict[str, dict[str, Any]]:
+    """Each task's trivial-baseline statistics over (an even subset of) the training split."""
     from densemtl.data.folder import FolderDataset
 
     ds = FolderDataset(cfg.data.root, split=cfg.data.train_split, transform=None, tasks=cfg.model.tasks)
     picks = np.unique(np.linspace(0, len(ds) - 1, min(max_samples, len(ds))).astype(int))
-    hist = np.zeros(max(cfg.model.num_classes, 1), dtype=np.int64)
-    depths = []
+    targets: dict[str, list[torch.Tensor]] = {t: [] for t in cfg.model.tasks}
     for i in picks:
         s = ds[int(i)]
-        if "semseg" in s:
-            ids = s["semseg"].flatten().numpy()
-            hist += np.bincount(ids[ids < len(hist)], minlength=len(hist))[: len(hist)]
-        if "depth" in s:
-            d = s["depth"].flatten().numpy()
-            depths.append(d[d > 0][::7])  # a stride keeps memory small; the median barely moves
-    stats: dict[str, float] = {}
-    if "semseg" in cfg.model.tasks:
-        stats["majority_class"] = int(hist.argmax())
-    if "depth" in cfg.model.tasks and depths:
-        stats["median_depth"] = float(np.median(np.concatenate(depths)))
-    return stats
+        for t in cfg.model.tasks:
+            if s["valid_tasks"][t]:
+                targets[t].append(s[t].as_subclass(torch.Tensor))
+    return {t: TASKS[t].fit_baseline(v, cfg) for t, v in targets.items() if v}
 
 
-def _baseline_outputs(batch: dict, stats: dict[str, float], num_classes: int) -> dict[str, torch.Tensor]:
-    """Trivial predictions shaped like the model's: majority class everywhere, constant median depth."""
-    b, _, h, w = batch["image"].shape
-    out = {}
-    if "majority_class" in stats:
-        ids = torch.full((b, h, w), int(stats["majority_class"]), dtype=torch.long)
-        out["semseg"] = ids
-    if "median_depth" in stats:
-        out["depth"] = torch.full((b, 1, h, w), stats["median_depth"])
-    return out
-
-
-@torch.inference_mode()
 def run_evaluation(
     model,
     loader,
     cfg: Config,
-    class_names: list[str],
+    info: dict[str, Any],
     device: torch.device,
-    baseline_stats: dict[str, float] | None = None,
+    baseline_stats: dict[str, dict[str, Any]] | None = None,
     scale: float = 1.0,
 ) -> dict[str, Any]:
-    """Model metrics, baseline metrics and the depth error profile in one pass over ``loader``."""
-    from densemtl.metrics import MultiTaskMetrics
+    """Model metrics (and baseline metrics) in one pass of :func:`evaluate`, at the training precision."""
+    from densemtl.metrics import build_metrics
 
-    def new_metrics():
-        return MultiTaskMetrics(
-            cfg.model.tasks,
-            cfg.model.num_classes,
-            class_names=class_names,
-            min_depth=cfg.data.eval_depth_min,
-            max_depth=cfg.data.eval_depth_max,
-            per_image=cfg.data.eval_per_image,
-        )
-
-    metrics, base = new_metrics(), new_metrics()
-    profile = DepthErrorProfile(cfg.data.eval_depth_max)
-    model.eval()
-    n_images = 0
-    for batch in tqdm(loader, desc="evaluate", disable=None, mininterval=1.0):
-        cpu_batch = batch
-        batch = to_device(batch, device)
-        outputs = {k: v.float() for k, v in forward_at_scale(model, batch["image"], scale).items()}
-        metrics.update(outputs, batch)
-        if baseline_stats:
-            base.update(_baseline_outputs(cpu_batch, baseline_stats, cfg.model.num_classes), cpu_batch)
-        if "depth" in outputs:
-            profile.update(outputs["depth"], batch["depth"], cfg.data.eval_depth_min)
-        n_images += batch["image"].shape[0]
-    result = {"results": metrics.compute(), "num_images": n_images, "depth_profile": profile.table()}
-    if "semseg" in metrics.metrics:
-        result["confusion"] = metrics.metrics["semseg"].confusion.cpu().tolist()
-    if baseline_stats:
-        result["baseline_results"] = base.compute()
+    baseline = Baseline(baseline_stats, build_metrics(cfg, info)) if baseline_stats else None
+    results = evaluate(
+        model,
+        loader,
+        build_metrics(cfg, info),
+        device,
+        cfg.train.amp,
+        cfg.train.channels_last,
+        scale,
+        baseline,
+    )
+    result: dict[str, Any] = {"results": results, "num_images": len(loader.dataset)}
+    if baseline is not None:
+        result["baseline_results"] = baseline.metrics.compute()
         result["baseline_stats"] = baseline_stats
     return result
 
@@ -162,8 +138,9 @@ def evaluate_checkpoint(
     dev = resolve_device(device)
     model = model_from_checkpoint(ckpt, checkpoint).to(dev)
     dataset = build_dataset(cfg, split, train=False)
+    info = {**dataset.info, **ckpt["dataset"]}  # the checkpoint's classes and palette are the model's
     names = list(ckpt["dataset"].get("classes", []))
-    if "semseg" in cfg.model.tasks and list(dataset.class_names) != names:
+    if any(TASKS[t].uses_classes for t in cfg.model.tasks) and list(dataset.class_names) != names:
         raise ValueError(
             f"{cfg.data.root} has classes {dataset.class_names} but {checkpoint} was trained on "
             f"{names}; evaluate on a dataset with the same class list"
@@ -171,7 +148,7 @@ def evaluate_checkpoint(
     loader = make_loader(dataset, batch_size, False, cfg.data.num_workers, 0, dev)
     stats = training_statistics(cfg) if split != cfg.data.train_split else {}
     scale = input_scale(ckpt)
-    result = run_evaluation(model, loader, cfg, names, dev, stats, scale)
+    result = run_evaluation(model, loader, cfg, info, dev, stats, scale)
     result["summary"] = summarize(result["results"])
     if "baseline_results" in result:
         result["baseline_summary"] = summarize(result["baseline_results"])
@@ -183,44 +160,31 @@ def evaluate_checkpoint(
         epoch=ckpt.get("epoch"),
     )
     out = Path(out_dir) if out_dir is not None else Path(checkpoint).parent / f"eval_{split}"
-    write_outputs(result, names, out)
+    write_outputs(result, info, out)
     return result
 
 
-def markdown_table(result: dict[str, Any], class_names: list[str]) -> str:
-    """Headline metrics (model vs baselines) and per-class IoU as Markdown."""
+def markdown_table(result: dict[str, Any], info: dict[str, Any]) -> str:
+    """Headline metrics (model vs baselines), then each task's own tables (e.g. per-class IoU), as Markdown."""
     summary, base = result["summary"], result.get("baseline_summary", {})
     lines = ["| metric | model | trivial baseline |", "|---|---:|---:|"]
     for key, value in summary.items():
         b = base.get(key)
         lines.append(f"| {key} | {value:.4f} | {'' if b is None else f'{b:.4f}'} |")
-    seg = result["results"].get("semseg")
-    if seg and "iou" in seg:
-        lines += ["", "| class | IoU |", "|---|---:|"]
-        for name, iou in zip(class_names, seg["iou"], strict=False):
-            lines.append(f"| {name} | {'n/a' if iou != iou else f'{iou:.4f}'} |")
+    for task, values in result["results"].items():
+        extra = TASKS[task].report(values, info) if task in TASKS else ""
+        if extra:
+            lines += ["", extra.rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(result: dict[str, Any], class_names: list[str], out: Path) -> None:
-    """metrics.json, metrics.md and the three plots."""
-    from densemtl.viz.plots import plot_confusion, plot_depth_error_vs_distance, plot_depth_histograms
-
+def write_outputs(result: dict[str, Any], info: dict[str, Any], out: Path) -> dict[str, Path]:
+    """metrics.json, metrics.md and every task's plots; returns ``{title: path}`` of the plots."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
-    (out / "metrics.md").write_text(markdown_table(result, class_names))
-    if "confusion" in result:
-        plot_confusion(np.array(result["confusion"]), class_names, out / "confusion.png")
-    prof = result["depth_profile"]
-    if sum(prof["count"]) > 0:
-        edges = np.array(prof["edges"])
-        plot_depth_error_vs_distance(
-            edges,
-            np.array(prof["mae"]),
-            np.array(prof["abs_rel"]),
-            np.array(prof["count"]),
-            out / "depth_error_vs_distance.png",
-        )
-        plot_depth_histograms(
-            edges, np.array(prof["gt_hist"]), np.array(prof["pred_hist"]), out / "depth_histogram.png"
-        )
+    (out / "metrics.md").write_text(markdown_table(result, info))
+    plots: dict[str, Path] = {}
+    for task, values in result["results"].items():
+        if task in TASKS:
+            plots.update(TASKS[task].plots(values, info, out))
+    return plots

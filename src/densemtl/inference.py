@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from densemtl.data.format import atomic_write_bytes, encode_depth
+from densemtl.data.format import atomic_write_bytes
 from densemtl.data.images import ImageLike, as_rgb, list_images, read_rgb  # noqa: F401 (public here too)
 from densemtl.runtime import forward_at_scale, resolve_device
+from densemtl.tasks import TASKS
 from densemtl.train.checkpoint import input_scale, load_checkpoint, model_from_checkpoint
 
 if TYPE_CHECKING:
@@ -53,22 +54,30 @@ class Predictor:
         path: str | Path,
         device: str = "auto",
         size: tuple[int, int] | None = None,
-        engine: str = "torch",
+        backend: str = "torch",
         threads: int = 0,
+        *,
+        engine: str | None = None,
     ) -> Predictor:
         """Rebuild the checkpoint's own model (no dataset or config file needed).
 
-        ``engine="onnxruntime"`` exports it (parity-checked) and runs it in ONNX Runtime with ``threads``.
+        ``backend="onnxruntime"`` exports it (parity-checked) and runs it in ONNX Runtime with ``threads``.
+        ``engine`` is the deprecated name of ``backend`` ("engine" now means the training loop only).
         """
+        if engine is not None:
+            import warnings
+
+            warnings.warn("engine= is deprecated, use backend=", DeprecationWarning, stacklevel=2)
+            backend = engine
         ckpt = load_checkpoint(path)
-        if engine == "onnxruntime":
+        if backend == "onnxruntime":
             from densemtl.deploy.export import onnx_model_from_checkpoint
 
             dev = "cuda" if resolve_device(device).type == "cuda" else "cpu"
             model = onnx_model_from_checkpoint(path, threads, dev)
             return cls(model, ckpt["dataset"], "cpu", size, input_scale(ckpt))  # ORT returns CPU tensors
-        if engine != "torch":
-            raise ValueError(f"engine {engine!r} is not one of ('torch', 'onnxruntime')")
+        if backend != "torch":
+            raise ValueError(f"backend {backend!r} is not one of ('torch', 'onnxruntime')")
         return cls(model_from_checkpoint(ckpt, path), ckpt["dataset"], device, size, input_scale(ckpt))
 
     @classmethod
@@ -84,15 +93,23 @@ class Predictor:
         info = {**meta.get("dataset", {}), "classes": meta["classes"], "palette": meta["palette"]}
         return cls(model, info, "cpu", size or model.fixed_size, meta.get("input_scale", 1.0))
 
-    def _to_tensor(self, rgb: np.ndarray) -> torch.Tensor:
-        from densemtl.data.transforms import normalize
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The tasks the model predicts, in its output order."""
+        return tuple(self.model.tasks)
 
+    def _to_tensor(self, rgb: np.ndarray) -> torch.Tensor:
+        """uint8 (H, W, 3) -> (1, 3, H, W) float RGB in [0, 1], what the model (and its ONNX graph) takes."""
         x = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
-        return normalize(x)[None].to(self.device)  # (1, 3, H, W)
+        return x[None].to(self.device)
 
     @torch.inference_mode()
     def predict(self, image: ImageLike) -> dict[str, np.ndarray]:
-        """Predict every task for one image; outputs are resized back to the image's size."""
+        """Predict every task for one image; outputs are resized back to the image's size.
+
+        Returns each task's results (``Task.outputs``), e.g. ``semseg`` uint8 (H, W) ids and ``confidence``
+        float32 (H, W), ``depth`` float32 (H, W) metres, ``normals`` float32 (H, W, 3) unit vectors.
+        """
         rgb = as_rgb(image)
         h, w = rgb.shape[:2]
         x = self._to_tensor(rgb)
@@ -102,19 +119,9 @@ class Predictor:
         else:
             out = forward_at_scale(self.model, x, self.scale)
         result: dict[str, np.ndarray] = {}
-        if "semseg" in out:
-            logits = out["semseg"].float()
-            if logits.shape[-2:] != (h, w):
-                logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-            prob = logits.softmax(dim=1)[0]
-            conf, ids = prob.max(dim=0)
-            result["semseg"] = ids.to(torch.uint8).cpu().numpy()
-            result["confidence"] = conf.cpu().numpy().astype(np.float32)
-        if "depth" in out:
-            depth = out["depth"].float()
-            if depth.shape[-2:] != (h, w):
-                depth = F.interpolate(depth, size=(h, w), mode="bilinear", align_corners=False)
-            result["depth"] = depth[0, 0].cpu().numpy().astype(np.float32)
+        for name, raw in out.items():
+            task = TASKS[name]
+            result.update(task.to_numpy(task.upsample(raw.float(), (h, w)), self.info))
         return result
 
 
@@ -126,46 +133,24 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def prediction_panel(
-    rgb: np.ndarray, pred: dict[str, np.ndarray], palette: np.ndarray, max_depth: float | None = None
-) -> np.ndarray:
-    """Side-by-side RGB | segmentation overlay | coloured depth (uint8 (H, 3W, 3) or fewer panels)."""
-    from densemtl.viz.colors import colorize_depth, colorize_labels, overlay
-
-    panels = [rgb]
-    if "semseg" in pred:
-        panels.append(overlay(rgb, colorize_labels(pred["semseg"], palette), alpha=0.6))
-    if "depth" in pred:
-        panels.append(colorize_depth(pred["depth"], vmin=1.0, vmax=max_depth, log=True))
-    return np.concatenate(panels, axis=1)
+def prediction_panel(rgb: np.ndarray, pred: dict[str, np.ndarray], info: dict[str, Any], tasks: tuple[str, ...]) -> np.ndarray:
+    """Side by side: RGB, then one picture per task (``Task.colorize``), uint8 (H, (1 + T) W, 3)."""
+    return np.concatenate([rgb, *(TASKS[t].colorize(pred, rgb, info) for t in tasks)], axis=1)
 
 
 def write_prediction(
-    out_dir: Path,
-    stem: str,
-    rgb: np.ndarray,
-    pred: dict[str, np.ndarray],
-    palette: np.ndarray,
-    max_depth: float | None = None,
+    out_dir: Path, stem: str, rgb: np.ndarray, pred: dict[str, np.ndarray], info: dict[str, Any], tasks: tuple[str, ...]
 ) -> dict[str, Path]:
-    """Write the files for one prediction; depth PNG = uint16 metres * 256 (0 invalid), as the folder format."""
-    from densemtl.viz.colors import colorize_depth, colorize_labels, overlay
-
+    """Write every task's files for one prediction (``Task.files``: e.g. class ids, uint16 depth as the folder
+    format stores it, normals) as ``<stem>_<name>.png``, and the ``<stem>_panel.png`` picture."""
+    arrays: dict[str, np.ndarray] = {}
+    for t in tasks:
+        arrays.update(TASKS[t].files(pred, rgb, info))
+    arrays["panel"] = prediction_panel(rgb, pred, info, tasks)
     files: dict[str, Path] = {}
-
-    def put(name: str, array: np.ndarray) -> None:
+    for name, array in arrays.items():
         files[name] = out_dir / f"{stem}_{name}.png"
         atomic_write_bytes(files[name], _png(array))
-
-    if "semseg" in pred:
-        colors = colorize_labels(pred["semseg"], palette)
-        put("semseg", pred["semseg"])
-        put("semseg_color", colors)
-        put("overlay", overlay(rgb, colors, alpha=0.6))
-    if "depth" in pred:
-        put("depth", encode_depth(np.minimum(pred["depth"], 255.0)))
-        put("depth_color", colorize_depth(pred["depth"], vmin=1.0, vmax=max_depth, log=True))
-    put("panel", prediction_panel(rgb, pred, palette, max_depth))
     return files
 
 
@@ -176,29 +161,29 @@ def predict_paths(
     device: str = "auto",
     size: tuple[int, int] | None = None,
     scene: SceneOptions | None = None,
-    engine: str = "torch",
+    backend: str = "torch",
+    *,
+    engine: str | None = None,
 ) -> list[dict[str, Path]]:
     """Run a checkpoint over images/folders and write per-image outputs into ``out``.
 
     ``scene`` (a ``densemtl.scene3d.bev.SceneOptions``) adds the point cloud (PLY + NPZ) and/or BEV map per image.
-    ``engine``: "torch" or "onnxruntime" (the checkpoint exported to ONNX and run by ONNX Runtime).
+    ``backend``: "torch" or "onnxruntime" (the checkpoint exported to ONNX and run by ONNX Runtime);
+    ``engine`` is its deprecated name.
     """
     from tqdm.auto import tqdm
 
-    predictor = Predictor.from_checkpoint(checkpoint, device=device, size=size, engine=engine)
-    max_depth = float(predictor.info.get("depth", {}).get("max", 80.0))
+    predictor = Predictor.from_checkpoint(checkpoint, device, size, backend, engine=engine)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for path in tqdm(list_images(inputs), desc="predict", disable=None):
         rgb = read_rgb(path)
         pred = predictor.predict(rgb)
-        files = write_prediction(out_dir, path.stem, rgb, pred, predictor.palette, max_depth)
+        files = write_prediction(out_dir, path.stem, rgb, pred, predictor.info, predictor.tasks)
         if scene is not None:
             from densemtl.scene3d.bev import write_scene_outputs
 
-            files |= write_scene_outputs(
-                out_dir, path.stem, path, rgb, pred, predictor.palette, predictor.class_names, scene
-            )
+            files |= write_scene_outputs(out_dir, path.stem, path, rgb, pred, predictor.info, scene)
         written.append(files)
     return written

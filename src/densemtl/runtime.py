@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from densemtl.tasks import TASKS
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a clear error."""
@@ -81,7 +83,8 @@ def forward_at_scale(model: torch.nn.Module, image: torch.Tensor, scale: float) 
 
     A model trained at a progressive-resolution phase of scale s sees the world at that focal length (in pixels)
     and object size, so it is evaluated at the same scale and its outputs (logits, metres) upsampled bilinearly
-    to the ground truth's resolution. The resized size rounds like the data transforms do.
+    to the ground truth's resolution, each the way its task says (``Task.upsample``: bilinear, normals
+    renormalised). The resized size rounds like the data transforms do.
     """
     if abs(scale - 1.0) < 1e-9:
         return model(image)
@@ -93,4 +96,4 @@ def forward_at_scale(model: torch.nn.Module, image: torch.Tensor, scale: float) 
         if image.is_contiguous(memory_format=torch.channels_last)
         else small
     )
-    return {k: F.interpolate(v, size=(h, w), mode="bilinear", align_corners=False) for k, v in out.items()}
+    return {k: TASKS[k].upsample(v, (h, w)) for k, v in out.items()}

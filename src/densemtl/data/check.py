@@ -20,12 +20,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from densemtl.data.folder import load_depth, load_image, load_intrinsics, load_normals, load_semseg, meta_path
-from densemtl.data.format import DEPTH_SCALE, IMAGE_EXTS, TASK_DIRS, DatasetFormatError, read_dataset_json
-from densemtl.tasks import IGNORE_INDEX
+from densemtl.data.folder import load_image, load_intrinsics, meta_path
+from densemtl.data.format import DEPTH_SCALE, IMAGE_EXTS, DatasetFormatError, read_dataset_json
+from densemtl.tasks import IGNORE_INDEX, TASKS
+from densemtl.tasks.base import TaskStats
 
-_DEPTH_BIN = 0.1  # metres per histogram bin for depth percentiles
-_DEPTH_BINS = 2600  # covers the 255.99 m a uint16/256 PNG can store
 _MIN_SIDE = 32  # stride-32 backbones need at least this many pixels per side
 _RAW_DEPTH_EXTS = (".npy", ".tif", ".tiff")
 _FIELDS = {"tasks": list, "classes": list, "palette": list, "ignore_index": int, "depth": dict}
@@ -36,21 +35,22 @@ class Problem:
     """One finding: the file it concerns, what kind of file, the message (naming the file and the fix)."""
 
     path: str
-    what: str  # "image", "semseg", "depth", "normals", "meta", "split", "dataset.json"
+    what: str  # "image", a task name, "meta", "split", "dataset.json"
     message: str
     severity: str = "error"  # "error" breaks training or evaluation; "warning" is suspicious but loads
 
 
 @dataclass
 class SplitStats:
-    """Counts, class histogram and depth statistics of one split (over the files that loaded)."""
+    """Counts and each task's statistics (``Task.new_stats``) of one split, over the files that loaded.
+
+    ``tasks`` holds e.g. ``semseg``: class_pixels, class_images, ignore_pixels; ``depth``: valid_fraction, min,
+    max, mean, p05, p50, p95 (metres); ``normals``: valid_fraction.
+    """
 
     samples: int = 0
     with_task: dict[str, int] = field(default_factory=dict)
-    class_pixels: list[int] = field(default_factory=list)  # labelled pixels per class id
-    class_images: list[int] = field(default_factory=list)  # images containing each class
-    ignore_pixels: int = 0
-    depth: dict[str, float] = field(default_factory=dict)  # valid_fraction, min, max, mean, p05, p50, p95
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -83,18 +83,9 @@ class DatasetReport:
         for name, s in self.splits.items():
             tasks = ", ".join(f"{t} {n}" for t, n in s.with_task.items())
             lines.append(f"  split {name}: {s.samples} samples ({tasks})")
-            total = sum(s.class_pixels) or 1
-            for i, (px, imgs) in enumerate(zip(s.class_pixels, s.class_images, strict=True)):
-                label = self.classes[i] if i < len(self.classes) else str(i)
-                lines.append(f"    {i:3d} {label:<16} {100 * px / total:6.2f}% of pixels, in {imgs} images")
-            if s.ignore_pixels:
-                lines.append(f"    ignore (255): {s.ignore_pixels} pixels")
-            if s.depth:
-                d = s.depth
-                lines.append(
-                    f"    depth: {100 * d['valid_fraction']:.1f}% valid, {d['min']:.2f}..{d['max']:.2f} m, "
-                    f"mean {d['mean']:.2f}, p05/p50/p95 {d['p05']:.1f}/{d['p50']:.1f}/{d['p95']:.1f} m"
-                )
+            for task, stats in s.tasks.items():
+                if stats and task in TASKS:
+                    lines += [f"    {line}" for line in TASKS[task].describe_stats(stats, self.classes)]
         n_err = len(self.errors)
         lines.append(f"{n_err} error(s), {len(self.problems) - n_err} warning(s)")
         lines += [f"  {p.severity.upper()}: {p.message}" for p in self.problems]
@@ -102,45 +93,20 @@ class DatasetReport:
 
 
 class _Stats:
-    """Accumulates one split's histograms as files are read."""
+    """Accumulates one split's statistics, task by task, as files are read."""
 
-    def __init__(self, num_classes: int) -> None:
-        self.s = SplitStats(class_pixels=[0] * num_classes, class_images=[0] * num_classes)
-        self.s.with_task = dict.fromkeys(TASK_DIRS, 0)
-        self.hist = np.zeros(_DEPTH_BINS, np.int64)
-        self.dsum, self.dmin, self.dmax, self.pixels = 0.0, np.inf, 0.0, 0
+    def __init__(self, info: dict[str, Any]) -> None:
+        self.s = SplitStats(with_task=dict.fromkeys(TASKS, 0))
+        self.tasks: dict[str, TaskStats | None] = {name: t.new_stats(info) for name, t in TASKS.items()}
 
-    def add_semseg(self, labels: np.ndarray) -> None:
-        n = len(self.s.class_pixels)
-        counts = np.bincount(labels[labels != IGNORE_INDEX].ravel(), minlength=n)[:n]
-        self.s.class_pixels = [a + int(b) for a, b in zip(self.s.class_pixels, counts, strict=True)]
-        self.s.class_images = [a + int(b > 0) for a, b in zip(self.s.class_images, counts, strict=True)]
-        self.s.ignore_pixels += int((labels == IGNORE_INDEX).sum())
-
-    def add_depth(self, depth: np.ndarray) -> None:
-        valid = depth[depth > 0]
-        self.pixels += depth.size
-        if valid.size:
-            self.hist += np.bincount(
-                np.minimum(valid / _DEPTH_BIN, _DEPTH_BINS - 1).astype(np.int64), minlength=_DEPTH_BINS
-            )
-            self.dsum += float(valid.sum(dtype=np.float64))
-            self.dmin, self.dmax = min(self.dmin, float(valid.min())), max(self.dmax, float(valid.max()))
+    def add(self, task: str, array: Any, path: Path, info: dict[str, Any]) -> list[str]:
+        """Count one loaded file; returns the task's warnings about it."""
+        self.s.with_task[task] += 1
+        stats = self.tasks[task]
+        return stats.add(array, path, info) if stats is not None else []
 
     def finish(self) -> SplitStats:
-        n = int(self.hist.sum())
-        if n:
-            cum = np.cumsum(self.hist)
-            pct = {
-                f"p{q:02d}": float(np.searchsorted(cum, q / 100 * n) + 0.5) * _DEPTH_BIN for q in (5, 50, 95)
-            }
-            self.s.depth = {
-                "valid_fraction": n / self.pixels,
-                "min": self.dmin,
-                "max": self.dmax,
-                "mean": self.dsum / n,
-                **pct,
-            }
+        self.s.tasks = {name: st.finish() for name, st in self.tasks.items() if st is not None}
         return self.s
 
 
@@ -177,9 +143,9 @@ def check_dataset_json(root: Path) -> tuple[dict[str, Any] | None, list[Problem]
 def _info_warnings(path: Path, info: dict[str, Any]) -> list[Problem]:
     """Checks on a dataset.json that loads: known tasks, RGB palette, depth scale, ignore index."""
     found = []
-    unknown = [t for t in info["tasks"] if t not in TASK_DIRS]
+    unknown = [t for t in info["tasks"] if t not in TASKS]
     if unknown:
-        found.append(f"{path}: unknown task(s) {unknown} in 'tasks'; use a subset of {sorted(TASK_DIRS)}")
+        found.append(f"{path}: unknown task(s) {unknown} in 'tasks'; use a subset of {sorted(TASKS)}")
     bad = [c for c in info["palette"] if not (isinstance(c, list) and len(c) == 3)]
     bad += [
         c for c in info["palette"] if c not in bad and not all(isinstance(v, int) and 0 <= v < 256 for v in c)
@@ -258,7 +224,7 @@ def _raw_depth_problem(path: Path) -> str:
 
 def _stray_files(split_dir: Path, ids: set[str], problems: list[Problem]) -> None:
     """Files in task/meta folders that have no image, or that the format does not read."""
-    for what, sub in [*TASK_DIRS.items(), ("meta", "meta")]:
+    for what, sub in [*((name, t.folder) for name, t in TASKS.items()), ("meta", "meta")]:
         folder = split_dir / sub
         if not folder.is_dir():
             continue
@@ -267,7 +233,7 @@ def _stray_files(split_dir: Path, ids: set[str], problems: list[Problem]) -> Non
             if p.name.startswith(".") or p.is_dir():
                 continue
             if p.suffix.lower() != want:
-                if what == "depth" and p.suffix.lower() in _RAW_DEPTH_EXTS:
+                if sub == "depth" and p.suffix.lower() in _RAW_DEPTH_EXTS:
                     msg = _raw_depth_problem(p)
                 else:
                     msg = f"{p}: {what} files must be {sub}/<id>{want}; convert it (lossless) or remove it"
@@ -302,51 +268,21 @@ def _check_sample(img: Path, info: dict[str, Any], stats: _Stats, problems: list
                 "warning",
             )
         )
-    scale = float(info["depth"].get("scale", DEPTH_SCALE))
-    loaders = {
-        "semseg": lambda p: load_semseg(p, size, len(info["classes"])),
-        "depth": lambda p: load_depth(p, size, scale),
-        "normals": lambda p: load_normals(p, size),
-    }
-    for task, sub in TASK_DIRS.items():
-        path = img.parent.parent / sub / f"{img.stem}.png"
+    for task, spec in TASKS.items():
+        path = img.parent.parent / spec.folder / f"{img.stem}.png"
         if not path.is_file():
             continue
         try:
-            arr = loaders[task](path)
+            arr = spec.load(path, size, info)
         except DatasetFormatError as e:
             problems.append(Problem(str(path), task, str(e)))
             continue
-        stats.s.with_task[task] += 1
-        if task == "semseg":
-            stats.add_semseg(arr)
-        elif task == "depth":
-            stats.add_depth(arr)
-            _depth_warnings(path, arr, info, problems)
+        for message in stats.add(task, arr, path, info):
+            problems.append(Problem(str(path), task, message, "warning"))
     try:
         load_intrinsics(meta_path(img))
     except DatasetFormatError as e:
         problems.append(Problem(str(meta_path(img)), "meta", str(e)))
-
-
-def _depth_warnings(path: Path, depth: np.ndarray, info: dict[str, Any], problems: list[Problem]) -> None:
-    """Depth that loads but looks wrong: no valid pixel, all under 1 m (unscaled metres?), beyond depth.max."""
-    valid = depth[depth > 0]
-    if not valid.size:
-        msg = f"{path}: no valid depth pixel (all 0); delete the file if this image has no depth"
-    elif valid.max() < 1.0:
-        msg = (
-            f"{path}: all depth under 1 m (max {valid.max():.3f}); were metres stored without the x"
-            f"{info['depth'].get('scale', DEPTH_SCALE):g} scale? re-encode with encode_depth"
-        )
-    elif valid.max() > 2 * float(info["depth"].get("max", np.inf)):
-        msg = (
-            f"{path}: depth up to {valid.max():.1f} m, over twice dataset.json depth.max "
-            f"{info['depth']['max']:g} m; check the units or raise depth.max"
-        )
-    else:
-        return
-    problems.append(Problem(str(path), "depth", msg, "warning"))
 
 
 def check_dataset(root: str | Path, splits: list[str] | tuple[str, ...] | None = None) -> DatasetReport:
@@ -378,7 +314,7 @@ def check_dataset(root: str | Path, splits: list[str] | tuple[str, ...] | None =
     for split in splits:
         split_dir = root / split
         images = _list_images(split_dir, problems)
-        stats = _Stats(len(classes))
+        stats = _Stats(usable)
         stats.s.samples = len(images)
         for img in images.values():
             _check_sample(img, usable, stats, problems)

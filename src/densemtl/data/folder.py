@@ -17,105 +17,33 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ImageOps
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from densemtl.config import ModelConfig
 from densemtl.data.format import (
     IMAGE_EXTS,
-    TASK_DIRS,
     DatasetFormatError,
-    decode_depth,
-    decode_normals,
+    atomic_write_bytes,
+    jpeg_bytes,
+    open_image,
+    png_bytes,
     read_dataset_json,
 )
-from densemtl.tasks import IGNORE_INDEX
+from densemtl.tasks import TASKS, check_tasks, get_task
 
 Sample = dict[str, Any]
-_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I")  # how Pillow opens 16-bit grayscale PNGs
-
-
-def _open(path: Path, what: str) -> Image.Image:
-    """Open and fully decode ``path`` (so truncation surfaces here), naming the file on failure."""
-    if not path.is_file():
-        raise DatasetFormatError(f"{path}: {what} file not found; restore it or remove the sample")
-    try:
-        img = Image.open(path)
-        img.load()
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-        raise DatasetFormatError(
-            f"{path}: cannot decode {what} ({e}); the file is corrupt or truncated, re-export it"
-        ) from e
-    return img
-
-
-def _check_size(arr: np.ndarray, path: Path, size: tuple[int, int], what: str) -> None:
-    """Raise unless ``arr`` is ``size`` (H, W): targets must match their image pixel for pixel."""
-    if arr.shape[:2] != size:
-        raise DatasetFormatError(
-            f"{path}: {what} is {arr.shape[1]}x{arr.shape[0]} (WxH) but its image is {size[1]}x{size[0]}; "
-            "targets must match the (EXIF-rotated) image pixel for pixel: re-export at the image size "
-            "(nearest-neighbour resampling for labels and depth)"
-        )
 
 
 def load_image(path: Path) -> np.ndarray:
     """RGB uint8 (H, W, 3): EXIF orientation applied, grayscale/RGBA/palette converted to RGB."""
-    img = _open(path, "image")
+    img = open_image(path, "image")
     try:
         img = ImageOps.exif_transpose(img)
     except (OSError, ValueError, SyntaxError) as e:  # malformed EXIF block
         raise DatasetFormatError(f"{path}: unreadable EXIF data ({e}); re-save the image without EXIF") from e
     return np.array(img.convert("RGB"))  # writable copy for torch.from_numpy
-
-
-def load_semseg(path: Path, size: tuple[int, int], num_classes: int) -> np.ndarray:
-    """Class ids (H, W) int64 from a single-channel PNG; ids must be < ``num_classes`` or 255 (ignore)."""
-    img = _open(path, "semseg label")
-    if img.mode not in ("L", "P", *_DEPTH_MODES):
-        raise DatasetFormatError(
-            f"{path}: semseg labels must be a single-channel PNG of class ids, got mode {img.mode}; "
-            "convert colour-coded labels to ids (0..num_classes-1, 255 = ignore)"
-        )
-    arr = np.asarray(img).astype(np.int64)
-    _check_size(arr, path, size, "semseg label")
-    bad = (arr >= num_classes) & (arr != IGNORE_INDEX) | (arr < 0)
-    if bad.any():
-        ids = np.unique(arr[bad])[:10].tolist()
-        raise DatasetFormatError(
-            f"{path}: label ids {ids} are outside the {num_classes} classes of dataset.json; map them to "
-            f"0..{num_classes - 1}, or to {IGNORE_INDEX} (ignore), or add the classes to dataset.json"
-        )
-    return arr
-
-
-def load_depth(path: Path, size: tuple[int, int], scale: float) -> np.ndarray:
-    """Depth (H, W) float32 metres from a uint16 PNG (value / ``scale``); 0 stays 0 (invalid)."""
-    img = _open(path, "depth")
-    if img.mode not in _DEPTH_MODES:
-        hint = "an 8-bit PNG" if img.mode in ("L", "P") else f"mode {img.mode}"
-        raise DatasetFormatError(
-            f"{path}: depth must be a 16-bit grayscale PNG (uint16, metres * {scale:g}, 0 = invalid), got {hint}; "
-            "write it with densemtl.data.format.encode_depth / write_sample"
-        )
-    raw = np.asarray(img)
-    _check_size(raw, path, size, "depth")
-    if raw.min(initial=0) < 0:
-        raise DatasetFormatError(f"{path}: depth PNG has negative values; store uint16 (0 = invalid)")
-    return decode_depth(raw, scale=scale)
-
-
-def load_normals(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """Unit normals (H, W, 3) float32 from an RGB PNG (n = v / 127.5 - 1); (0, 0, 0) = invalid."""
-    img = _open(path, "normals")
-    if img.mode != "RGB":
-        raise DatasetFormatError(
-            f"{path}: normals must be an 8-bit RGB PNG, got mode {img.mode}; "
-            "write them with densemtl.data.format.encode_normals / write_sample"
-        )
-    raw = np.asarray(img)
-    _check_size(raw, path, size, "normals")
-    return decode_normals(raw)
 
 
 def load_intrinsics(path: Path) -> np.ndarray | None:
@@ -142,8 +70,8 @@ def load_intrinsics(path: Path) -> np.ndarray | None:
 
 
 def task_path(image_path: Path, task: str) -> Path:
-    """``<split>/<task dir>/<id>.png`` for the sample whose image is ``image_path``."""
-    return image_path.parent.parent / TASK_DIRS[task] / f"{image_path.stem}.png"
+    """``<split>/<task folder>/<id>.png`` for the sample whose image is ``image_path``."""
+    return image_path.parent.parent / get_task(task).folder / f"{image_path.stem}.png"
 
 
 def meta_path(image_path: Path) -> Path:
@@ -158,20 +86,13 @@ def read_sample(image_path: Path, info: dict[str, Any], tasks: tuple[str, ...]) 
     out: dict[str, Any] = {"image": image}
     for task in tasks:
         path = task_path(image_path, task)
-        if not path.is_file():
-            out[task] = None
-        elif task == "semseg":
-            out[task] = load_semseg(path, size, len(info["classes"]))
-        elif task == "depth":
-            out[task] = load_depth(path, size, float(info["depth"]["scale"]))
-        else:
-            out[task] = load_normals(path, size)
+        out[task] = TASKS[task].load(path, size, info) if path.is_file() else None
     out["intrinsics"] = load_intrinsics(meta_path(image_path))
     return out
 
 
 def validate_sample(
-    image_path: Path, info: dict[str, Any], tasks: tuple[str, ...] = tuple(TASK_DIRS)
+    image_path: Path, info: dict[str, Any], tasks: tuple[str, ...] | None = None
 ) -> list[str]:
     """Every problem with one sample's files as messages (empty when the sample is fine); never raises."""
     try:
@@ -179,15 +100,10 @@ def validate_sample(
     except DatasetFormatError as e:
         return [str(e)]
     checks: list[Callable[[], object]] = [lambda: load_intrinsics(meta_path(image_path))]
-    loaders = {
-        "semseg": lambda p: load_semseg(p, size, len(info["classes"])),
-        "depth": lambda p: load_depth(p, size, float(info["depth"]["scale"])),
-        "normals": lambda p: load_normals(p, size),
-    }
-    for task in tasks:
+    for task in tasks if tasks is not None else dataset_tasks(info):
         path = task_path(image_path, task)
         if path.is_file():
-            checks.append(lambda f=loaders[task], p=path: f(p))
+            checks.append(lambda t=TASKS[task], p=path: t.load(p, size, info))
     errors = []
     for check in checks:
         try:
@@ -195,6 +111,11 @@ def validate_sample(
         except DatasetFormatError as e:
             errors.append(str(e))
     return errors
+
+
+def dataset_tasks(info: dict[str, Any]) -> tuple[str, ...]:
+    """The tasks a dataset.json lists that densemtl knows, in the order of :data:`densemtl.tasks.TASKS`."""
+    return tuple(t for t in TASKS if t in info.get("tasks", []))
 
 
 def list_images(split_dir: Path) -> list[Path]:
@@ -224,7 +145,7 @@ class FolderDataset(Dataset):
         root: dataset root (holds dataset.json).
         split: sub-folder name, e.g. "train" or "val".
         transform: callable taking and returning the sample dict (``build_transforms``); None = raw.
-        tasks: targets to load; "normals" is loaded only when asked for.
+        tasks: targets to load (task names); default: the default model's (``ModelConfig().tasks``).
         max_samples: keep the first N samples by id (0 = all).
     """
 
@@ -233,17 +154,14 @@ class FolderDataset(Dataset):
         root: str | Path,
         split: str = "train",
         transform: Callable[[Sample], Sample] | None = None,
-        tasks: tuple[str, ...] | list[str] = ("semseg", "depth"),
+        tasks: tuple[str, ...] | list[str] | None = None,
         max_samples: int = 0,
     ) -> None:
-        unknown = [t for t in tasks if t not in TASK_DIRS]
-        if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; the folder format has {sorted(TASK_DIRS)}")
         self.root = Path(root)
         self.split = split
         self.transform = transform
-        self.tasks = tuple(tasks)
         self.info: dict[str, Any] = read_dataset_json(self.root)
+        self.tasks = check_tasks(tuple(tasks) if tasks is not None else ModelConfig().tasks)
         split_dir = self.root / split
         if not split_dir.is_dir():
             raise DatasetFormatError(
@@ -281,15 +199,8 @@ class FolderDataset(Dataset):
         sample: Sample = {"image": tv_tensors.Image(image)}  # (3, H, W) in [0, 1]
         valid: dict[str, bool] = {}
         for task in self.tasks:
-            arr = raw[task]
-            valid[task] = arr is not None
-            if task == "semseg":
-                t = torch.from_numpy(arr) if arr is not None else torch.full((h, w), IGNORE_INDEX)  # (H, W)
-            elif task == "depth":
-                t = torch.from_numpy(arr)[None] if arr is not None else torch.zeros(1, h, w)  # (1, H, W)
-            else:
-                t = torch.from_numpy(arr).permute(2, 0, 1) if arr is not None else torch.zeros(3, h, w)
-            sample[task] = tv_tensors.Mask(t.contiguous())
+            valid[task] = raw[task] is not None
+            sample[task] = tv_tensors.Mask(TASKS[task].to_tensor(raw[task], (h, w)).contiguous())
         sample["valid_tasks"] = valid
         k = raw["intrinsics"]
         sample["intrinsics"] = torch.from_numpy(k) if k is not None else torch.zeros(4)
@@ -301,3 +212,41 @@ class FolderDataset(Dataset):
         return (
             f"FolderDataset(root={str(self.root)!r}, split={self.split!r}, n={len(self)}, tasks={self.tasks})"
         )
+
+
+def write_sample(
+    root: str | Path,
+    split: str,
+    sample_id: str,
+    image: np.ndarray,
+    meta: dict[str, Any] | None = None,
+    image_format: str = "png",
+    **targets: np.ndarray | None,
+) -> None:
+    """Write one sample: the image (H, W, 3) uint8 and any task targets by name, e.g. ``semseg=`` (H, W) class
+    ids, ``depth=`` (H, W) metres, ``normals=`` (H, W, 3) unit vectors (None = no file for that task).
+
+    Every array is checked and encoded (``Task.encode``) before anything is written, so a bad target never
+    leaves half a sample behind. ``image_format`` is "png" (lossless) or "jpg" (quality 95: ~20x faster to
+    encode and ~4x smaller for noisy images). Targets are always lossless PNG.
+    """
+    base = Path(root) / split
+    h, w = image.shape[:2]
+    if image_format not in ("png", "jpg", "jpeg"):
+        raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
+    files: dict[Path, bytes] = {}
+    for name, arr in targets.items():
+        if arr is None:
+            continue
+        task = get_task(name)
+        if np.shape(arr)[:2] != (h, w):
+            raise ValueError(f"{split}/{sample_id}: {name} is {np.shape(arr)[:2]} but the image is {(h, w)}")
+        files[base / task.folder / f"{sample_id}.png"] = png_bytes(task.encode(arr))
+    image = np.ascontiguousarray(image, np.uint8)
+    ext = "png" if image_format == "png" else "jpg"
+    encoded = png_bytes(image) if ext == "png" else jpeg_bytes(image)
+    files = {base / "images" / f"{sample_id}.{ext}": encoded, **files}
+    if meta is not None:
+        files[base / "meta" / f"{sample_id}.json"] = (json.dumps(meta) + "\n").encode()
+    for path, data in files.items():
+        atomic_write_bytes(path, data)

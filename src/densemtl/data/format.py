@@ -22,17 +22,43 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 FORMAT_VERSION = 1
 DEPTH_SCALE = 256.0  # uint16 value per metre
 DEPTH_MAX_ENCODABLE = 65535 / DEPTH_SCALE  # 255.996 m
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
-TASK_DIRS = {"semseg": "semseg", "depth": "depth", "normals": "normals"}
+
+
+DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I")  # how Pillow opens 16-bit grayscale PNGs
 
 
 class DatasetFormatError(ValueError):
     """A dataset file that does not follow the folder format; the message names the file and the fix."""
+
+
+def open_image(path: Path, what: str) -> Image.Image:
+    """Open and fully decode ``path`` (so truncation surfaces here), naming the file on failure."""
+    if not path.is_file():
+        raise DatasetFormatError(f"{path}: {what} file not found; restore it or remove the sample")
+    try:
+        img = Image.open(path)
+        img.load()
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        raise DatasetFormatError(
+            f"{path}: cannot decode {what} ({e}); the file is corrupt or truncated, re-export it"
+        ) from e
+    return img
+
+
+def check_size(arr: np.ndarray, path: Path, size: tuple[int, int], what: str) -> None:
+    """Raise unless ``arr`` is ``size`` (H, W): targets must match their image pixel for pixel."""
+    if arr.shape[:2] != size:
+        raise DatasetFormatError(
+            f"{path}: {what} is {arr.shape[1]}x{arr.shape[0]} (WxH) but its image is {size[1]}x{size[0]}; "
+            "targets must match the (EXIF-rotated) image pixel for pixel: re-export at the image size "
+            "(nearest-neighbour resampling for labels and depth)"
+        )
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -48,7 +74,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def _png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
+def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
     import io
 
     buf = io.BytesIO()
@@ -56,7 +82,7 @@ def _png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
     return buf.getvalue()
 
 
-def _jpeg_bytes(array: np.ndarray, quality: int = 95) -> bytes:
+def jpeg_bytes(array: np.ndarray, quality: int = 95) -> bytes:
     import io
 
     buf = io.BytesIO()
@@ -163,41 +189,3 @@ def read_dataset_json(root: str | Path) -> dict[str, Any]:
     info["depth"].setdefault("scale", DEPTH_SCALE)
     info["depth"].setdefault("max", 80.0)
     return info
-
-
-def write_sample(
-    root: str | Path,
-    split: str,
-    sample_id: str,
-    image: np.ndarray,
-    semseg: np.ndarray | None = None,
-    depth: np.ndarray | None = None,
-    normals: np.ndarray | None = None,
-    meta: dict[str, Any] | None = None,
-    image_format: str = "png",
-) -> None:
-    """Write one sample: image (H, W, 3) uint8, semseg (H, W) uint8, depth (H, W) metres, normals (H, W, 3).
-
-    ``image_format`` is "png" (lossless) or "jpg" (quality 95: ~20x faster to encode and ~4x smaller for noisy
-    images). Labels, depth and normals are always lossless PNG.
-    """
-    base = Path(root) / split
-    h, w = image.shape[:2]
-    for name, arr in (("semseg", semseg), ("depth", depth), ("normals", normals)):
-        if arr is not None and arr.shape[:2] != (h, w):
-            raise ValueError(f"{split}/{sample_id}: {name} is {arr.shape[:2]} but the image is {(h, w)}")
-    image = np.ascontiguousarray(image, np.uint8)
-    if image_format == "png":
-        atomic_write_bytes(base / "images" / f"{sample_id}.png", _png_bytes(image))
-    elif image_format in ("jpg", "jpeg"):
-        atomic_write_bytes(base / "images" / f"{sample_id}.jpg", _jpeg_bytes(image))
-    else:
-        raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
-    if semseg is not None:
-        atomic_write_bytes(base / "semseg" / f"{sample_id}.png", _png_bytes(semseg.astype(np.uint8)))
-    if depth is not None:
-        atomic_write_bytes(base / "depth" / f"{sample_id}.png", _png_bytes(encode_depth(depth)))
-    if normals is not None:
-        atomic_write_bytes(base / "normals" / f"{sample_id}.png", _png_bytes(encode_normals(normals)))
-    if meta is not None:
-        atomic_write_bytes(base / "meta" / f"{sample_id}.json", (json.dumps(meta) + "\n").encode())

@@ -1,9 +1,9 @@
 """Joint transforms over the whole sample dict, built on torchvision ``transforms.v2.functional``.
 
 Every geometric transform draws its parameters once and applies them to every dense key, each resampled its
-own way (``RESAMPLE``): the image bilinearly with antialiasing, labels, depth and normals by nearest neighbour
-so that no label or depth value is ever invented between two objects. Padding uses each key's fill: 255
-(ignore) for labels, 0 (invalid) for depth and normals. The camera intrinsics follow the geometry, in the
+own way: the image bilinearly with antialiasing, every task's target as its task says (``Task.interpolation``:
+nearest neighbour for labels, depth and normals, so that no label or depth value is ever invented between two
+objects). Padding uses each task's ``fill`` (its "no label" value: 255 for labels, 0 for depth and normals). The camera intrinsics follow the geometry, in the
 pixel-centre convention (pixel ``u`` covers ``[u - 0.5, u + 0.5]``), so ``u = fx * X / Z + cx`` keeps holding
 after the transform. Keys the transforms do not know (``id``, ``valid_tasks``, ...) pass through untouched.
 """
@@ -20,34 +20,16 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from densemtl.tasks import IGNORE_INDEX, INVALID_DEPTH
+from densemtl.tasks import TASKS
 
 Sample = dict[str, Any]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# key -> (interpolation, fill used when padding)
-RESAMPLE: dict[str, tuple[InterpolationMode, float]] = {
-    "image": (InterpolationMode.BILINEAR, 0.0),
-    "semseg": (InterpolationMode.NEAREST_EXACT, float(IGNORE_INDEX)),
-    "depth": (InterpolationMode.NEAREST_EXACT, INVALID_DEPTH),
-    "normals": (InterpolationMode.NEAREST_EXACT, 0.0),
-}
-
-
-def normalize(image: torch.Tensor) -> torch.Tensor:
-    """(..., 3, H, W) RGB in [0, 1] -> ImageNet-normalised (what pretrained backbones expect)."""
-    mean = image.new_tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = image.new_tensor(IMAGENET_STD).view(3, 1, 1)
-    return (image - mean) / std
-
-
-def denormalize(image: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``normalize``: (..., 3, H, W) back to RGB in [0, 1] (not clamped)."""
-    mean = image.new_tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = image.new_tensor(IMAGENET_STD).view(3, 1, 1)
-    return image * std + mean
+def resampling(sample: Sample) -> dict[str, tuple[InterpolationMode, float]]:
+    """``{key: (interpolation, fill used when padding)}`` for the image and every task target in ``sample``."""
+    modes = {"image": (InterpolationMode.BILINEAR, 0.0)}
+    modes.update({k: (t.interpolation, float(t.fill)) for k, t in TASKS.items() if k in sample})
+    return modes
 
 
 def _image_size(sample: Sample) -> tuple[int, int]:
@@ -78,9 +60,8 @@ def resize_sample(sample: Sample, size: tuple[int, int]) -> Sample:
     if (h, w) == tuple(size):
         return sample
     out = dict(sample)
-    for key, (mode, _) in RESAMPLE.items():
-        if key in out:
-            out[key] = F.resize(_tv(key, out[key]), list(size), interpolation=mode, antialias=True)
+    for key, (mode, _) in resampling(out).items():
+        out[key] = F.resize(_tv(key, out[key]), list(size), interpolation=mode, antialias=True)
     sx, sy = size[1] / w, size[0] / h
 
     def scale(k: torch.Tensor) -> torch.Tensor:
@@ -99,26 +80,23 @@ def crop_sample(sample: Sample, top: int, left: int, height: int, width: int) ->
     h, w = _image_size(sample)
     pad = [max(0, -left), max(0, -top), max(0, left + width - w), max(0, top + height - h)]  # l, t, r, b
     out = dict(sample)
-    for key, (_, fill) in RESAMPLE.items():
-        if key in out:
-            t = _tv(key, out[key])
-            t = F.pad(t, pad, fill=fill) if any(pad) else t
-            out[key] = F.crop(t, top + pad[1], left + pad[0], height, width)
+    for key, (_, fill) in resampling(out).items():
+        t = _tv(key, out[key])
+        t = F.pad(t, pad, fill=fill) if any(pad) else t
+        out[key] = F.crop(t, top + pad[1], left + pad[0], height, width)
     _update_intrinsics(out, lambda k: torch.stack([k[0], k[1], k[2] - left, k[3] - top]))
     return out
 
 
 def hflip_sample(sample: Sample) -> Sample:
-    """Mirror every dense key left-right; normals' x component is negated, cx -> W - 1 - cx."""
+    """Mirror every dense key left-right, then let each task fix mirrored values (``Task.flip``: normals negate
+    x); cx -> W - 1 - cx."""
     w = _image_size(sample)[1]
     out = dict(sample)
-    for key in RESAMPLE:
-        if key in out:
-            out[key] = F.horizontal_flip(_tv(key, out[key]))
-    if "normals" in out:
-        n = out["normals"].clone()  # (3, H, W); mirroring the scene mirrors the normals' x
-        n[0] = -n[0]
-        out["normals"] = n
+    for key in resampling(out):
+        out[key] = F.horizontal_flip(_tv(key, out[key]))
+        if key in TASKS:
+            out[key] = TASKS[key].flip(out[key])
     _update_intrinsics(out, lambda k: torch.stack([k[0], k[1], (w - 1) - k[2], k[3]]))
     return out
 
@@ -205,18 +183,16 @@ class ImageOnly:
 
 
 class ToPlainTensors:
-    """Normalise the image and unwrap tv_tensors into plain tensors for collation and the model."""
+    """Unwrap tv_tensors into plain tensors for collation and the model (which normalises the RGB itself)."""
 
     def __call__(self, sample: Sample) -> Sample:
         out = dict(sample)
-        for key in RESAMPLE:
-            if key in out:
-                out[key] = out[key].as_subclass(torch.Tensor)
-        out["image"] = normalize(out["image"])
+        for key in resampling(out):
+            out[key] = out[key].as_subclass(torch.Tensor)
         return out
 
     def __repr__(self) -> str:
-        return "ToPlainTensors(normalize=ImageNet)"
+        return "ToPlainTensors()"
 
 
 def build_transforms(

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from densemtl.data.format import write_sample
+from densemtl.data.folder import write_sample
 
 Intrinsics = tuple[float, float, float, float]  # fx, fy, cx, cy in pixels
 

@@ -12,9 +12,16 @@ Raw ids map to 40 classes with ``classMapping40.mat`` (``mapClass``: 894 values 
 ``splits.mat`` holds the standard 1-based ``trainNdxs`` (795) and ``testNdxs`` (654); the test frames become our
 ``val`` split. These metadata files are passed by path (``meta_dir``), never bundled.
 
+The official file has no surface normals. The widely used NYUv2 normal maps (Eigen & Fergus / Ladicky et al.,
+as published by multi-task-refinenet) are 8-bit RGB PNGs named ``norm_gt_<frame>.png`` with the 1-based
+official frame number in six digits (``norm_gt_000433.png`` is frame 433, a test frame); pass their folder as
+``normals_dir`` and :func:`nyu_normals_to_camera` turns them into our camera frame.
+
 MTAN/LibMTL layout (``<src>/{train,val}/{image,label,depth,normal}/<i>.npy``, 288x384, 13 classes):
 image (H, W, 3) float in [0, 1], label (H, W) float with -1 = unlabelled, depth (H, W, 1) metres with 0 =
-invalid, normal (H, W, 3) in [-1, 1].
+invalid, normal (H, W, 3) in [-1, 1]. Those normals are copied as they are (assumed to be in our camera
+frame already); no sample of that layout was at hand to check this, so compare a few against
+:func:`densemtl.tasks.normals.normals_from_depth` before relying on them.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from densemtl.data.format import write_dataset_json
 from densemtl.datasets.common import Intrinsics, crop_box, label_palette, write_converted
@@ -39,6 +47,46 @@ NYU13_CLASSES = [
     "picture", "sofa", "table", "tv", "wall", "window",
 ]  # fmt: skip
 META_FILES = {"mapping40": "classMapping40.mat", "mapping13": "class13Mapping.mat", "splits": "splits.mat"}
+NYU_NORMALS_NAME = "norm_gt_{frame:06d}.png"  # frame: the 1-based official frame number
+
+
+def nyu_normals_to_camera(rgb: np.ndarray) -> np.ndarray:
+    """NYUv2 normal-map PNG pixels (H, W, 3) uint8 -> (H, W, 3) float32 unit normals in our camera frame.
+
+    Encoding: ``n = value / 127.5 - 1`` per channel (unitless direction cosines); ``(127, 127, 127)``, which
+    decodes to a near-zero vector, marks pixels without a normal (in these maps everything outside the valid
+    Kinect region ``NYU_VALID_CROP``), so any decoded length under 0.5 is invalid and becomes ``(0, 0, 0)``.
+    Axes: the channels are (R, G, B) = (x right, z forward, -y = up) of the OpenCV camera frame, a right-handed
+    frame x right / y forward / z up, so ours is ``(R, -B, G)``: a floor has B near 255, a surface facing the
+    camera has G < 127.
+
+    How this was found (tests/test_nyuv2.py repeats it): frame 433's map against normals from its Kinect depth
+    (metres = value / 5000) back-projected with ``NYU_INTRINSICS`` and differenced over +-8 pixels, on planar
+    wall and floor pixels. Of the 48 signed axis permutations only this one agrees: median angle 5.1 degrees
+    (floor 3.4, walls 11.4); the next best, x mirrored, gives 11.3 (walls 72). Dividing by 127.5 gives a median
+    decoded length of 1.0003 (127: 1.0039); the tiny difference is normalised away.
+    """
+    a = np.asarray(rgb)
+    if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
+        raise ValueError(f"NYU normals must be an (H, W, 3) uint8 RGB array, got {a.dtype} {a.shape}")
+    n = a.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    length = np.linalg.norm(n, axis=-1, keepdims=True)
+    cam = np.stack([n[..., 0], -n[..., 2], n[..., 1]], axis=-1) / np.maximum(length, 1e-6)
+    cam[length[..., 0] <= 0.5] = 0.0
+    return cam
+
+
+def load_nyu_normals(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a NYUv2 normal-map PNG and convert it (:func:`nyu_normals_to_camera`); ``size`` (H, W) is checked."""
+    with Image.open(path) as img:
+        if img.mode != "RGB":
+            raise ValueError(f"{path}: a NYU normal map is an 8-bit RGB PNG, got mode {img.mode}")
+        rgb = np.asarray(img)
+    if size is not None and rgb.shape[:2] != tuple(size):
+        raise ValueError(
+            f"{path}: normal map is {rgb.shape[0]}x{rgb.shape[1]}, the frame is {size[0]}x{size[1]}"
+        )
+    return nyu_normals_to_camera(rgb)
 
 
 def _loadmat(path: Path) -> dict[str, Any]:
@@ -124,9 +172,12 @@ class NyuLabeledFile:
         self.close()
 
 
-def _write_info(dst: Path, classes: list[str], splits: list[str], source: str, **extra: Any) -> None:
+def _write_info(
+    dst: Path, classes: list[str], splits: list[str], source: str, normals: bool, **extra: Any
+) -> None:
+    tasks = ["semseg", "depth"] + (["normals"] if normals else [])
     write_dataset_json(
-        dst, name="nyuv2", tasks=["semseg", "depth"], classes=classes, palette=label_palette(len(classes)),
+        dst, name="nyuv2", tasks=tasks, classes=classes, palette=label_palette(len(classes)),
         splits=splits, depth_max=NYU_DEPTH_MAX, extra={"source": source, **extra},
     )  # fmt: skip
 
@@ -140,6 +191,7 @@ def convert_nyuv2_mat(
     crop_valid: bool = False,
     image_format: str = "png",
     max_per_split: int = 0,
+    normals_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Official labelled file -> folder format with 795 train / 654 val frames.
 
@@ -152,6 +204,8 @@ def convert_nyuv2_mat(
         crop_valid: keep only the valid Kinect region ``NYU_VALID_CROP`` (drops the white border).
         image_format: "png" or "jpg".
         max_per_split: write only the first N frames of each split (0 = all), for quick looks.
+        normals_dir: optional folder of NYU normal maps ``norm_gt_<frame>.png`` (see the module docstring);
+            frames without one get no normals file. The .mat file itself has no normals.
     """
     if classes not in (40, 13):
         raise ValueError(f"NYUv2 classes must be 40 or 13, got {classes}")
@@ -161,6 +215,8 @@ def convert_nyuv2_mat(
         lut13, names = load_mapping13(meta / META_FILES["mapping13"])
         lut = lut13[lut]  # raw -> 40 -> 13; 255 stays 255 (lut13[255] = 255)
     splits = load_splits(meta / META_FILES["splits"])
+    if normals_dir is not None and not Path(normals_dir).is_dir():
+        raise FileNotFoundError(f"{normals_dir}: normals_dir must be a folder of {NYU_NORMALS_NAME} files")
     dst = Path(dst)
     counts: dict[str, int] = {}
     with NyuLabeledFile(src) as nyu:
@@ -174,14 +230,30 @@ def convert_nyuv2_mat(
                 rgb, depth, raw = nyu.frame(int(i))
                 sample = {"image": rgb, "semseg": lut[np.minimum(raw, 894)], "depth": depth}
                 sample["intrinsics"] = NYU_INTRINSICS
+                sample["normals"] = _frame_normals(normals_dir, int(i) + 1, depth.shape)
                 if crop_valid:
                     sample = crop_box(sample, *NYU_VALID_CROP)
                 write_converted(
                     dst, split, f"{int(i) + 1:04d}", sample, size, image_format, {"frame": int(i) + 1}
                 )
             counts[split] = len(indices)
-    _write_info(dst, names, list(splits), "nyu_depth_v2_labeled.mat", classes_from=f"nyu{classes}")
+    _write_info(
+        dst,
+        names,
+        list(splits),
+        "nyu_depth_v2_labeled.mat",
+        normals_dir is not None,
+        classes_from=f"nyu{classes}",
+    )
     return {"name": "nyuv2", "root": str(dst), "counts": counts}
+
+
+def _frame_normals(normals_dir: str | Path | None, frame: int, size: tuple[int, int]) -> np.ndarray | None:
+    """The converted normal map of 1-based ``frame`` from ``normals_dir``, or None when there is none."""
+    if normals_dir is None:
+        return None
+    path = Path(normals_dir) / NYU_NORMALS_NAME.format(frame=frame)
+    return load_nyu_normals(path, size) if path.is_file() else None
 
 
 def iter_mtan(split_dir: Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -214,11 +286,13 @@ def convert_nyuv2_mtan(
     """
     src, dst = Path(src), Path(dst)
     counts: dict[str, int] = {}
+    has_normals = False
     for split in ("train", "val"):
         if not (src / split / "image").is_dir():
             continue
         n = 0
         for sample_id, sample in iter_mtan(src / split):
+            has_normals |= sample.get("normals") is not None
             h, w = sample["image"].shape[:2]
             fx, fy, cx, cy = NYU_INTRINSICS
             sx, sy = w / 640, h / 480
@@ -230,7 +304,7 @@ def convert_nyuv2_mtan(
         raise FileNotFoundError(
             f"{src}: no train/image or val/image folders of .npy files (MTAN/LibMTL layout)"
         )
-    _write_info(dst, NYU13_CLASSES, list(counts), "mtan_npy", classes_from="nyu13")
+    _write_info(dst, NYU13_CLASSES, list(counts), "mtan_npy", has_normals, classes_from="nyu13")
     return {"name": "nyuv2", "root": str(dst), "counts": counts}
 
 

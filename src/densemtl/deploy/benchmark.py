@@ -1,11 +1,14 @@
-"""``densemtl benchmark``: latency of the model per engine (PyTorch eager, ONNX Runtime fp32, INT8) next to
-torchvision's seg-only ``lraspp_mobilenet_v3_large`` in the same run, so results read as ratios.
+"""``densemtl benchmark``: latency of the model per inference backend (PyTorch eager, ONNX Runtime fp32, INT8)
+next to torchvision's seg-only ``lraspp_mobilenet_v3_large`` in the same run, so results read as ratios.
 
-Every engine is timed interleaved (A, B, C, A, B, C, ...) after a warm-up, so load from other processes hits
+Every backend is timed interleaved (A, B, C, A, B, C, ...) after a warm-up, so load from other processes hits
 all alike; we report the median and p90 wall time, FPS (1000 / median), the process CPU time per call, the
 parameters and GFLOPs (2 per multiply-add, convolutions and matmuls only), the peak memory that loading the
-engine and one inference add (measured in a fresh process per engine) and the file size (ONNX, or the saved
+backend and one inference add (measured in a fresh process per backend) and the file size (ONNX, or the saved
 PyTorch module).
+
+The result's JSON keeps the key names it has always had: ``"engines"`` (one entry per timed model and backend)
+and each entry's ``"engine"`` (its backend), because published results and their readers use them.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 from torch import nn
 
 REFERENCE = "lraspp_mobilenet_v3_large"
-ENGINES = ("torch", "onnxruntime", "int8")
+BACKENDS = ("torch", "onnxruntime", "int8")
 
 
 _MEMORY_CHILD = """
@@ -62,7 +65,7 @@ def peak_memory_mb(kind: str, path: Path, size: tuple[int, int], threads: int) -
     ``kind`` is "torch" (``path``: a ``torch.save``d module, loaded before the baseline: activations and
     workspace only) or "onnxruntime" (``path``: an ONNX file, session created after the baseline: weights,
     optimised graph, arenas and activations). A fresh process, because inside the benchmark's own process
-    allocator caches and earlier engines hide the peak. Linux only (``/proc/self/clear_refs`` resets the peak);
+    allocator caches and earlier backends hide the peak. Linux only (``/proc/self/clear_refs`` resets the peak);
     NaN when the measurement fails.
     """
     import subprocess
@@ -132,51 +135,51 @@ def _torch_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
 
 def build_runners(
     model: nn.Module,
-    engines: tuple[str, ...],
+    backends: tuple[str, ...],
     size: tuple[int, int],
     threads: int,
     tmp: Path,
     calib_root: str | Path | None = None,
     reference: bool = True,
 ) -> dict[str, dict[str, Any]]:
-    """Name -> {"run": zero-argument callable, "model", "engine", "file"} for each engine (and the reference)."""
+    """Name -> {"run": zero-argument callable, "model", "backend", "file"} per backend (and the reference)."""
     from torchvision.models.segmentation import lraspp_mobilenet_v3_large
 
     from densemtl.deploy.export import export_model
     from densemtl.deploy.quantize import quantize_onnx
 
-    unknown = [e for e in engines if e not in ENGINES]
+    unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
-        raise ValueError(f"unknown engine(s) {unknown}; choose from {ENGINES}")
+        raise ValueError(f"unknown backend(s) {unknown}; choose from {BACKENDS}")
     x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
     runners: dict[str, dict[str, Any]] = {}
     onnx_path = tmp / "densemtl.onnx"
-    if "onnxruntime" in engines or "int8" in engines:
+    if "onnxruntime" in backends or "int8" in backends:
         export_model(model, onnx_path, size, class_ids=False)
-    for engine in engines:
+    for backend in backends:
         file = None
-        if engine == "torch":
+        if backend == "torch":
             run, file = _torch_runner(model, x), tmp / "densemtl.pt"
             torch.save(model, file)  # for the memory measurement in a fresh process
         else:
             file = (
                 onnx_path
-                if engine == "onnxruntime"
+                if backend == "onnxruntime"
                 else quantize_onnx(onnx_path, tmp / "int8.onnx", calib_root)
             )
             run = _ort_runner(file, x, threads)
-        runners[f"densemtl {engine}"] = {"run": run, "model": "densemtl", "engine": engine, "file": file}
+        runners[f"densemtl {backend}"] = {"run": run, "model": "densemtl", "backend": backend, "file": file}
     if reference:
         ref = _FirstOutput(
             lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=8)
         ).eval()
         torch.save(ref, tmp / "lraspp.pt")
         runners[f"{REFERENCE} torch"] = {
-            "run": _torch_runner(ref, x), "model": REFERENCE, "engine": "torch", "file": tmp / "lraspp.pt",
+            "run": _torch_runner(ref, x), "model": REFERENCE, "backend": "torch", "file": tmp / "lraspp.pt",
         }  # fmt: skip
         file = _export_plain(ref, tmp / "lraspp.onnx", size)
         runners[f"{REFERENCE} onnxruntime"] = {
-            "run": _ort_runner(file, x, threads), "model": REFERENCE, "engine": "onnxruntime", "file": file,
+            "run": _ort_runner(file, x, threads), "model": REFERENCE, "backend": "onnxruntime", "file": file,
         }  # fmt: skip
         runners["_ref_module"] = {"module": ref}
     return runners
@@ -215,10 +218,38 @@ def time_interleaved(
     return stats
 
 
+def _measure(
+    model: nn.Module,
+    backends: tuple[str, ...],
+    size: tuple[int, int],
+    threads: int,
+    runs: int,
+    warmup: int,
+    reference: bool,
+    calib_root: str | Path | None,
+    memory: bool,
+) -> dict[str, dict[str, Any]]:
+    """Timing, cost, memory and file size per runner of :func:`build_runners` (``run_benchmark``'s table)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        runners = build_runners(model, backends, size, threads, Path(tmp), calib_root, reference)
+        ref_module = runners.pop("_ref_module", {}).get("module")
+        stats = time_interleaved({k: r["run"] for k, r in runners.items()}, runs, warmup)
+        costs = {"densemtl": model_cost(model, size)}
+        if ref_module is not None:
+            costs[REFERENCE] = model_cost(ref_module, size)
+        for name, r in runners.items():
+            # the JSON key stays "engine" (see the module docstring)
+            stats[name].update(model=r["model"], engine=r["backend"], **costs[r["model"]])
+            kind = "torch" if r["backend"] == "torch" else "onnxruntime"
+            stats[name]["peak_memory_mb"] = peak_memory_mb(kind, r["file"], size, threads) if memory else None
+            stats[name]["file_mb"] = r["file"].stat().st_size / 2**20
+    return stats
+
+
 def run_benchmark(
     model: nn.Module,
     size: tuple[int, int] = (480, 640),
-    engines: tuple[str, ...] = ENGINES,
+    backends: tuple[str, ...] = BACKENDS,
     threads: int = 2,
     runs: int = 30,
     warmup: int = 5,
@@ -226,27 +257,25 @@ def run_benchmark(
     calib_root: str | Path | None = None,
     label: str = "densemtl",
     memory: bool = True,
+    *,
+    engines: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
-    """Benchmark ``model`` on every engine (and the reference) at batch 1; returns the JSON-ready result.
+    """Benchmark ``model`` on every backend (and the reference) at batch 1; returns the JSON-ready result.
 
-    ``memory=False`` skips the peak-memory measurement (one fresh process per engine, seconds each).
+    ``memory=False`` skips the peak-memory measurement (one fresh process per backend, seconds each).
+    ``engines`` is the deprecated name of ``backends``.
     """
     import onnxruntime as ort
 
+    if engines is not None:
+        import warnings
+
+        warnings.warn("engines= is deprecated, use backends=", DeprecationWarning, stacklevel=2)
+        backends = engines
     torch.set_num_threads(threads)
-    model = model.eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        runners = build_runners(model, tuple(engines), size, threads, Path(tmp), calib_root, reference)
-        ref_module = runners.pop("_ref_module", {}).get("module")
-        stats = time_interleaved({k: r["run"] for k, r in runners.items()}, runs, warmup)
-        costs = {"densemtl": model_cost(model, size)}
-        if ref_module is not None:
-            costs[REFERENCE] = model_cost(ref_module, size)
-        for name, r in runners.items():
-            stats[name].update(model=r["model"], engine=r["engine"], **costs[r["model"]])
-            kind = "torch" if r["engine"] == "torch" else "onnxruntime"
-            stats[name]["peak_memory_mb"] = peak_memory_mb(kind, r["file"], size, threads) if memory else None
-            stats[name]["file_mb"] = r["file"].stat().st_size / 2**20
+    stats = _measure(
+        model.eval(), tuple(backends), size, threads, runs, warmup, reference, calib_root, memory
+    )
     ref_key = next((k for k in (f"{REFERENCE} onnxruntime", f"{REFERENCE} torch") if k in stats), None)
     return {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
@@ -275,7 +304,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"{result['threads']} threads, batch 1, {h}x{w}, {result['runs']} interleaved runs, "
         f"load average {result['load_average'][0]:.2f}",
         "",
-        "| model | engine | median ms | p90 ms | FPS | CPU ms | x reference | params M | GFLOPs | peak MiB |",
+        "| model | backend | median ms | p90 ms | FPS | CPU ms | x reference | params M | GFLOPs | peak MiB |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, s in result["engines"].items():

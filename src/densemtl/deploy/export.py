@@ -1,11 +1,11 @@
 """ONNX export of a multi-task network with metadata and a parity guarantee against PyTorch.
 
-The graph has one input ``image`` (B, 3, H, W) float32 RGB and named outputs ``semseg_logits`` (B, C, H, W),
-optionally ``semseg`` (B, H, W) int64 class ids, and ``depth`` (B, 1, H, W) metres. With
-``bake_normalization`` the input is raw pixel values in 0..255 and the ImageNet normalisation is part of the
-graph; otherwise the input is ImageNet-normalised like the PyTorch model's. Everything a deployment needs to
-read the outputs (class names, palette, depth units, the input scale the network was trained at, the input
-convention, the model config) is stored as JSON in the model's ``metadata_props`` under ``"densemtl"``.
+The graph has one input ``image`` (B, 3, H, W) float32 RGB in [0, 1] (the model normalises it itself) and the
+named outputs of each of its tasks (``Task.onnx_outputs``): e.g. ``semseg_logits`` (B, C, H, W) and optionally
+``semseg`` (B, H, W) int64 class ids, ``depth`` (B, 1, H, W) metres, ``normals`` (B, 3, H, W) unit vectors.
+Everything a deployment needs to read the outputs (tasks, output names, class names, palette, depth units, the
+input scale the network was trained at, the input convention, the model config) is stored as JSON in the
+model's ``metadata_props`` under ``"densemtl"``.
 
 We use the TorchScript exporter (``dynamo=False``): it exports this network in ~2 s with dynamic batch and
 spatial axes, while ``torch.export`` (``dynamo=True``) fails on the decoders' size-dependent resize.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,51 +25,51 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densemtl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from densemtl.deploy.metadata import FORMAT, METADATA_KEY, read_metadata, to_numpy  # noqa: F401 (public here too)
+from densemtl.deploy.metadata import (  # noqa: F401 (public here too)
+    FORMAT,
+    METADATA_KEY,
+    METADATA_VERSION,
+    read_metadata,
+    to_numpy,
+)
 from densemtl.deploy.ort import OnnxModel
+from densemtl.tasks import TASKS
 
+log = logging.getLogger("densemtl")
 OPSET = 18
-DEPTH_TOLERANCE_M = 1e-3  # parity: max abs depth error, metres
-CLASS_AGREEMENT = 0.999  # parity: fraction of pixels with the same class id
 
 
 class ExportWrapper(nn.Module):
     """Tensor in, tuple of named outputs out (ONNX needs a flat output list, not a dict).
 
     Args:
-        model: returns ``{task: tensor}`` from an ImageNet-normalised (B, 3, H, W) image.
-        class_ids: also output the argmax class ids ``semseg`` (B, H, W) int64.
-        bake_normalization: the graph takes 0..255 RGB and normalises it itself.
+        model: returns ``{task: tensor}`` from an RGB (B, 3, H, W) image in [0, 1].
+        class_ids: also output convenience outputs such as the argmax class ids (``Task.onnx_outputs`` extras).
     """
 
-    def __init__(self, model: nn.Module, class_ids: bool = True, bake_normalization: bool = False) -> None:
+    def __init__(self, model: nn.Module, class_ids: bool = True) -> None:
         super().__init__()
         self.model = model
         self.tasks = tuple(model.tasks)
-        self.class_ids = class_ids and "semseg" in self.tasks
-        self.bake_normalization = bake_normalization
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0, persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.class_ids = class_ids
+
+    def output_axes(self) -> dict[str, dict[int, str]]:
+        """Every output's dynamic axes, by name, in the order ``forward`` returns them."""
+        axes: dict[str, dict[int, str]] = {}
+        for t in self.tasks:
+            axes.update(TASKS[t].onnx_axes(self.class_ids))
+        return axes
 
     def output_names(self) -> list[str]:
         """Names of the outputs, in the order ``forward`` returns them."""
-        names = []
-        if "semseg" in self.tasks:
-            names += ["semseg_logits"] + (["semseg"] if self.class_ids else [])
-        return names + (["depth"] if "depth" in self.tasks else [])
+        return list(self.output_axes())
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(B, 3, H, W) -> outputs named by :meth:`output_names`."""
-        x = (image - self.mean) / self.std if self.bake_normalization else image
-        out = self.model(x)
-        result = []
-        if "semseg" in out:
-            result.append(out["semseg"])  # (B, C, H, W)
-            if self.class_ids:
-                result.append(out["semseg"].argmax(dim=1))  # (B, H, W) int64
-        if "depth" in out:
-            result.append(out["depth"])  # (B, 1, H, W) metres
+        out = self.model(image)
+        result: list[torch.Tensor] = []
+        for t in self.tasks:
+            result += TASKS[t].onnx_outputs(out[t], self.class_ids).values()
         return tuple(result)
 
 
@@ -82,10 +83,9 @@ def build_metadata(
 ) -> dict[str, Any]:
     """The JSON stored in the ONNX file: how to feed the graph and read its outputs."""
     info = info or {}
-    baked = wrapper.bake_normalization
     return {
         "format": FORMAT,
-        "version": 1,
+        "version": METADATA_VERSION,
         "tasks": list(wrapper.tasks),
         "outputs": wrapper.output_names(),
         "classes": list(info.get("classes", [])),
@@ -96,10 +96,8 @@ def build_metadata(
             "layout": "NCHW",
             "color": "RGB",
             "dtype": "float32",
-            "normalization": "baked" if baked else "external",
-            "range": "0..255 (raw pixels)" if baked else "ImageNet-normalised: (rgb/255 - mean) / std",
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
+            "normalization": "in-model",
+            "range": "RGB in [0, 1] (pixel / 255); the graph normalises it itself",
             "size": list(size),
             "dynamic": dynamic,
         },
@@ -121,21 +119,19 @@ def export_model(
     """Export ``model`` to ``out`` (ONNX, opset 18), attach ``metadata`` and run ``onnx.checker``.
 
     ``size`` (H, W) is the traced input size; with ``dynamic`` the batch, height and width axes are free.
+    ``bake_normalization`` is accepted for old scripts and does nothing: every graph now normalises its input.
     """
     import onnx
 
-    wrapper = ExportWrapper(model, class_ids, bake_normalization).eval()  # eval: never update BN stats
-    x = torch.rand(1, 3, *size) * (255.0 if bake_normalization else 1.0)
-    names = wrapper.output_names()
-    axes = None
-    if dynamic:
-        axes = {"image": {0: "batch", 2: "height", 3: "width"}}
-        for n in names:
-            axes[n] = (
-                {0: "batch", 1: "height", 2: "width"}
-                if n == "semseg"
-                else {0: "batch", 2: "height", 3: "width"}
-            )
+    if bake_normalization:
+        log.warning(
+            "bake_normalization is no longer needed: the model normalises its [0, 1] RGB input itself"
+        )
+    wrapper = ExportWrapper(model, class_ids).eval()  # eval: never update BN stats
+    x = torch.rand(1, 3, *size)
+    axes_by_name = wrapper.output_axes()
+    names = list(axes_by_name)
+    axes = {"image": {0: "batch", 2: "height", 3: "width"}, **axes_by_name} if dynamic else None
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # TorchScript exporter deprecation and tracer warnings
@@ -161,36 +157,36 @@ def export_model(
 def check_parity(
     model: nn.Module, onnx_path: str | Path, images: torch.Tensor, threads: int = 0
 ) -> dict[str, Any]:
-    """Compare ONNX Runtime with PyTorch on ``images`` (N, 3, H, W) ImageNet-normalised, one at a time.
+    """Compare ONNX Runtime with PyTorch on ``images`` (N, 3, H, W) RGB in [0, 1], one at a time.
 
-    Returns the max abs depth error (metres), the fraction of pixels with equal class ids, and ``passed``
-    (depth error <= 1e-3 m and class agreement >= 99.9%).
+    Every task compares its own outputs (``Task.parity``: e.g. the fraction of pixels with equal class ids
+    >= 99.9%, the max abs depth error <= 1 mm, normals within 0.5 degrees on >= 99.9% of pixels); ``passed``
+    is True when every task passes.
     """
     model = model.eval()
     ort_model = OnnxModel.from_file(onnx_path, threads=threads)
-    depth_err, same, total = 0.0, 0, 0
+    refs: dict[str, list[torch.Tensor]] = {t: [] for t in model.tasks}
+    gots: dict[str, list[torch.Tensor]] = {t: [] for t in model.tasks}
     for x in images.split(1):
         ref, got = model(x), ort_model(x)
-        if "depth" in ref:
-            depth_err = max(depth_err, float((ref["depth"] - got["depth"]).abs().max()))
-        if "semseg" in ref:
-            same += int((ref["semseg"].argmax(1) == got["semseg"].argmax(1)).sum())
-            total += ref["semseg"][:, 0].numel()
-    agreement = same / total if total else 1.0
-    return {
-        "images": int(images.shape[0]),
-        "depth_max_abs_err_m": depth_err,
-        "class_agreement": agreement,
-        "passed": depth_err <= DEPTH_TOLERANCE_M and agreement >= CLASS_AGREEMENT,
-    }
+        for t in model.tasks:
+            refs[t].append(ref[t].float())
+            gots[t].append(got[t].float())
+    report: dict[str, Any] = {"images": int(images.shape[0])}
+    passed = True
+    for t in model.tasks:
+        figures, ok = TASKS[t].parity(torch.cat(refs[t]), torch.cat(gots[t]))
+        report.update(figures)
+        passed = passed and ok
+    report["passed"] = passed
+    return report
 
 
 def parity_images(
     data_root: str | Path | None, size: tuple[int, int], n: int = 4
 ) -> tuple[torch.Tensor, str]:
-    """``n`` real validation images resized to ``size`` and normalised, or random ones when there is no data."""
+    """``n`` real validation images resized to ``size`` as RGB in [0, 1], or random ones without data."""
     from densemtl.data.images import list_images, read_rgb
-    from densemtl.data.transforms import normalize
 
     root = Path(data_root) if data_root else None
     for split in ("val", "train"):
@@ -200,9 +196,9 @@ def parity_images(
                 [torch.from_numpy(np.array(read_rgb(p))).permute(2, 0, 1).float() / 255 for p in paths]
             )
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-            return normalize(x), f"{root / split}"
+            return x.clamp(0.0, 1.0), f"{root / split}"
     gen = torch.Generator().manual_seed(0)
-    return normalize(torch.rand(n, 3, *size, generator=gen)), "random"
+    return torch.rand(n, 3, *size, generator=gen), "random"
 
 
 def default_size(ckpt: dict[str, Any], data_root: str | Path | None) -> tuple[int, int]:
@@ -244,7 +240,7 @@ def export_checkpoint(
     model = model_from_checkpoint(ckpt, checkpoint).eval()
     root = data_root if data_root is not None else config_from_checkpoint(ckpt).data.root
     size = size or default_size(ckpt, root)
-    wrapper = ExportWrapper(model, class_ids, bake_normalization)
+    wrapper = ExportWrapper(model, class_ids)
     meta = build_metadata(wrapper, size, dynamic, ckpt.get("dataset"), input_scale(ckpt), ckpt["config"])
     path = export_model(model, out, size, dynamic, bake_normalization, class_ids, meta)
     report: dict[str, Any] = {"onnx": str(path), "size": list(size), "dynamic": dynamic, "metadata": meta}

@@ -14,6 +14,7 @@ import torch
 
 METADATA_KEY = "densemtl"
 FORMAT = "densemtl-onnx"
+METADATA_VERSION = 2  # 2: the graph takes RGB in [0, 1] and normalises it itself
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

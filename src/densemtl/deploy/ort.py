@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densemtl.data.transforms import denormalize
-from densemtl.deploy.metadata import read_metadata, to_numpy
+from densemtl.deploy.metadata import METADATA_VERSION, read_metadata, to_numpy
+from densemtl.tasks import TASKS
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
@@ -73,17 +73,25 @@ def create_session(path: str | Path, threads: int = 0, device: str = "cpu", spin
 class OnnxModel(nn.Module):
     """An exported densemtl graph behind the PyTorch model's interface.
 
-    ``forward`` takes an ImageNet-normalised (B, 3, H, W) tensor like ``MultiTaskNet`` and returns
-    ``{"semseg": logits (B, C, H, W), "depth": metres (B, 1, H, W)}``. It undoes the normalisation when the graph
-    has it baked in, and resizes in and out when the graph has a fixed size different from the input's.
+    ``forward`` takes RGB (B, 3, H, W) in [0, 1] like ``MultiTaskNet`` and returns ``{task: raw output}`` as the
+    PyTorch model does (``Task.from_onnx``). It resizes in and out when the graph has a fixed size different
+    from the input's. Files from before format version 2 (ImageNet-normalised input) are refused: re-export.
     """
 
-    def __init__(self, session: Any, metadata: dict[str, Any]) -> None:
+    def __init__(self, session: Any, metadata: dict[str, Any], path: str | Path = "the ONNX file") -> None:
         super().__init__()
+        if int(metadata.get("version", 1)) < METADATA_VERSION:
+            raise ValueError(
+                f"{path} was exported by an older densemtl (ImageNet-normalised input, metadata version "
+                f"{metadata.get('version', 1)}); re-export it from its checkpoint with "
+                "`densemtl export --checkpoint CKPT --out FILE.onnx`"
+            )
+        unknown = [t for t in metadata.get("tasks", ()) if t not in TASKS]
+        if unknown:
+            raise ValueError(f"{path} has outputs of unknown task(s) {unknown}; known tasks: {sorted(TASKS)}")
         self.session = session
         self.metadata = metadata
         self.tasks = tuple(metadata.get("tasks", ()))
-        self.baked = metadata.get("input", {}).get("normalization") == "baked"
         shape = session.get_inputs()[0].shape  # e.g. [1, 3, 256, 512] or ['batch', 3, 'height', 'width']
         self.fixed_size = tuple(shape[2:]) if all(isinstance(s, int) for s in shape[2:]) else None
         self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
@@ -94,7 +102,7 @@ class OnnxModel(nn.Module):
         cls, path: str | Path, threads: int = 0, device: str = "cpu", spinning: bool = False
     ) -> OnnxModel:
         """Open an exported file with its metadata."""
-        return cls(create_session(path, threads, device, spinning), read_metadata(path))
+        return cls(create_session(path, threads, device, spinning), read_metadata(path), path)
 
     @property
     def providers(self) -> list[str]:
@@ -107,24 +115,15 @@ class OnnxModel(nn.Module):
         return {n: torch.from_numpy(v) for n, v in zip(self.output_names, outputs, strict=True)}
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(B, 3, H, W) ImageNet-normalised -> ``{task: tensor}`` at (H, W)."""
+        """(B, 3, H, W) RGB in [0, 1] -> ``{task: tensor}`` at (H, W)."""
         h, w = x.shape[-2:]
         if self.fixed_size is not None and self.fixed_size != (h, w):
             x = F.interpolate(x, size=self.fixed_size, mode="bilinear", align_corners=False, antialias=True)
-        if self.baked:
-            x = denormalize(x) * 255.0
         if self.fixed_batch is not None and x.shape[0] != self.fixed_batch:
             parts = [self.run(xi) for xi in x.split(self.fixed_batch)]
             raw = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         else:
             raw = self.run(x)
-        out = {}
-        if "semseg_logits" in raw:
-            out["semseg"] = raw["semseg_logits"]
-        if "depth" in raw:
-            out["depth"] = raw["depth"]
-        if tuple(next(iter(out.values())).shape[-2:]) != (h, w):
-            out = {
-                k: F.interpolate(v, size=(h, w), mode="bilinear", align_corners=False) for k, v in out.items()
-            }
+        out = {t: TASKS[t].from_onnx(raw) for t in self.tasks}
+        out = {t: TASKS[t].upsample(v, (h, w)) for t, v in out.items()}  # no-op at the graph's own size
         return {k: v.to(x.device) for k, v in out.items()}

@@ -2,7 +2,7 @@
 
 Static quantisation (QDQ format): weights int8 per output channel, activations uint8 with ranges calibrated
 (min/max) on real images of the dataset, preprocessed exactly as at inference (resized by the model's input
-scale, normalised unless the graph has normalisation baked in). The accuracy change is measured by evaluating
+scale, RGB in [0, 1]: the graph normalises it itself). The accuracy change is measured by evaluating
 the fp32 and the int8 file with the same metric code as ``densemtl evaluate``.
 """
 
@@ -26,7 +26,6 @@ def calibration_batches(
     import torch.nn.functional as F
 
     from densemtl.data.images import list_images, read_rgb
-    from densemtl.data.transforms import normalize
 
     meta = read_metadata(onnx_path)
     folder = Path(root) / split / "images"
@@ -41,19 +40,17 @@ def calibration_batches(
         h, w = x.shape[-2:]
         target = size if not meta["input"]["dynamic"] else (round(h * scale), round(w * scale))
         x = F.interpolate(x, size=tuple(target), mode="bilinear", align_corners=False, antialias=True)
-        if meta["input"]["normalization"] != "baked":
-            x = normalize(x / 255.0)
+        x = (x / 255.0).clamp(0.0, 1.0)  # interpolation may overshoot slightly
         batches.append(np.ascontiguousarray(x.numpy(), dtype=np.float32))
     return batches
 
 
 def random_batches(onnx_path: str | Path, n: int = 8) -> list[np.ndarray]:
-    """Random inputs of the graph's size: enough to time an INT8 graph, useless for its accuracy."""
+    """Random RGB inputs in [0, 1] of the graph's size: enough to time an INT8 graph, useless for its accuracy."""
     meta = read_metadata(onnx_path)
     gen = np.random.default_rng(0)
-    scale = 255.0 if meta["input"]["normalization"] == "baked" else 1.0
     shape = (1, 3, *meta["input"]["size"])
-    return [(gen.standard_normal(shape) * scale).astype(np.float32) for _ in range(n)]
+    return [gen.random(shape).astype(np.float32) for _ in range(n)]
 
 
 def quantize_onnx(
@@ -125,9 +122,8 @@ def evaluate_onnx(
     cfg = replace(cfg, data=replace(cfg.data, root=str(data_root), max_samples=max_samples, num_workers=0))
     dataset = build_dataset(cfg, split, train=False)
     loader = make_loader(dataset, 1, False, 0, 0, torch.device("cpu"))
-    result = run_evaluation(
-        model, loader, cfg, meta["classes"], torch.device("cpu"), None, meta["input_scale"]
-    )
+    info = {**meta.get("dataset", {}), "classes": meta["classes"], "palette": meta["palette"]}
+    result = run_evaluation(model, loader, cfg, info, torch.device("cpu"), None, meta["input_scale"])
     return summarize(result["results"])
 
 

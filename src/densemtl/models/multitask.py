@@ -12,14 +12,15 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
+from densemtl import tasks as task_table  # the module, not its names: tasks' modules import models.heads
 from densemtl.config import ModelConfig
 from densemtl.models.backbones import BACKBONES, Backbone, freeze
 from densemtl.models.decoders import DECODERS
-from densemtl.models.heads import DEPTH_PARAMS, DepthHead, SegHead
-from densemtl.tasks import check_tasks, out_channels
 
 SHARED = "shared"
 SHARING_MODES = ("shared", "split")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class MultiTaskNet(nn.Module):
@@ -31,9 +32,19 @@ class MultiTaskNet(nn.Module):
             when there is one, else the shared one. Each decoder is run once per forward.
         heads: ``{task: head}``; ``head(features, size)`` returns the task's output at ``size``. The order of
             the keys is the order of ``model.tasks``.
+        pixel_mean, pixel_std: per-channel statistics the input is normalised with (ImageNet's by default):
+            the model owns its normalisation (like SAM's ``pixel_mean``), so training, the Predictor, export,
+            ONNX Runtime and quantisation all feed it the same RGB in [0, 1].
     """
 
-    def __init__(self, backbone: Backbone, decoders: Mapping[str, nn.Module], heads: Mapping[str, nn.Module]):
+    def __init__(
+        self,
+        backbone: Backbone,
+        decoders: Mapping[str, nn.Module],
+        heads: Mapping[str, nn.Module],
+        pixel_mean: tuple[float, float, float] = IMAGENET_MEAN,
+        pixel_std: tuple[float, float, float] = IMAGENET_STD,
+    ):
         super().__init__()
         missing = [t for t in heads if t not in decoders and SHARED not in decoders]
         if missing:
@@ -43,10 +54,13 @@ class MultiTaskNet(nn.Module):
         self.heads = nn.ModuleDict(heads)
         self.tasks = tuple(heads)
         self._route = {t: t if t in decoders else SHARED for t in self.tasks}
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1))
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(B, 3, H, W) ImageNet-normalised -> {"semseg": (B, C, H, W) logits, "depth": (B, 1, H, W) metres}."""
+        """(B, 3, H, W) RGB in [0, 1] -> ``{task: (B, C_task, H, W)}`` (each task's raw output)."""
         size = x.shape[-2:]
+        x = (x - self.pixel_mean) / self.pixel_std
         feats = self.backbone(x)  # [(B, C_i, H/s_i, W/s_i)] fine to coarse
         decoded = {name: dec(feats) for name, dec in self.decoders.items()}  # (B, D, H/4, W/4) each
         return {t: self.heads[t](decoded[self._route[t]], size) for t in self.tasks}
@@ -67,31 +81,19 @@ def _check(cfg: ModelConfig, tasks: tuple[str, ...]) -> None:
         "backbone": (cfg.backbone, tuple(BACKBONES)),
         "decoder": (cfg.decoder, tuple(DECODERS)),
         "sharing": (cfg.sharing, SHARING_MODES),
-        "depth_param": (cfg.depth_param, DEPTH_PARAMS),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ValueError(f"model.{key}={value!r} is not one of {allowed}")
-    if "semseg" in tasks and cfg.num_classes < 2:
-        raise ValueError(
-            f"model.num_classes={cfg.num_classes}: semseg needs at least 2 classes (set it, or leave 0 for the "
-            "caller to read it from the dataset's dataset.json)"
-        )
     if cfg.decoder_channels < 1:
         raise ValueError(f"model.decoder_channels must be positive, got {cfg.decoder_channels}")
-
-
-def _head(task: str, channels: int, cfg: ModelConfig) -> nn.Module:
-    if task == "semseg":
-        return SegHead(channels, out_channels(task, cfg.num_classes))
-    if task == "depth":
-        return DepthHead(channels, cfg.depth_param, cfg.min_depth, cfg.max_depth)
-    raise ValueError(f"no head for task {task!r}")
+    for t in tasks:
+        task_table.TASKS[t].check_model_config(cfg)
 
 
 def build_model(cfg: ModelConfig) -> MultiTaskNet:
     """Build the network described by ``cfg`` (``cfg.num_classes`` already resolved by the caller)."""
-    tasks = check_tasks(cfg.tasks)
+    tasks = task_table.check_tasks(cfg.tasks)
     _check(cfg, tasks)
     backbone = freeze(
         BACKBONES[cfg.backbone](cfg.pretrained, cfg.backbone_weights), cfg.freeze, cfg.freeze_stages
@@ -102,7 +104,7 @@ def build_model(cfg: ModelConfig) -> MultiTaskNet:
         for n in names
     }
     width = next(iter(decoders.values())).out_channels
-    heads = {t: _head(t, width, cfg) for t in tasks}
+    heads = {t: task_table.TASKS[t].make_head(width, cfg) for t in tasks}
     model = MultiTaskNet(backbone, decoders, heads)
     set_bn_momentum(model, cfg.bn_momentum)
     return model

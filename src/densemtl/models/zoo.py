@@ -17,7 +17,7 @@ from densemtl.models.backbones import BACKBONES
 from densemtl.models.decoders import DECODERS
 from densemtl.models.multitask import SHARING_MODES, build_model
 
-TABLE_CLASSES = 8  # seg + depth with 8 classes, the synthetic dataset's size
+TABLE_CLASSES = 8  # the default tasks with 8 classes, the synthetic dataset's size
 
 
 def describe(cfg: ModelConfig, size: tuple[int, int] = (480, 640)) -> dict[str, Any]:
@@ -39,8 +39,9 @@ def describe(cfg: ModelConfig, size: tuple[int, int] = (480, 640)) -> dict[str, 
 
 
 def model_table(size: tuple[int, int] = (480, 640)) -> list[dict[str, Any]]:
-    """One row per backbone x decoder x sharing for the seg (8 classes) + depth model at ``size`` (H, W)."""
-    base = ModelConfig(tasks=("semseg", "depth"), num_classes=TABLE_CLASSES)
+    """One row per backbone x decoder x sharing for the default tasks (``ModelConfig().tasks``, 8 classes) at
+    ``size`` (H, W)."""
+    base = ModelConfig(num_classes=TABLE_CLASSES)  # default tasks
     rows = []
     for backbone in BACKBONES:
         for decoder in DECODERS:

@@ -27,6 +27,8 @@ from densemtl.scene3d.geometry import (
     voxel_downsample,
     write_ply,
 )
+from densemtl.tasks.depth import DEPTH
+from densemtl.tasks.semseg import SEMSEG
 
 UNKNOWN_CLASS = 255
 DRIVABLE_NAMES = ("road", "floor", "ground", "parking", "drivable")  # class names whose ground is drivable
@@ -215,7 +217,7 @@ def colorize_bev(
 
 
 def save_bev(
-    stem: str | Path, bev: dict[str, np.ndarray], palette: np.ndarray, grid: BevGrid
+    stem: str | Path, bev: dict[str, np.ndarray], palette: np.ndarray | Sequence[Sequence[int]], grid: BevGrid
 ) -> dict[str, Path]:
     """Write ``<stem>_bev.png`` (colour map) and ``<stem>_bev.npy`` (float32 (5, rows, cols), ``LAYERS`` order)."""
     from densemtl.viz.colors import save_png
@@ -288,38 +290,75 @@ def resolve_pose(
     return pose_from_ground_plane(normal, offset)
 
 
+# The 3-D code genuinely needs one task's output: a point cloud is back-projected metric depth. Class ids and
+# their confidence, when the model predicts them, label the points and find the drivable ground for the pose.
+# These roles are read from a prediction here and nowhere else, under the task modules' own names (the keys of
+# ``Depth.to_numpy`` and ``Semseg.to_numpy``), so that the rest of the package stays free of task names.
+DEPTH_KEY = DEPTH.name  # float32 (H, W) metres
+LABEL_KEY = SEMSEG.name  # uint8 (H, W) class ids
+CONFIDENCE_KEY = "confidence"  # float32 (H, W) softmax maximum of the class ids
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One prediction in 3-D: its ground-frame cloud, the camera it assumed and the drivable class ids."""
+
+    cloud: PointCloud
+    intrinsics: Intrinsics
+    pose: CameraPose
+    drivable: tuple[int, ...]
+
+
+def scene_of(
+    rgb: np.ndarray, pred: dict[str, np.ndarray], info: dict, opts: SceneOptions, meta: dict
+) -> Scene | None:
+    """The ground-frame semantic cloud of one prediction, or None when the model predicts no depth.
+
+    ``info`` is the dataset dict (``classes`` name the drivable ids); ``meta`` the sample's camera, or {}.
+    """
+    if DEPTH_KEY not in pred:
+        return None
+    depth, labels = pred[DEPTH_KEY], pred.get(LABEL_KEY)
+    k = resolve_intrinsics(opts, meta, depth.shape)
+    drivable = drivable_ids(info.get("classes", []))
+    pose = resolve_pose(opts, meta, backproject(depth, k), labels, drivable)
+    cloud = semantic_point_cloud(depth, k, rgb, labels, pred.get(CONFIDENCE_KEY), pose, opts.max_range)
+    return Scene(cloud, k, pose, drivable)
+
+
 def write_scene_outputs(
     out_dir: Path,
     stem: str,
     image_path: str | Path | None,
     rgb: np.ndarray,
     pred: dict[str, np.ndarray],
-    palette: np.ndarray,
-    class_names: Sequence[str],
+    info: dict,
     opts: SceneOptions,
 ) -> dict[str, Path]:
-    """Write ``<stem>.ply`` + ``<stem>_cloud.npz`` and/or ``<stem>_bev.png`` + ``.npy`` for one prediction."""
-    if "depth" not in pred or not (opts.pointcloud or opts.bev):
+    """Write ``<stem>.ply`` + ``<stem>_cloud.npz`` and/or ``<stem>_bev.png`` + ``.npy`` for one prediction.
+
+    ``info`` is the dataset dict (``classes``, ``palette``: ``Predictor.info``); nothing is written when the
+    model predicts no depth.
+    """
+    if not (opts.pointcloud or opts.bev):
         return {}
     meta = sample_meta(image_path) if image_path is not None else {}
-    k = resolve_intrinsics(opts, meta, pred["depth"].shape)
-    drivable = drivable_ids(class_names)
-    pose = resolve_pose(opts, meta, backproject(pred["depth"], k), pred.get("semseg"), drivable)
-    cloud = semantic_point_cloud(
-        pred["depth"], k, rgb, pred.get("semseg"), pred.get("confidence"), pose, opts.max_range
-    )
+    scene = scene_of(rgb, pred, info, opts, meta)
+    if scene is None:
+        return {}
     files: dict[str, Path] = {}
     if opts.pointcloud:
-        small = voxel_downsample(cloud, opts.voxel) if opts.voxel else cloud
+        small = voxel_downsample(scene.cloud, opts.voxel) if opts.voxel else scene.cloud
         files["ply"] = write_ply(out_dir / f"{stem}.ply", small)
         files["npz"] = save_npz(
             out_dir / f"{stem}_cloud.npz",
             small,
-            intrinsics=np.array(k),
-            camera_height=pose.height,
-            pitch_deg=pose.pitch_deg,
-            roll_deg=pose.roll_deg,
+            intrinsics=np.array(scene.intrinsics),
+            camera_height=scene.pose.height,
+            pitch_deg=scene.pose.pitch_deg,
+            roll_deg=scene.pose.roll_deg,
         )
     if opts.bev:
-        files.update(save_bev(out_dir / stem, bev_map(cloud, opts.grid, drivable), palette, opts.grid))
+        bev = bev_map(scene.cloud, opts.grid, scene.drivable)
+        files.update(save_bev(out_dir / stem, bev, info.get("palette", []), opts.grid))
     return files

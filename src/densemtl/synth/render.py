@@ -26,8 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from densemtl.data.folder import write_sample
+from densemtl.data.format import write_dataset_json
 from densemtl.synth import scene as sc
-from densemtl.data.format import write_dataset_json, write_sample
 from densemtl.synth.raycast import GROUND, NOTHING, Camera, Hits, cast, gather, scatter, sun_visibility
 from densemtl.synth.scene import CLASSES, PALETTE, Scene
 from densemtl.synth.streets import sample_scene
@@ -329,10 +330,10 @@ def _write_one(job: tuple[Path, int, str, int, tuple[int, int], str]) -> np.ndar
         split,
         f"{index:06d}",
         s["image"],
-        s["semseg"],
-        s["depth"],
-        s["normals"],
         s["meta"],
+        semseg=s["semseg"],
+        depth=s["depth"],
+        normals=s["normals"],
         image_format=image_format,
     )
     return np.bincount(s["semseg"].ravel(), minlength=256)

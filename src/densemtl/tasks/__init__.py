@@ -1,48 +1,36 @@
-"""What a task is: its name, what the network outputs for it, and which sample key holds its target.
+"""The tasks densemtl knows, in one plain dict from name to :class:`~densemtl.tasks.base.Task`.
 
-Everything in densemtl is keyed by these names (model outputs, losses, metrics, checkpoints). Adding a task
-(normals, edges) means adding an entry here, a head, a loss and a metric; the training loop does not change.
+Everything is keyed by these names (model outputs, sample dicts, losses, metrics, checkpoints, ONNX outputs).
+A task is a plug-in: subclass ``Task`` in one module and add an instance here (or, from your own code,
+``TASKS["mytask"] = MyTask()`` before building a model); see docs/tasks.md.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from densemtl.tasks.base import IGNORE_INDEX, INVALID_DEPTH, Task
+from densemtl.tasks.depth import DEPTH
+from densemtl.tasks.normals import NORMALS
+from densemtl.tasks.semseg import SEMSEG
 
-IGNORE_INDEX = 255  # segmentation pixels with this id carry no label
-INVALID_DEPTH = 0.0  # depth pixels with this value carry no measurement
+TASKS: dict[str, Task] = {SEMSEG.name: SEMSEG, DEPTH.name: DEPTH, NORMALS.name: NORMALS}
 
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """Static facts about one dense prediction task."""
-
-    name: str
-    description: str
-    dense_kind: str  # "classes" (per-pixel ids) or "regression" (per-pixel values)
+__all__ = ["IGNORE_INDEX", "INVALID_DEPTH", "TASKS", "Task", "check_tasks", "get_task"]
 
 
-TASKS: dict[str, TaskSpec] = {
-    "semseg": TaskSpec("semseg", "semantic segmentation: per-pixel class logits (B, C, H, W)", "classes"),
-    "depth": TaskSpec("depth", "metric depth in metres (B, 1, H, W), 0 = invalid in targets", "regression"),
-}
-
-
-def out_channels(task: str, num_classes: int) -> int:
-    """Channels a head must produce for ``task``."""
-    if task == "semseg":
-        if num_classes < 2:
-            raise ValueError(f"semseg needs at least 2 classes, got num_classes={num_classes}")
-        return num_classes
-    if task == "depth":
-        return 1
-    raise ValueError(f"unknown task {task!r}; known tasks: {sorted(TASKS)}")
+def get_task(name: str) -> Task:
+    """The task called ``name``; an unknown name is an error that lists the known ones."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")
+    return TASKS[name]
 
 
 def check_tasks(tasks: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """Validate a task list and return it as a tuple (order preserved)."""
     if not tasks:
-        raise ValueError("at least one task is needed, e.g. tasks: [semseg, depth]")
+        raise ValueError("at least one task is needed, e.g. model.tasks: [semseg, depth]")
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; known tasks: {sorted(TASKS)}")
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"model.tasks lists a task twice: {list(tasks)}")
     return tuple(tasks)

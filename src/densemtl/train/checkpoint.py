@@ -22,7 +22,9 @@ from densemtl.config import Config, from_dict, to_dict
 log = logging.getLogger("densemtl")
 
 CHECKPOINT_FORMAT = "densemtl-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the model owns its input normalisation (pixel_mean/pixel_std buffers)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what version-1 models were fed with, normalised outside the model
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class CheckpointError(ValueError):
@@ -121,6 +123,22 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(
             f"{path} was written by a newer densemtl (checkpoint version {ckpt['version']}); upgrade densemtl"
         )
+    return _upgrade(ckpt, path)
+
+
+def _upgrade(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Convert an older checkpoint in memory (the file is left as it is).
+
+    Version 1 models took ImageNet-normalised input; version 2 models take RGB in [0, 1] and normalise it
+    themselves. Adding ImageNet's statistics as the model's ``pixel_mean``/``pixel_std`` buffers gives exactly
+    the old network for the new input convention.
+    """
+    if ckpt.get("version", 1) < 2:
+        model = dict(ckpt["model"])
+        model.setdefault("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        model.setdefault("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        ckpt = {**ckpt, "model": model, "version": CHECKPOINT_VERSION}
+        log.info("%s: version-1 checkpoint converted on load (normalisation moved into the model)", path)
     return ckpt
 
 

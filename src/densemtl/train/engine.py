@@ -25,10 +25,10 @@ from tqdm.auto import tqdm
 
 from densemtl.config import Config, replace, to_dict
 from densemtl.data.loaders import build_dataset, make_loader
+from densemtl.evaluation import evaluate
 from densemtl.runtime import (
     amp_dtype,
     autocast,
-    forward_at_scale,
     seed_everything,
     to_device,
 )
@@ -152,32 +152,6 @@ def train_one_epoch(
     return stats
 
 
-@torch.inference_mode()
-def evaluate(
-    model,
-    loader,
-    metrics,
-    device: torch.device,
-    amp: bool = False,
-    channels_last: bool = False,
-    scale: float = 1.0,
-) -> dict[str, Any]:
-    """Run ``model`` over ``loader`` at input ``scale`` and return ``metrics.compute()``.
-
-    Metrics are dataset-level, against ground truth at its native resolution, and reduced across ranks.
-    """
-    model.eval()
-    metrics.reset()
-    dtype = amp_dtype(device, amp)
-    for batch in tqdm(loader, desc="evaluate", leave=False, disable=None, mininterval=1.0):
-        batch = to_device(batch, device, channels_last)
-        with autocast(device, dtype):
-            outputs = forward_at_scale(model, batch["image"], scale)
-        metrics.update({k: v.float() for k, v in outputs.items()}, batch)
-    metrics.all_reduce()
-    return metrics.compute()
-
-
 def resolve_config(cfg: Config, info: dict[str, Any]) -> Config:
     """Fill what the dataset decides (number of classes) and check the tasks exist in it."""
     missing = [t for t in cfg.model.tasks if t not in info["tasks"]]
@@ -250,7 +224,7 @@ class Run:
 def setup(cfg: Config) -> Run:
     """Resolve ``cfg`` against the dataset and build the model, loss, optimiser, schedule, data and metrics."""
     from densemtl.data.format import read_dataset_json
-    from densemtl.metrics import MultiTaskMetrics
+    from densemtl.metrics import build_metrics
     from densemtl.models import build_model
     from densemtl.train.losses import build_loss
 
@@ -267,7 +241,7 @@ def setup(cfg: Config) -> Run:
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     net = wrap_model(model, device, cfg.train.sync_bn)
-    loss_fn = build_loss(cfg.loss, cfg.model.tasks, cfg.model.num_classes).to(device)
+    loss_fn = build_loss(cfg).to(device)
     check_loss_supported(loss_fn)
     optimizer = build_optimizer(model, loss_fn, cfg)
     phases = resolve_phases(cfg.train)
@@ -285,10 +259,7 @@ def setup(cfg: Config) -> Run:
         device,
         eval_sampler(val_set),
     )
-    metrics = MultiTaskMetrics(
-        cfg.model.tasks, cfg.model.num_classes, class_names=info["classes"], min_depth=cfg.data.eval_depth_min,
-        max_depth=cfg.data.eval_depth_max, per_image=cfg.data.eval_per_image,
-    )  # fmt: skip
+    metrics = build_metrics(cfg, info)
     return Run(
         cfg, info, out, device, dist_env, model, net, loss_fn, optimizer, scheduler, scaler, phases, train_sets,
         val_loader, metrics,

@@ -85,6 +85,22 @@ def plot_depth_histograms(
     return _save(fig, path)
 
 
+def plot_angular_error_cdf(cdf: list[float], path: str | Path) -> Path:
+    """Fraction of valid pixels whose normal is within each angle (1..180 degrees), with the usual thresholds."""
+    degrees = np.arange(1, len(cdf) + 1)
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(degrees, np.asarray(cdf) * 100, "-")
+    for t in (11.25, 22.5, 30.0):
+        ax.axvline(t, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlim(0, 90)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("angular error (degrees)")
+    ax.set_ylabel("% of valid pixels within")
+    ax.grid(alpha=0.3)
+    ax.set_title("normals: cumulative angular error")
+    return _save(fig, path)
+
+
 def plot_training_curves(records: list[dict], keys: list[str], path: str | Path) -> Path:
     """One subplot per key of the per-epoch JSONL records (missing keys skipped)."""
     keys = [k for k in keys if any(k in r for r in records)]

@@ -1,4 +1,4 @@
-"""A picture of a dataset split: one row per sample, RGB | labels | depth | normals, plus a class legend.
+"""A picture of a dataset split: one row per sample, RGB and each task's target, plus a class legend.
 
 The first thing to look at after converting data: misaligned labels, wrong depth units (everything one
 colour) or swapped class ids show up at a glance.
@@ -9,18 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from densemtl.data.folder import FolderDataset
-from densemtl.data.format import TASK_DIRS, read_dataset_json
-from densemtl.viz.colors import (
-    BACKGROUND,
-    colorize_depth,
-    colorize_labels,
-    colorize_normals,
-    make_grid,
-    save_png,
-)
+from densemtl.data.folder import FolderDataset, dataset_tasks
+from densemtl.data.format import read_dataset_json
+from densemtl.tasks import TASKS
+from densemtl.viz.colors import BACKGROUND, make_grid, save_png
 
 MAX_PANEL_WIDTH = 384  # preview panels are shrunk to this width (aspect kept) so the grid stays viewable
 
@@ -60,38 +55,24 @@ def legend_strip(class_names: list[str], palette: list[list[int]], width: int, p
     return np.asarray(strip)
 
 
-def _depth_range(depths: list[np.ndarray]) -> tuple[float | None, float | None]:
-    """One colour scale for every row, from the valid depth of all previewed samples."""
-    valid = [d[d > 0] for d in depths if (d > 0).any()]
-    if not valid:
-        return None, None
-    return float(min(v.min() for v in valid)), float(max(v.max() for v in valid))
-
-
 def write_preview(root: str | Path, split: str = "val", n: int = 8, out: str | Path = "preview.png") -> Path:
-    """Write a PNG grid of the first ``n`` samples of ``split``; returns the written path."""
-    info_tasks = read_dataset_json(root)["tasks"]
-    tasks = tuple(t for t in TASK_DIRS if t in info_tasks)
+    """Write a PNG grid of the first ``n`` samples of ``split``: RGB, then each task's target picture
+    (``Task.colorize_target``), and the class legend; returns the written path."""
+    info = read_dataset_json(root)
+    tasks = dataset_tasks(info)
     ds = FolderDataset(root, split, tasks=tasks, max_samples=max(1, n))
     samples = [ds[i] for i in range(len(ds))]
-    depths = [s["depth"][0].numpy() for s in samples] if "depth" in tasks else []
-    vmin, vmax = _depth_range(depths)
     size = panel_size(*samples[0]["image"].shape[-2:])
     rows = []
-    for i, s in enumerate(samples):
+    for s in samples:
         rgb = np.round(s["image"].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
         row = [_fit(rgb, size, smooth=True)]
-        if "semseg" in tasks:
-            row.append(_fit(colorize_labels(s["semseg"].numpy(), ds.palette), size, smooth=False))
-        if "depth" in tasks:
-            row.append(_fit(colorize_depth(depths[i], vmin, vmax, log=True), size, smooth=False))
-        if "normals" in tasks:
-            row.append(_fit(colorize_normals(s["normals"].permute(1, 2, 0).numpy()), size, smooth=False))
+        for t in tasks:
+            row.append(
+                _fit(TASKS[t].colorize_target(s[t].as_subclass(torch.Tensor), rgb, info), size, smooth=False)
+            )
         rows.append(row)
-    titles = ["RGB"] + [t for t in ("semseg", "depth", "normals") if t in tasks]
-    if vmin is not None:
-        titles[titles.index("depth")] = f"depth {vmin:.1f}-{vmax:.1f} m (log)"
-    grid = make_grid(rows, titles=titles)
-    if "semseg" in tasks and ds.class_names:
+    grid = make_grid(rows, titles=["RGB", *tasks])
+    if any(TASKS[t].uses_classes for t in tasks) and ds.class_names:
         grid = np.concatenate([grid, legend_strip(ds.class_names, ds.palette, grid.shape[1])], axis=0)
     return save_png(out, grid)

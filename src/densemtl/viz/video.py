@@ -1,4 +1,4 @@
-"""Video: frames in, RGB | segmentation overlay | depth | BEV panels out as MP4.
+"""Video: frames in, panels of RGB | each task's picture | BEV out as MP4.
 
 MP4 is written as H.264 (yuv420p, plays in browsers) through the FFmpeg binary that ``imageio-ffmpeg`` ships.
 Without it, OpenCV writes: H.264 ("avc1") when its build has an encoder, which the PyPI wheels lack
@@ -19,15 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from densemtl.scene3d.bev import (
-    SceneOptions,
-    bev_map,
-    colorize_bev,
-    drivable_ids,
-    resolve_intrinsics,
-    resolve_pose,
-)
-from densemtl.scene3d.geometry import backproject, semantic_point_cloud
+from densemtl.scene3d.bev import SceneOptions, bev_map, colorize_bev, scene_of
 
 CODECS = ("avc1", "mp4v")  # preferred first
 
@@ -114,25 +106,35 @@ def read_video(source: str | Path | int, max_frames: int | None = None):
         cap.release()
 
 
-def load_engine(path: str | Path, device: str = "auto"):
-    """A predictor for a ``.pt`` checkpoint, or an ONNX Runtime one for an exported ``.onnx`` file."""
+def load_backend(path: str | Path, device: str = "auto", backend: str = "torch"):
+    """A ``Predictor`` for a ``.pt`` checkpoint run by ``backend`` ("torch" or "onnxruntime"), or one over an
+    exported ``.onnx`` file (always ONNX Runtime)."""
     from densemtl.inference import Predictor
 
     path = Path(path)
     if path.suffix.lower() == ".onnx":
         return Predictor.from_onnx(path)
-    return Predictor.from_checkpoint(path, device=device)
+    return Predictor.from_checkpoint(path, device=device, backend=backend)
 
 
 def video_panel(
-    rgb: np.ndarray, pred: dict[str, np.ndarray], palette: np.ndarray, bev_rgb: np.ndarray | None, fps: float
+    rgb: np.ndarray,
+    pred: dict[str, np.ndarray],
+    info: dict[str, Any],
+    tasks: tuple[str, ...],
+    bev_rgb: np.ndarray | None,
+    fps: float,
 ) -> np.ndarray:
-    """RGB | segmentation overlay | depth | BEV (scaled to the frame height), FPS written top left."""
+    """RGB | each task's picture | BEV (scaled to the frame height), FPS written top left.
+
+    ``info`` and ``tasks`` are the predictor's (``Predictor.info``, ``Predictor.tasks``), as for
+    :func:`densemtl.inference.prediction_panel`.
+    """
     import cv2
 
     from densemtl.inference import prediction_panel
 
-    panel = prediction_panel(rgb, pred, palette)
+    panel = prediction_panel(rgb, pred, info, tasks)
     h = rgb.shape[0]
     if bev_rgb is not None:
         w = max(1, round(bev_rgb.shape[1] * h / bev_rgb.shape[0]))
@@ -145,38 +147,32 @@ def video_panel(
 
 
 def frame_bev(
-    rgb: np.ndarray,
-    pred: dict[str, np.ndarray],
-    class_names: list[str],
-    palette: np.ndarray,
-    opts: SceneOptions,
-    meta: dict,
+    rgb: np.ndarray, pred: dict[str, np.ndarray], info: dict[str, Any], opts: SceneOptions, meta: dict
 ) -> np.ndarray | None:
     """Coloured BEV of one predicted frame, or None when the model predicts no depth."""
-    if "depth" not in pred:
+    scene = scene_of(rgb, pred, info, opts, meta)
+    if scene is None:
         return None
-    k = resolve_intrinsics(opts, meta, pred["depth"].shape)
-    drivable = drivable_ids(class_names)
-    pose = resolve_pose(opts, meta, backproject(pred["depth"], k), pred.get("semseg"), drivable)
-    cloud = semantic_point_cloud(pred["depth"], k, rgb, pred.get("semseg"), None, pose, opts.max_range)
-    return colorize_bev(bev_map(cloud, opts.grid, drivable), palette, opts.grid)
+    return colorize_bev(bev_map(scene.cloud, opts.grid, scene.drivable), info.get("palette", []), opts.grid)
 
 
 def run_video(
-    engine_path: str | Path,
+    model_path: str | Path,
     source: str | Path | int,
     out: str | Path,
     opts: SceneOptions | None = None,
     fps: float | None = None,
     max_frames: int | None = None,
     device: str = "auto",
+    backend: str = "torch",
 ) -> dict[str, Any]:
-    """Load a checkpoint (or ONNX model) and run ``predict_video``; what ``densemtl video`` calls."""
-    return predict_video(load_engine(engine_path, device), source, out, opts, fps, max_frames)
+    """Load a checkpoint (or ONNX model) with :func:`load_backend` and run ``predict_video``; what
+    ``densemtl video`` calls."""
+    return predict_video(load_backend(model_path, device, backend), source, out, opts, fps, max_frames)
 
 
 def predict_video(
-    engine: Any,
+    predictor: Any,
     source: str | Path | int,
     out: str | Path,
     opts: SceneOptions | None = None,
@@ -185,7 +181,7 @@ def predict_video(
 ) -> dict[str, Any]:
     """Predict every frame of a video file or camera and write the panel MP4; returns frames, FPS and codec.
 
-    ``engine`` has ``predict(rgb) -> {task: array}``, ``class_names`` and ``palette`` (a ``Predictor``). Camera
+    ``predictor`` has ``predict(rgb) -> {output: array}``, ``info`` and ``tasks`` (a ``Predictor``). Camera
     intrinsics/pose come from ``opts``, else ``<source>.json`` (written by ``synth_video``), else ``opts``'s field
     of view and a ground plane fitted to predicted road/floor pixels. The FPS shown is the smoothed rate of
     prediction + BEV (not decoding or encoding).
@@ -202,11 +198,11 @@ def predict_video(
         frames = read_video(source, max_frames)
         for rgb in tqdm(frames, desc="video", total=_frame_count(source, max_frames), disable=None):
             t0 = time.perf_counter()
-            pred = engine.predict(rgb)
-            bev = frame_bev(rgb, pred, engine.class_names, engine.palette, opts, meta) if opts.bev else None
+            pred = predictor.predict(rgb)
+            bev = frame_bev(rgb, pred, predictor.info, opts, meta) if opts.bev else None
             dt = max(time.perf_counter() - t0, 1e-6)
             speed = 1.0 / dt if n == 0 else 0.9 * speed + 0.1 / dt  # smoothed frames per second
-            panel = video_panel(rgb, pred, engine.palette, bev, speed)
+            panel = video_panel(rgb, pred, predictor.info, predictor.tasks, bev, speed)
             if writer is None:
                 writer, codec = open_video_writer(out, fps or float(meta.get("fps", 12.0)), panel.shape[:2])
             writer.write(np.ascontiguousarray(panel[..., ::-1]))

@@ -1,0 +1,246 @@
+"""What a task is: the :class:`Task` interface every task module implements, and the pieces they share.
+
+A task owns everything that is particular to one dense output: the sample file it reads and how that resamples,
+its head, loss, metrics and trivial baseline, how its raw output becomes NumPy results, files and pictures, its
+ONNX outputs and their parity check. The training loop, evaluation, export, the ONNX Runtime backend, the
+Predictor, reports and previews loop over ``model.tasks`` and call these methods; none of them names a task.
+
+A new task is a subclass of :class:`Task` put into :data:`densemtl.tasks.TASKS` under its name (see
+docs/tasks.md, whose example is the toy task of tests/test_task_plugin.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torchvision.transforms.v2 import InterpolationMode
+
+from densemtl.models.decoders import resize
+
+if TYPE_CHECKING:
+    from densemtl.config import Config, ModelConfig
+
+IGNORE_INDEX = 255  # segmentation pixels with this id carry no label
+INVALID_DEPTH = 0.0  # depth pixels with this value carry no measurement
+
+Info = dict[str, Any]  # a dataset.json (or the copy a checkpoint or ONNX file carries)
+
+
+class Accumulator:
+    """Dataset-level metric state: named tensors that are summed when merged or all-reduced.
+
+    Subclasses fill ``self._state`` in ``reset()``, add to it in ``update(pred, target)`` and turn it into a
+    dict of metrics in ``compute()``. Only integer counts and float64 sums are kept, so results do not depend on
+    how the dataset was batched, and ``merge`` / ``all_reduce`` give the same numbers in DDP as in one process.
+    """
+
+    _state: dict[str, Tensor]
+
+    def reset(self) -> None:
+        """Forget everything accumulated."""
+        raise NotImplementedError
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        """Add a batch of predictions (as the model returns them) and targets (as the dataset returns them)."""
+        raise NotImplementedError
+
+    def compute(self) -> dict[str, Any]:
+        """Metrics over everything accumulated so far."""
+        raise NotImplementedError
+
+    def state(self) -> dict[str, Tensor]:
+        """The accumulated tensors (live references; merging adds to them)."""
+        return self._state
+
+    def merge(self, other: Accumulator) -> None:
+        """Add another accumulator's counts (e.g. another worker's) to this one."""
+        for k, v in self._state.items():
+            v += other.state()[k].to(v.device, v.dtype)
+
+    def all_reduce(self) -> None:
+        """Sum the state over all processes when torch.distributed is initialised; no-op otherwise."""
+        if dist.is_available() and dist.is_initialized():
+            if dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only (a rank may have seen no data)
+                self._to(torch.device("cuda", torch.cuda.current_device()))
+            for v in self._state.values():
+                dist.all_reduce(v, op=dist.ReduceOp.SUM)
+
+    def _to(self, device: torch.device) -> None:
+        if next(iter(self._state.values())).device != device:
+            self._state = {k: v.to(device) for k, v in self._state.items()}
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` where ``mask`` is True; exactly 0 (with zero gradients) when nothing is valid.
+
+    ``values`` must be finite everywhere (also where masked out): ``where`` would still route NaN gradients.
+    """
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def nanmean(x: Tensor) -> float:
+    """Mean of the non-NaN entries; NaN when there are none."""
+    finite = x[~torch.isnan(x)]
+    return float(finite.mean()) if finite.numel() else math.nan
+
+
+class Task:
+    """One dense prediction task; subclass it and override what differs from these defaults.
+
+    Class attributes:
+        name: key of the task everywhere (model outputs, sample dicts, losses, metrics, config).
+        folder: sub-folder of a split holding the task's ``<id>.png`` files in the folder format.
+        interpolation: how the target resamples in geometric transforms (labels and measurements: nearest).
+        fill: the target value that means "no label" (padding, samples without a file).
+        headline: a higher-is-better metric in ``[0, 1]``; the mean over tasks is ``score`` (best checkpoint).
+        lower_is_better: metric names where lower is better (for Δm).
+        outputs: the keys :meth:`to_numpy` returns (``Predictor.predict`` results).
+        uses_classes: the task depends on the dataset's class list (a model can only be evaluated on, or
+            pseudo-label, a dataset with the same classes).
+    """
+
+    name: str = ""
+    folder: str = ""
+    interpolation: InterpolationMode = InterpolationMode.NEAREST_EXACT
+    fill: float = 0.0
+    headline: str = ""
+    lower_is_better: frozenset[str] = frozenset()
+    outputs: tuple[str, ...] = ()
+    uses_classes: bool = False
+
+    # ------------------------------------------------------------------------------------------------ data
+    def load(self, path: Path, size: tuple[int, int], info: Info) -> np.ndarray:
+        """Read and check the task's file for an image of ``size`` (H, W); raise ``DatasetFormatError``."""
+        raise NotImplementedError
+
+    def to_tensor(self, array: np.ndarray | None, size: tuple[int, int]) -> Tensor:
+        """The target tensor of one sample from :meth:`load`'s array, or all-``fill`` when it is None."""
+        raise NotImplementedError
+
+    def encode(self, array: np.ndarray) -> np.ndarray:
+        """The array as its PNG stores it (inverse of :meth:`load`); checks the values first."""
+        raise NotImplementedError
+
+    def flip(self, target: Tensor) -> Tensor:
+        """Fix a mirrored target's values (after the pixels were flipped left-right); most need nothing."""
+        return target
+
+    def new_stats(self, info: Info) -> TaskStats | None:
+        """An accumulator of dataset statistics for ``densemtl data check`` (None: only count files)."""
+        return None
+
+    def describe_stats(self, stats: dict[str, Any], classes: list[str]) -> list[str]:
+        """Readable lines for :meth:`new_stats`' results in the ``data check`` report."""
+        return [
+            f"{self.name}: "
+            + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items())
+        ]
+
+    # ----------------------------------------------------------------------------------------------- model
+    def check_model_config(self, cfg: ModelConfig) -> None:
+        """Raise ``ValueError`` naming the key when ``cfg`` cannot build this task's head."""
+
+    def make_head(self, in_channels: int, cfg: ModelConfig) -> nn.Module:
+        """The head: ``head(features (B, in_channels, h, w), size) -> (B, C, *size)``."""
+        raise NotImplementedError
+
+    def upsample(self, output: Tensor, size: Sequence[int]) -> Tensor:
+        """Resize a raw output to ``size`` (evaluation at a lower input scale); bilinear by default."""
+        return resize(output, size)
+
+    # ------------------------------------------------------------------------------------- loss and metrics
+    def make_loss(self, cfg: Config) -> nn.Module:
+        """``loss(pred, target, sample_mask (B,) bool) -> scalar``, 0 with zero gradients when nothing is valid."""
+        raise NotImplementedError
+
+    def make_metrics(self, cfg: Config, info: Info) -> Accumulator:
+        """A fresh dataset-level accumulator of this task's metrics."""
+        raise NotImplementedError
+
+    def fit_baseline(self, targets: list[Tensor], cfg: Config) -> dict[str, Any]:
+        """The trivial predictor's statistics from training targets (JSON-able)."""
+        raise NotImplementedError
+
+    def baseline_output(self, stats: dict[str, Any], image: Tensor) -> Tensor:
+        """What the trivial predictor outputs for a batch ``image`` (B, 3, H, W), shaped like the model's."""
+        raise NotImplementedError
+
+    def baseline_text(self) -> str:
+        """One phrase for reports: what the trivial baseline predicts."""
+        return ""
+
+    def report(self, result: dict[str, Any], info: Info) -> str:
+        """Extra Markdown for ``metrics.md`` (e.g. a per-class table); '' for none."""
+        return ""
+
+    def plots(self, result: dict[str, Any], info: Info, out: Path) -> dict[str, Path]:
+        """Write the task's evaluation pictures into ``out``; returns ``{title: path}``."""
+        return {}
+
+    # ------------------------------------------------------------------------------------------ prediction
+    def to_numpy(self, output: Tensor, info: Info) -> dict[str, np.ndarray]:
+        """One image's raw output (1, C, H, W) at image size -> NumPy results keyed by :attr:`outputs`."""
+        raise NotImplementedError
+
+    def colorize(self, pred: dict[str, np.ndarray], rgb: np.ndarray, info: Info) -> np.ndarray:
+        """A uint8 (H, W, 3) picture of the prediction for panels and videos."""
+        raise NotImplementedError
+
+    def colorize_target(self, target: Tensor, rgb: np.ndarray, info: Info) -> np.ndarray:
+        """A uint8 (H, W, 3) picture of a dataset target (previews)."""
+        return self.colorize(self.target_numpy(target), rgb, info)
+
+    def target_numpy(self, target: Tensor) -> dict[str, np.ndarray]:
+        """A dataset target as :meth:`to_numpy` results (for pictures of ground truth)."""
+        raise NotImplementedError
+
+    def files(self, pred: dict[str, np.ndarray], rgb: np.ndarray, info: Info) -> dict[str, np.ndarray]:
+        """``{suffix: array}`` written by ``predict`` as ``<id>_<suffix>.png``."""
+        return {
+            self.name: self.encode(self.pseudo_label(pred, info)),
+            f"{self.name}_color": self.colorize(pred, rgb, info),
+        }
+
+    def pseudo_label(
+        self, pred: dict[str, np.ndarray], info: Info, min_confidence: float = 0.0
+    ) -> np.ndarray:
+        """A prediction as a dataset target array (what :meth:`load` returns), for ``pseudolabel``."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------------------------- export
+    def onnx_outputs(self, output: Tensor, extras: bool = True) -> dict[str, Tensor]:
+        """Named ONNX outputs for the raw output; ``extras`` adds convenience outputs (class ids)."""
+        return {self.name: output}
+
+    def onnx_axes(self, extras: bool = True) -> dict[str, dict[int, str]]:
+        """Dynamic axes of each name :meth:`onnx_outputs` returns (same names, same order)."""
+        return {self.name: {0: "batch", 2: "height", 3: "width"}}
+
+    def from_onnx(self, raw: dict[str, Tensor]) -> Tensor:
+        """The raw output back from an ONNX Runtime result (inverse of :meth:`onnx_outputs`)."""
+        return raw[self.name]
+
+    def parity(self, ref: Tensor, got: Tensor) -> tuple[dict[str, float], bool]:
+        """Compare PyTorch's and ONNX Runtime's outputs on the same images: (figures, passed)."""
+        err = float((ref - got).abs().max()) if ref.numel() else 0.0
+        return {f"{self.name}_max_abs_err": err}, err <= 1e-3
+
+
+class TaskStats:
+    """Statistics of one task's files in one split, for ``densemtl data check``."""
+
+    def add(self, array: np.ndarray, path: Path, info: Info) -> list[str]:
+        """Add one file's array (as :meth:`Task.load` returns it); returns warnings naming the file."""
+        raise NotImplementedError
+
+    def finish(self) -> dict[str, Any]:
+        """The JSON-able statistics."""
+        raise NotImplementedError
