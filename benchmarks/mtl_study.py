@@ -1,54 +1,76 @@
 """The multi-task learning study: which task weighting and how much sharing help, under one fixed budget.
 
-Trains, on the synthetic benchmark with the same data, epochs and seeds for every variant:
-single-task semseg, single-task depth, multi-task with every weighting in ``densemtl.train.weighting.WEIGHTINGS``
-(shared decoder), multi-task with split decoders, and multi-task from ImageNet weights (MobileNetV2, local file,
-fully fine-tuned with encoder LR x0.1). Every variant uses the MobileNetV2 backbone so that scratch and ImageNet
-differ only in initialisation. Reports mIoU, pixel accuracy, AbsRel, RMSE, delta1, Δm% vs the single-task pair
-(positive = better), parameters, latency and training images/s, as mean ± std over seeds; writes JSON + Markdown.
+Trains, on the synthetic benchmark with the same data, epochs and seeds for every variant: one single-task model
+per task of ``--tasks`` (default ``semseg,depth``), multi-task models on all of them with every weighting in
+``densemtl.train.weighting.WEIGHTINGS`` (or ``--weightings``; shared decoder), with split decoders, and from
+ImageNet weights (MobileNetV2, local file, fully fine-tuned with encoder LR x0.1). When ``--tasks`` holds more
+than semseg and depth (``semseg,depth,normals``), the two-task shared model with fixed weights is trained too, so
+that one run reports both: each multi-task model's Δm% and latency are taken against the single-task models of
+ITS OWN tasks (a ``[semseg+depth+normals]`` suffix names the tasks of a model; none: semseg+depth). Every variant
+uses the MobileNetV2 backbone so that scratch and ImageNet differ only in initialisation. Reports each task's
+metrics (``TASK_METRICS``), Δm% (positive = better), parameters, latency and training images/s, as mean ± std
+over seeds; writes JSON + Markdown.
 
 Latency depends on the architecture only, so it is measured once per architecture after training: batch 1 at the
 preset's ``latency_size``, 2 threads, PyTorch eager and ONNX Runtime (when installed), all models interleaved in
 one loop so that they see the same machine load (the ratios are what to read, not the absolute times). Training
 images/s likewise: after training, a few optimiser steps of every variant on one batch, interleaved. Finished run
-folders are reused, so an interrupted study continues where it stopped.
+folders are reused, so an interrupted study continues where it stopped (and a three-task study reuses the
+two-task study's single-task and shared/fixed runs).
 
     python benchmarks/mtl_study.py --preset smoke   # seconds-to-minutes: checks the pipeline end to end
     python benchmarks/mtl_study.py --preset cpu     # the CPU study (see docs/mtl.md for its run time)
     python benchmarks/mtl_study.py --preset gpu     # larger data and budget, for a machine with a GPU
+    python benchmarks/mtl_study.py --preset cpu --tasks semseg,depth,normals --weightings fixed,uncertainty
 
-The goal tested honestly: the multi-task model at <= 0.6x the summed latency of the two single-task models,
+The goal tested honestly: the multi-task model at <= 0.6x the summed latency of its single-task models,
 with Δm >= 0.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import dataclasses
 import json
 import math
+import re
 import statistics
-import tempfile
+import sys
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from densemtl.config import load_config
-from densemtl.deploy.benchmark import time_interleaved
 from densemtl.metrics import delta_m
 from densemtl.models import build_model
+from densemtl.tasks import TASKS, check_tasks
 from densemtl.train.engine import train
 from densemtl.train.weighting import WEIGHTINGS
 
-REPO = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
 IMAGENET = REPO.parent / "shared" / "weights" / "mobilenet_v2_imagenet_features.pth"
-KEYS = ("semseg/miou", "semseg/pixel_acc", "depth/abs_rel", "depth/rmse", "depth/delta1")
-LATENCY_RUNS = 20
-LATENCY_THREADS = 2
-THROUGHPUT_STEPS = 6
+DEFAULT_TASKS = ("semseg", "depth")
+# The metrics that enter the table and Δm, per task (a task not listed here: its headline metric).
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "semseg": ("miou", "pixel_acc"),
+    "depth": ("abs_rel", "rmse", "delta1"),
+    "normals": ("mean_deg", "median_deg", "within_11_25", "within_22_5"),
+}
+GOAL_LATENCY = 0.6  # the goal: latency <= this x the summed latency of the model's single-task models
+
+if str(HERE) not in sys.path:  # mtl_timing sits next to this file (also when loaded by path, as the tests do)
+    sys.path.insert(0, str(HERE))
+
+
+def task_keys(tasks: Iterable[str]) -> tuple[str, ...]:
+    """The ``"task/metric"`` keys of the table and of Δm for these tasks, in task order."""
+    return tuple(f"{t}/{m}" for t in tasks for m in TASK_METRICS.get(t, (TASKS[t].headline,)))
+
+
+KEYS = task_keys(DEFAULT_TASKS)  # the two-task study's
 
 
 @dataclass(frozen=True)
@@ -74,22 +96,66 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def variants(p: Preset) -> dict[str, list[str]]:
-    """``{name: --set overrides}`` for every trained model of the study."""
-    out = {
-        "single: semseg": ["model.tasks=[semseg]"],
-        "single: depth": ["model.tasks=[depth]"],
-    }
-    out.update({f"mtl shared: {w}": [f"loss.weighting={w}"] for w in p.weightings})
-    out["mtl split: fixed"] = ["model.sharing=split"]
+# ------------------------------------------------------------------------------- variants and their tasks
+def tasks_label(tasks: Sequence[str]) -> str:
+    """The suffix that names a multi-task model's tasks: '' for semseg+depth, else ``" [a+b+c]"``."""
+    return "" if tuple(tasks) == DEFAULT_TASKS else f" [{'+'.join(tasks)}]"
+
+
+def tasks_of(name: str) -> tuple[str, ...]:
+    """The tasks a variant is trained on, read from its name (``single: t``, or the ``[a+b]`` suffix)."""
+    if name.startswith("single: "):
+        return (name[len("single: ") :],)
+    if name.endswith("]"):
+        return tuple(name[name.rindex("[") + 1 : -1].split("+"))
+    return DEFAULT_TASKS
+
+
+def architecture(name: str) -> str:
+    """Variants that differ only in weights or training share an architecture (and so a latency)."""
+    if name.startswith("single"):
+        return name
+    return ("mtl split" if name.startswith("mtl split") else "mtl shared") + tasks_label(tasks_of(name))
+
+
+def variants(
+    p: Preset, tasks: Sequence[str] = DEFAULT_TASKS, weightings: Sequence[str] | None = None
+) -> dict[str, list[str]]:
+    """``{name: --set overrides}`` for every trained model of the study, single-task models first."""
+    tasks = tuple(tasks)
+    out = {f"single: {t}": [f"model.tasks=[{t}]"] for t in tasks}
+    if set(DEFAULT_TASKS) < set(tasks):  # the two-task model, against its own two single-task models
+        out["mtl shared: fixed"] = [f"model.tasks=[{', '.join(DEFAULT_TASKS)}]", "loss.weighting=fixed"]
+    on, label = f"model.tasks=[{', '.join(tasks)}]", tasks_label(tasks)
+    for w in p.weightings if weightings is None else weightings:
+        out[f"mtl shared: {w}{label}"] = [on, f"loss.weighting={w}"]
+    out[f"mtl split: fixed{label}"] = [on, "model.sharing=split"]
     if IMAGENET.is_file():
-        out["mtl shared: fixed, imagenet"] = [
+        out[f"mtl shared: fixed, imagenet{label}"] = [
+            on,
             f"model.backbone_weights={IMAGENET}",
             "train.encoder_lr_mult=0.1",
         ]
     return out
 
 
+def run_folder(name: str, seed: int) -> str:
+    """A variant's run folder name; the same config gets the same folder in every study (so it is reused)."""
+    return f"{re.sub(r'[^A-Za-z0-9+]+', '_', name).strip('_')}_s{seed}"
+
+
+def results_stem(preset: str, tasks: Sequence[str], weightings: Sequence[str]) -> str:
+    """``mtl_study_<preset>[_<tasks>][_<weightings>]``: the suffixes only where they differ from the defaults,
+    so the published two-task ``mtl_study_<preset>.*`` is never overwritten by another study."""
+    stem = f"mtl_study_{preset}"
+    if tuple(tasks) != DEFAULT_TASKS:
+        stem += "_" + "-".join(tasks)
+    if tuple(weightings) != PRESETS[preset].weightings:
+        stem += "_" + "-".join(weightings)
+    return stem
+
+
+# ---------------------------------------------------------------------------------------- data and runs
 def base_overrides(p: Preset, root: Path, seed: int, out_dir: Path) -> list[str]:
     h, w = p.size
     return [
@@ -108,59 +174,18 @@ def base_overrides(p: Preset, root: Path, seed: int, out_dir: Path) -> list[str]
     ]
 
 
-def ensure_data(p: Preset, root: Path) -> Path:
-    """Render the preset's synthetic dataset once (reused by later runs)."""
+def ensure_data(p: Preset, root: Path, tasks: Sequence[str] = DEFAULT_TASKS) -> Path:
+    """Render the preset's synthetic dataset once (reused by later runs); it must hold every task."""
     if not (root / "dataset.json").is_file():
         from densemtl.synth.render import generate_dataset
 
         generate_dataset(root, n_train=p.n_train, n_val=p.n_val, size=p.size, seed=0, progress=False)
+    missing = set(tasks) - set(json.loads((root / "dataset.json").read_text()).get("tasks", []))
+    if missing:
+        raise SystemExit(
+            f"{root} lacks {sorted(missing)} (rendered by an older version?): delete it to re-render"
+        )
     return root
-
-
-def architecture(name: str) -> str:
-    """Variants that differ only in weights or training share an architecture (and so a latency)."""
-    if name.startswith("single"):
-        return name
-    return "mtl split" if name.startswith("mtl split") else "mtl shared"
-
-
-def measure_latency(
-    configs: dict[str, str], size: tuple[int, int], device: str, runs: int = LATENCY_RUNS
-) -> dict[str, dict[str, float]]:
-    """``{architecture: {"torch_ms", "ort_ms"}}``, all models timed interleaved in one loop (same load)."""
-    from densemtl.deploy.benchmark import _ort_runner, _torch_runner
-    from densemtl.deploy.export import export_model
-
-    torch.set_num_threads(LATENCY_THREADS)
-    x = torch.randn(1, 3, *size)
-    fns = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for arch, config in configs.items():
-            model = build_model(load_config(config).model).eval()
-            if device != "cpu" and torch.cuda.is_available():  # GPU preset: torch on the GPU only
-                fns[f"{arch}|torch_ms"] = _cuda_runner(model, x)
-                continue
-            fns[f"{arch}|torch_ms"] = _torch_runner(model, x)
-            if importlib.util.find_spec("onnxruntime") is not None:
-                path = export_model(model, Path(tmp) / f"{len(fns)}.onnx", size, class_ids=False)
-                fns[f"{arch}|ort_ms"] = _ort_runner(path, x, LATENCY_THREADS)
-        stats = time_interleaved(fns, runs, warmup=2)
-    out: dict[str, dict[str, float]] = {}
-    for key, st in stats.items():
-        arch, backend = key.split("|")
-        out.setdefault(arch, {})[backend] = st["median_ms"]
-    return out
-
-
-def _cuda_runner(model: torch.nn.Module, x: torch.Tensor):
-    model, x = model.cuda(), x.cuda()
-
-    def run() -> None:
-        with torch.inference_mode():
-            model(x)
-        torch.cuda.synchronize()
-
-    return run
 
 
 def run_one(sets: list[str]) -> dict[str, Any]:
@@ -176,44 +201,18 @@ def run_one(sets: list[str]) -> dict[str, Any]:
     if len(records) != cfg.train.epochs or not (out / "config.yaml").is_file():
         train(cfg)
         records = [json.loads(line) for line in log.read_text().splitlines()]
+    keys = task_keys(cfg.model.tasks)
     last = {k[len("val/") :]: v for k, v in records[-1].items() if k.startswith("val/")}
     model = build_model(load_config(out / "config.yaml").model)  # num_classes resolved from the dataset
     return {
-        **{k: v for k, v in last.items() if k in KEYS},
+        **{k: v for k, v in last.items() if k in keys},
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "weights": {k: v for k, v in records[-1].items() if k.startswith("weight/")},
         "config": str(out / "config.yaml"),
     }
 
 
-def measure_training_speed(configs: dict[str, str], steps: int = THROUGHPUT_STEPS) -> dict[str, float]:
-    """Training images/s per variant: optimiser steps (forward, weighting's backward, step) on one fixed batch
-    of the training crop, all variants interleaved step by step so that they share the machine's load."""
-    from densemtl.runtime import to_device
-    from densemtl.train.engine import make_loader, setup
-    from densemtl.train.weighting import backward_step
-
-    torch.set_num_threads(LATENCY_THREADS)
-    state = {}
-    for name, config in configs.items():
-        run = setup(load_config(config))
-        dataset = next(iter(run.train_sets.values()))
-        batch = next(iter(make_loader(dataset, run.cfg.train.batch_size, False, 0, 0, run.device)))
-        batch = to_device(batch, run.device, run.cfg.train.channels_last)  # as train_one_epoch feeds it
-        state[name] = (run.model.train(), run.loss_fn, run.optimizer, batch)
-
-    def step(name: str) -> None:
-        model, loss_fn, optimizer, batch = state[name]
-        losses = loss_fn(model(batch["image"]), batch)
-        optimizer.zero_grad(set_to_none=True)
-        backward_step(loss_fn, losses, model, torch.amp.GradScaler("cpu", enabled=False))
-        optimizer.step()
-
-    fns = {name: (lambda n=name: step(n)) for name in state}
-    stats = time_interleaved(fns, steps, warmup=1)
-    return {name: len(state[name][3]["image"]) / (st["median_ms"] / 1e3) for name, st in stats.items()}
-
-
+# ------------------------------------------------------------------------------------------------ table
 def _mean_std(values: list[float]) -> tuple[float, float]:
     vals = [v for v in values if isinstance(v, int | float) and math.isfinite(v)]
     if not vals:
@@ -221,33 +220,45 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
 
 
+def singles_of(runs: dict[str, list[dict[str, Any]]], tasks: Sequence[str]) -> list[dict[str, Any]]:
+    """Per seed, the single-task models' metrics of ``tasks`` merged into one dict (Δm's reference)."""
+    per_task = [runs[f"single: {t}"] for t in tasks]
+    return [{k: v for r in seed for k, v in r.items()} for seed in zip(*per_task, strict=True)]
+
+
+def latency_ratios(row: dict[str, Any], latency: dict[str, dict[str, float]], tasks: Sequence[str]) -> None:
+    """Add ``<backend>_vs_singles``: the row's latency / the summed latency of its tasks' single-task models."""
+    for backend in ("torch_ms", "ort_ms"):
+        singles = [latency.get(f"single: {t}", {}).get(backend) for t in tasks]
+        if backend in row and None not in singles:
+            row[f"{backend[:-3]}_vs_singles"] = row[backend] / sum(singles)
+
+
 def aggregate(
     runs: dict[str, list[dict[str, Any]]], latency: dict[str, dict[str, float]]
 ) -> dict[str, dict[str, Any]]:
-    """Mean ± std per variant over seeds, Δm% vs the single-task pair (per seed, then averaged), and latency.
+    """Mean ± std per variant over seeds, Δm% vs its own tasks' single-task models (per seed, then averaged),
+    and latency.
 
-    ``torch_vs_singles`` / ``ort_vs_singles``: the variant's latency over the summed latency of the two
-    single-task models on that backend; the goal holds when every measured backend gives <= 0.6 and Δm >= 0.
+    ``torch_vs_singles`` / ``ort_vs_singles``: the variant's latency over the summed latency of the single-task
+    models of its tasks on that backend; the goal holds when every measured backend gives <= 0.6 and Δm >= 0.
     """
-    singles = [{**s, **d} for s, d in zip(runs["single: semseg"], runs["single: depth"], strict=True)]
     table: dict[str, dict[str, Any]] = {}
     for name, seed_runs in runs.items():
-        row: dict[str, Any] = {}
-        for k in (*KEYS, "images_per_s", "params_m"):
+        tasks = tasks_of(name)
+        row: dict[str, Any] = {"tasks": "+".join(tasks)}
+        for k in (*task_keys(tasks), "images_per_s", "params_m"):
             mean, std = _mean_std([r.get(k, math.nan) for r in seed_runs])
             if not math.isnan(mean):
                 row[k], row[f"{k}_std"] = mean, std
         row.update(latency.get(architecture(name), {}))
         if name.startswith("mtl"):
-            dms = [delta_m(r, s, keys=KEYS) for r, s in zip(seed_runs, singles, strict=True)]
+            keys = task_keys(tasks)
+            dms = [delta_m(r, s, keys=keys) for r, s in zip(seed_runs, singles_of(runs, tasks), strict=True)]
             row["delta_m"], row["delta_m_std"] = _mean_std(dms)
-            ratios = []
-            for backend in ("torch_ms", "ort_ms"):
-                pair = [latency.get(f"single: {t}", {}).get(backend) for t in ("semseg", "depth")]
-                if backend in row and None not in pair:
-                    row[f"{backend[:-3]}_vs_singles"] = row[backend] / sum(pair)
-                    ratios.append(row[f"{backend[:-3]}_vs_singles"])
-            row["goal_met"] = bool(ratios) and max(ratios) <= 0.6 and row["delta_m"] >= 0
+            latency_ratios(row, latency, tasks)
+            ratios = [row[k] for k in ("torch_vs_singles", "ort_vs_singles") if k in row]
+            row["goal_met"] = bool(ratios) and max(ratios) <= GOAL_LATENCY and row["delta_m"] >= 0
         row["weights"] = seed_runs[-1]["weights"]
         table[name] = row
     return table
@@ -255,17 +266,21 @@ def aggregate(
 
 def markdown(table: dict[str, dict[str, Any]], preset: str, p: Preset, seconds: float) -> str:
     """The study's table: metrics as mean ± std over seeds, latency as measured once per architecture."""
-    cols = [*KEYS, "delta_m", "params_m", "torch_ms", "ort_ms", "torch_vs_singles", "ort_vs_singles"]
-    cols.append("images_per_s")
+    from mtl_timing import LATENCY_THREADS
+
+    tasks = list(dict.fromkeys(t for name in table for t in tasks_of(name)))
+    cols = [*task_keys(tasks), "delta_m", "params_m", "torch_ms", "ort_ms", "torch_vs_singles"]
+    cols += ["ort_vs_singles", "images_per_s"]
     h, w = p.latency_size
     lines = [
-        f"# MTL study, preset `{preset}` ({len(p.seeds)} seed(s), {seconds / 60:.1f} min)",
+        f"# MTL study, preset `{preset}`, tasks {', '.join(tasks)} ({len(p.seeds)} seed(s), {seconds / 60:.1f} min)",
         "",
         f"Trained at {p.size[0]}x{p.size[1]} ({p.n_train} train / {p.n_val} val images, {p.epochs} epochs, batch "
-        f"{p.batch_size}). Δm% > 0: better than the single-task pair. Latency: batch 1 at {h}x{w}, "
-        f"{LATENCY_THREADS} threads, all models interleaved in one loop; *_vs_singles: the model's latency / "
-        "(single semseg + single depth). images_per_s: training steps (forward, the weighting's backward, "
-        "optimiser step) on one batch, all variants interleaved after training.",
+        f"{p.batch_size}). A multi-task model's tasks: its `[a+b+c]` suffix, none = semseg+depth; its Δm% and "
+        "*_vs_singles are against the single-task models of those tasks only. Δm% > 0: better than them. "
+        f"Latency: batch 1 at {h}x{w}, {LATENCY_THREADS} threads, all models interleaved in one loop; "
+        "*_vs_singles: the model's latency / the sum of its single-task models'. images_per_s: training steps "
+        "(forward, the weighting's backward, optimiser step) on one batch, all variants interleaved after training.",
         "",
         "| variant | " + " | ".join(cols) + " |",
         "|---" * (len(cols) + 1) + "|",
@@ -285,20 +300,43 @@ def markdown(table: dict[str, dict[str, Any]], preset: str, p: Preset, seconds: 
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+# ------------------------------------------------------------------------------------------------- main
+def _names(text: str, known: Iterable[str], what: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise SystemExit(f"--{what}: unknown {unknown or 'empty list'}; known: {', '.join(known)}")
+    return names
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
+    ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated, at least two")
+    ap.add_argument("--weightings", default="", help="comma-separated subset of the preset's (default: all)")
     ap.add_argument("--work", default="runs/mtl_study", help="datasets and run folders go here")
-    ap.add_argument("--out", default="benchmarks/results", help="mtl_study_<preset>.{json,md} go here")
+    ap.add_argument("--out", default="benchmarks/results", help="mtl_study_<preset>[...].{json,md} go here")
     args = ap.parse_args(argv)
-    p, work, start = PRESETS[args.preset], Path(args.work) / args.preset, time.perf_counter()
-    root = ensure_data(p, work / "data")
+    args.tasks = check_tasks(_names(args.tasks, TASKS, "tasks"))
+    if len(args.tasks) < 2:
+        raise SystemExit("--tasks: a multi-task study needs at least two tasks")
+    preset = PRESETS[args.preset].weightings
+    args.weightings = _names(args.weightings, WEIGHTINGS, "weightings") if args.weightings else preset
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from mtl_timing import measure_latency, measure_training_speed
+
+    args = parse_args(argv)
+    p = dataclasses.replace(PRESETS[args.preset], weightings=args.weightings)
+    work, start = Path(args.work) / args.preset, time.perf_counter()
+    root = ensure_data(p, work / "data", args.tasks)
     runs: dict[str, list[dict[str, Any]]] = {}
-    for name, sets in variants(p).items():
+    for name, sets in variants(p, args.tasks).items():
         for seed in p.seeds:
-            slug = name.replace(": ", "_").replace(", ", "_").replace(" ", "_")
             print(f"== {name} (seed {seed})", flush=True)
-            out_dir = work / "runs" / f"{slug}_s{seed}"
+            out_dir = work / "runs" / run_folder(name, seed)
             runs.setdefault(name, []).append(run_one(base_overrides(p, root, seed, out_dir) + sets))
     configs = {architecture(n): r[0]["config"] for n, r in runs.items()}
     print(f"== latency at {p.latency_size[0]}x{p.latency_size[1]}: {sorted(configs)}", flush=True)
@@ -311,14 +349,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     table = aggregate(runs, latency)
     result = {
-        "preset": args.preset, "config": p.__dict__, "seconds": seconds, "latency": latency, "table": table,
-        "runs": runs,
+        "preset": args.preset, "tasks": list(args.tasks), "config": p.__dict__, "seconds": seconds,
+        "latency": latency, "table": table, "runs": runs,
     }  # fmt: skip
-    out = Path(args.out)
+    out, stem = Path(args.out), results_stem(args.preset, args.tasks, args.weightings)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"mtl_study_{args.preset}.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str))
     md = markdown(table, args.preset, p, seconds)
-    (out / f"mtl_study_{args.preset}.md").write_text(md)
+    (out / f"{stem}.md").write_text(md)
     print(md)
     return result
 

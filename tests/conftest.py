@@ -42,9 +42,18 @@ def tiny_overrides():
 
 
 def _tiny_overrides(root: Path, out_dir: Path, epochs: int = 2) -> list[str]:
-    return [f"data.root={root}", f"train.out_dir={out_dir}", f"train.epochs={epochs}", "train.batch_size=8",
-            "train.lr=3e-3", "data.crop=[64, 128]", "data.num_workers=0", "model.decoder_channels=32",
-            "model.backbone=mobilenet_v3_small", "train.log_every=1"]
+    return [
+        f"data.root={root}",
+        f"train.out_dir={out_dir}",
+        f"train.epochs={epochs}",
+        "train.batch_size=8",
+        "train.lr=3e-3",
+        "data.crop=[64, 128]",
+        "data.num_workers=0",
+        "model.decoder_channels=32",
+        "model.backbone=mobilenet_v3_small",
+        "train.log_every=1",
+    ]
 
 
 @pytest.fixture(scope="session")

@@ -191,6 +191,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     opts: dict = {"image_format": args.image_format, "max_per_split": args.max_per_split}
     if args.dataset == "nyuv2":
         opts.update(meta_dir=args.meta, classes=args.classes or 40, crop_valid=args.crop_valid)
+        if args.normals is not None:
+            opts["normals_dir"] = args.normals
         if args.src.is_dir():  # the MTAN/LibMTL .npy layout takes no metadata options
             opts = {"image_format": args.image_format}
     elif args.dataset == "cityscapes":
@@ -223,6 +225,7 @@ def _add_convert_parser(data) -> None:
     s.add_argument("--meta", type=Path, default=None, help="nyuv2: folder with classMapping40.mat, "
                    "class13Mapping.mat, splits.mat")  # fmt: skip
     s.add_argument("--crop-valid", action="store_true", help="nyuv2: keep the valid Kinect region")
+    s.add_argument("--normals", type=Path, default=None, help="nyuv2 .mat: folder of norm_gt_<frame>.png normal maps")
     s.add_argument("--split", action="append", default=[], help="cityscapes: split (repeatable)")
     s.add_argument(
         "--crop", default="", help="cityscapes: TOP,BOTTOM,LEFT,RIGHT fractions, e.g. 0,0.2,0.05,0"

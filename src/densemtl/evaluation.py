@@ -179,12 +179,13 @@ def markdown_table(result: dict[str, Any], info: dict[str, Any]) -> str:
 
 
 def write_outputs(result: dict[str, Any], info: dict[str, Any], out: Path) -> dict[str, Path]:
-    """metrics.json, metrics.md and every task's plots; returns ``{title: path}`` of the plots."""
+    """Each task's plots, then metrics.json (with ``plots``: ``{title: file name}``) and metrics.md."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
-    (out / "metrics.md").write_text(markdown_table(result, info))
     plots: dict[str, Path] = {}
     for task, values in result["results"].items():
         if task in TASKS:
             plots.update(TASKS[task].plots(values, info, out))
+    result["plots"] = {title: path.name for title, path in plots.items()}
+    (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    (out / "metrics.md").write_text(markdown_table(result, info))
     return plots

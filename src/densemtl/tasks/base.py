@@ -103,6 +103,7 @@ class Task:
         headline: a higher-is-better metric in ``[0, 1]``; the mean over tasks is ``score`` (best checkpoint).
         lower_is_better: metric names where lower is better (for Δm).
         outputs: the keys :meth:`to_numpy` returns (``Predictor.predict`` results).
+        console: the metrics the per-epoch console line shows (default: the headline).
         uses_classes: the task depends on the dataset's class list (a model can only be evaluated on, or
             pseudo-label, a dataset with the same classes).
     """
@@ -114,6 +115,7 @@ class Task:
     headline: str = ""
     lower_is_better: frozenset[str] = frozenset()
     outputs: tuple[str, ...] = ()
+    console: tuple[str, ...] = ()
     uses_classes: bool = False
 
     # ------------------------------------------------------------------------------------------------ data

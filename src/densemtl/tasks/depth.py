@@ -262,6 +262,7 @@ class Depth(Task):
     folder = "depth"
     fill = INVALID_DEPTH
     headline = "delta1"
+    console = ("abs_rel", "rmse", "delta1")
     lower_is_better = frozenset({"abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "mae", "silog"})
     outputs = ("depth",)
 

@@ -256,6 +256,7 @@ class Normals(Task):
     folder = "normals"
     fill = 0.0
     headline = "within_11_25"
+    console = ("mean_deg", "within_11_25")
     lower_is_better = frozenset({"mean_deg", "median_deg", "rmse_deg"})
     outputs = ("normals",)
 

@@ -186,6 +186,7 @@ class Semseg(Task):
     folder = "semseg"
     fill = float(IGNORE_INDEX)
     headline = "miou"
+    console = ("miou", "pixel_acc")
     outputs = ("semseg", "confidence")
     uses_classes = True
 

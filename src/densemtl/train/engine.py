@@ -70,7 +70,7 @@ def _finite_or_skip(loss: torch.Tensor, params: Iterable[torch.nn.Parameter], cl
 
 def _skip_batch(losses, scaler, scheduler, epoch: int, consecutive_bad: int, max_nonfinite: int) -> None:
     """Drop a batch whose loss or gradient is not finite; stop after ``max_nonfinite`` in a row."""
-    values = {k: float(v) for k, v in losses.items()}
+    values = {k: float(v.detach()) for k, v in losses.items()}
     log.warning("epoch %d: non-finite loss or gradient, batch skipped (%s)", epoch + 1, values)
     scaler.update()  # lets the fp16 scaler back off; a no-op when disabled
     if consecutive_bad >= max_nonfinite:

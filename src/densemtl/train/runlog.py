@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from densemtl.config import Config
+from densemtl.tasks import TASKS
 from densemtl.train.schedule import Phase
 
 
@@ -78,11 +79,12 @@ def out_of_memory_message(phase: Phase, cfg: Config, out: Path) -> str:
 def epoch_line(
     epoch: int, total: int, phase: Phase, stats: dict[str, float], summary: dict[str, float]
 ) -> str:
-    """The line printed after every epoch: loss, headline metrics, speed."""
+    """The line printed after every epoch: loss, each task's console metrics (``Task.console``), speed."""
     keys = [
-        k
-        for k in ("semseg/miou", "semseg/pixel_acc", "depth/abs_rel", "depth/rmse", "depth/delta1")
-        if k in summary
+        f"{name}/{m}"
+        for name, t in TASKS.items()
+        for m in (t.console or (t.headline,))
+        if f"{name}/{m}" in summary
     ]
     metrics = "  ".join(f"{k} {summary[k]:.3f}" for k in keys)
     return (

@@ -8,7 +8,6 @@ pictures, training curves) loops over the run's tasks (``model.tasks``) and asks
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -53,24 +52,6 @@ def _setup(cfg: dict[str, Any], tasks: list[Task]) -> list[str]:
     return lines
 
 
-def _evaluation_pictures(
-    result: dict[str, Any], tasks: list[Task], info: dict, eval_dir: Path
-) -> list[tuple]:
-    """(title, file name) of each picture a task's ``plots`` wrote into ``eval_dir`` for these results.
-
-    The pictures are drawn again into a scratch folder only to learn their titles and names (``plots`` returns
-    ``{title: path}``); the report links the run's own files and never rewrites them.
-    """
-    found = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for t in tasks:
-            if t.name in result.get("results", {}):
-                for title, path in t.plots(result["results"][t.name], info, Path(tmp)).items():
-                    if (eval_dir / path.name).is_file():
-                        found.append((title, path.name))
-    return found
-
-
 def _evaluation(run: Path, eval_dir: str, tasks: list[Task], info: dict) -> list[str]:
     """The Evaluation section (metrics table, baselines, pictures); [] when the run was not evaluated."""
     metrics_md = run / eval_dir / "metrics.md"
@@ -86,8 +67,9 @@ def _evaluation(run: Path, eval_dir: str, tasks: list[Task], info: dict) -> list
         "",
         metrics_md.read_text(),
     ]
-    for title, name in _evaluation_pictures(result, tasks, info, run / eval_dir):
-        lines += [f"### {title}", "", f"![{title}]({eval_dir}/{name})", ""]
+    for title, name in result.get("plots", {}).items():  # written by evaluation.write_outputs
+        if (run / eval_dir / name).is_file():
+            lines += [f"### {title}", "", f"![{title}]({eval_dir}/{name})", ""]
     return lines
 
 
