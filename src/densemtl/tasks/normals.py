@@ -36,9 +36,18 @@ PARITY_FRACTION = 0.999  # ... on at least this fraction of pixels
 _VALID_NORM = 0.5  # a target vector counts as valid when its length exceeds this (unit vs zero)
 
 
+def length(x: Tensor, dim: int = 1, keepdim: bool = False) -> Tensor:
+    """Euclidean length along ``dim``, at least 1e-6, with finite gradients everywhere (also at zero).
+
+    Written as a clamped square root of the sum of squares: ``Tensor.norm`` over a 3-channel dim of an
+    (B, 3, H, W) map is ~40x slower on CPU (it was two thirds of the demo's validation time).
+    """
+    return x.square().sum(dim=dim, keepdim=keepdim).clamp_min(1e-12).sqrt()
+
+
 def unit(x: Tensor, dim: int = 1) -> Tensor:
     """Normalise to unit length along ``dim``; a zero vector stays zero (no NaN, finite gradients)."""
-    return x / x.norm(dim=dim, keepdim=True).clamp_min(1e-6)
+    return x / length(x, dim, keepdim=True)
 
 
 class NormalsHead(nn.Module):
@@ -70,7 +79,8 @@ def angle_between(u: Tensor, v: Tensor) -> Tensor:
     0 with zero gradients (``atan2(0, 0)`` alone would give NaN gradients).
     """
     dot = (u * v).sum(dim=1)
-    sin = torch.linalg.cross(u, v, dim=1).norm(dim=1)  # vector_norm's gradient at 0 is 0
+    sq = torch.linalg.cross(u, v, dim=1).square().sum(dim=1)
+    sin = torch.where(sq > 0, sq.clamp_min(1e-30).sqrt(), torch.zeros_like(sq))  # exactly 0, finite gradient
     degenerate = (dot.abs() + sin) < 1e-12
     return torch.atan2(sin, dot + degenerate.to(dot.dtype))
 
@@ -101,7 +111,7 @@ class NormalsLoss(nn.Module):
                 f"normals prediction {tuple(pred.shape)} does not match target {tuple(target.shape)}"
             )
         pred, target = pred.float(), target.float()
-        valid = target.norm(dim=1) > _VALID_NORM  # (B, H, W)
+        valid = target.square().sum(dim=1) > _VALID_NORM**2  # (B, H, W)
         if sample_mask is not None:
             valid = valid & sample_mask.view(-1, 1, 1)
         u, v = unit(pred), unit(target)  # invalid targets become 0 (finite values and gradients)
@@ -133,7 +143,7 @@ class NormalsMetrics(Accumulator):
                 f"normals prediction {tuple(pred.shape)} does not match target {tuple(target.shape)}"
             )
         target = target.to(pred.device)
-        valid = target.double().norm(dim=1) > _VALID_NORM  # (B, H, W)
+        valid = target.double().square().sum(dim=1) > _VALID_NORM**2  # (B, H, W)
         err = angular_error_deg(pred, target)[valid]  # (N,)
         self._to(pred.device)
         self._state["count"] += err.numel()
