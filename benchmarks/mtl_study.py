@@ -314,6 +314,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
     ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated, at least two")
     ap.add_argument("--weightings", default="", help="comma-separated subset of the preset's (default: all)")
+    ap.add_argument("--seeds", default="", help="comma-separated seeds (default: the preset's)")
     ap.add_argument("--work", default="runs/mtl_study", help="datasets and run folders go here")
     ap.add_argument("--out", default="benchmarks/results", help="mtl_study_<preset>[...].{json,md} go here")
     args = ap.parse_args(argv)
@@ -322,6 +323,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise SystemExit("--tasks: a multi-task study needs at least two tasks")
     preset = PRESETS[args.preset].weightings
     args.weightings = _names(args.weightings, WEIGHTINGS, "weightings") if args.weightings else preset
+    args.seeds = tuple(int(v) for v in args.seeds.split(",")) if args.seeds else PRESETS[args.preset].seeds
     return args
 
 
@@ -329,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from mtl_timing import measure_latency, measure_training_speed
 
     args = parse_args(argv)
-    p = dataclasses.replace(PRESETS[args.preset], weightings=args.weightings)
+    p = dataclasses.replace(PRESETS[args.preset], weightings=args.weightings, seeds=args.seeds)
     work, start = Path(args.work) / args.preset, time.perf_counter()
     root = ensure_data(p, work / "data", args.tasks)
     runs: dict[str, list[dict[str, Any]]] = {}
@@ -353,6 +355,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "latency": latency, "table": table, "runs": runs,
     }  # fmt: skip
     out, stem = Path(args.out), results_stem(args.preset, args.tasks, args.weightings)
+    if args.seeds != PRESETS[args.preset].seeds:  # a partial run never overwrites the full one
+        stem += "_seeds-" + "-".join(map(str, args.seeds))
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str))
     md = markdown(table, args.preset, p, seconds)

@@ -193,3 +193,10 @@ def test_three_task_smoke_end_to_end(tmp_path, work) -> None:
     assert math.isfinite(table[f"mtl shared: fixed{suffix}"]["normals/mean_deg"])
     md = (tmp_path / "mtl_study_smoke_semseg-depth-normals_fixed.md").read_text()
     assert all(f"| {name} |" in md for name in table)
+
+
+def test_seeds_option_defaults_to_the_preset_and_parses_a_subset() -> None:
+    study = _study()
+    assert study.parse_args(["--preset", "cpu"]).seeds == study.PRESETS["cpu"].seeds
+    assert study.parse_args(["--preset", "cpu", "--seeds", "0"]).seeds == (0,)
+    assert study.parse_args(["--seeds", "3,1"]).seeds == (3, 1)
