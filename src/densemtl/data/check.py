@@ -210,7 +210,7 @@ def _list_images(split_dir: Path, problems: list[Problem]) -> dict[str, Path]:
 
 def _raw_depth_problem(path: Path) -> str:
     """Describe a ``.npy``/TIFF depth file: wrong format, and any NaN/inf/negative values in it."""
-    fix = "convert it to depth/<id>.png with densemtl.data.format.write_sample (metres -> uint16 * 256)"
+    fix = "convert it to depth/<id>.png with densemtl.data.folder.write_sample (metres -> uint16 * 256)"
     try:
         arr = np.load(path, allow_pickle=False) if path.suffix == ".npy" else np.asarray(Image.open(path))
     except (OSError, ValueError) as e:

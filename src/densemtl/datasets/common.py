@@ -2,7 +2,7 @@
 
 Each dataset module (``nyuv2``, ``cityscapes``, ``kitti``) reads its official layout and hands numpy samples to
 :func:`write_converted`, which crops/resizes them consistently (image bilinear, labels and depth nearest,
-intrinsics rescaled) and writes them with :func:`densemtl.data.format.write_sample`. The helpers here know
+intrinsics rescaled) and writes them with :func:`densemtl.data.folder.write_sample`. The helpers here know
 nothing about a particular dataset.
 """
 

@@ -188,7 +188,7 @@ def load_depth(path: Path, size: tuple[int, int], scale: float) -> np.ndarray:
         hint = "an 8-bit PNG" if img.mode in ("L", "P") else f"mode {img.mode}"
         raise DatasetFormatError(
             f"{path}: depth must be a 16-bit grayscale PNG (uint16, metres * {scale:g}, 0 = invalid), got {hint}; "
-            "write it with densemtl.data.format.encode_depth / write_sample"
+            "write it with densemtl.data.format.encode_depth / densemtl.data.folder.write_sample"
         )
     raw = np.asarray(img)
     check_size(raw, path, size, "depth")

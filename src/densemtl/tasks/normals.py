@@ -190,7 +190,7 @@ def load_normals(path: Path, size: tuple[int, int]) -> np.ndarray:
     if img.mode != "RGB":
         raise DatasetFormatError(
             f"{path}: normals must be an 8-bit RGB PNG, got mode {img.mode}; "
-            "write them with densemtl.data.format.encode_normals / write_sample"
+            "write them with densemtl.data.format.encode_normals / densemtl.data.folder.write_sample"
         )
     raw = np.asarray(img)
     check_size(raw, path, size, "normals")
