@@ -11,24 +11,14 @@ tell teacher labels from ground truth (and re-run the teacher by deleting those 
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image
-
 from densemtl.data.folder import list_images, meta_path, task_path
-from densemtl.data.format import atomic_write_bytes, read_dataset_json
+from densemtl.data.format import atomic_write_bytes, png_bytes, read_dataset_json
 from densemtl.tasks import Task, get_task
 from densemtl.tasks.depth import DEPTH
-
-
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
 
 
 def load_teacher(teacher: str | Path, device: str = "auto", size: tuple[int, int] | None = None):
@@ -105,7 +95,7 @@ def pseudolabel(
                 kept[split] += 1
                 continue
             target = t.pseudo_label(predictor.predict(image_path), info, min_confidence)
-            atomic_write_bytes(out, _png(t.encode(target)))
+            atomic_write_bytes(out, png_bytes(t.encode(target)))
             _mark(meta_path(image_path), t.name, Path(teacher).name)
             filled[split] += 1
     _record(root, t.name, Path(teacher).name, sum(filled.values()))
