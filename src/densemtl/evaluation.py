@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from densemtl.config import Config, replace
+from densemtl.fileio import atomic_write_text
 from densemtl.runtime import amp_dtype, autocast, forward_at_scale, resolve_device, to_device
 from densemtl.tasks import TASKS
 from densemtl.train.checkpoint import (
@@ -186,6 +187,6 @@ def write_outputs(result: dict[str, Any], info: dict[str, Any], out: Path) -> di
         if task in TASKS:
             plots.update(TASKS[task].plots(values, info, out))
     result["plots"] = {title: path.name for title, path in plots.items()}
-    (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
-    (out / "metrics.md").write_text(markdown_table(result, info))
+    atomic_write_text(out / "metrics.json", json.dumps(result, indent=2, default=float) + "\n")
+    atomic_write_text(out / "metrics.md", markdown_table(result, info))
     return plots

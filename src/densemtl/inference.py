@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from densemtl.data.format import atomic_write_bytes
 from densemtl.data.images import ImageLike, as_rgb, list_images, read_rgb  # noqa: F401 (public here too)
+from densemtl.fileio import atomic_write
 from densemtl.runtime import forward_at_scale, resolve_device
 from densemtl.tasks import TASKS
 from densemtl.train.checkpoint import input_scale, load_checkpoint, model_from_checkpoint
@@ -150,7 +150,7 @@ def write_prediction(
     files: dict[str, Path] = {}
     for name, array in arrays.items():
         files[name] = out_dir / f"{stem}_{name}.png"
-        atomic_write_bytes(files[name], _png(array))
+        atomic_write(files[name], _png(array))
     return files
 
 

@@ -25,12 +25,12 @@ from densemtl.config import ModelConfig
 from densemtl.data.format import (
     IMAGE_EXTS,
     DatasetFormatError,
-    atomic_write_bytes,
     jpeg_bytes,
     open_image,
     png_bytes,
     read_dataset_json,
 )
+from densemtl.fileio import atomic_write
 from densemtl.tasks import TASKS, check_tasks, get_task
 
 Sample = dict[str, Any]
@@ -249,4 +249,4 @@ def write_sample(
     if meta is not None:
         files[base / "meta" / f"{sample_id}.json"] = (json.dumps(meta) + "\n").encode()
     for path, data in files.items():
-        atomic_write_bytes(path, data)
+        atomic_write(path, data)

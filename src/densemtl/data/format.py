@@ -16,13 +16,13 @@ an interrupted writer never leaves a half-written image behind.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from densemtl.fileio import atomic_write
 
 FORMAT_VERSION = 1
 DEPTH_SCALE = 256.0  # uint16 value per metre
@@ -59,19 +59,6 @@ def check_size(arr: np.ndarray, path: Path, size: tuple[int, int], what: str) ->
             "targets must match the (EXIF-rotated) image pixel for pixel: re-export at the image size "
             "(nearest-neighbour resampling for labels and depth)"
         )
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
@@ -158,7 +145,7 @@ def write_dataset_json(
         **(extra or {}),
     }
     path = Path(root) / "dataset.json"
-    atomic_write_bytes(path, (json.dumps(info, indent=2) + "\n").encode())
+    atomic_write(path, (json.dumps(info, indent=2) + "\n").encode())
     return path
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from densemtl.data.folder import list_images, meta_path, task_path
-from densemtl.data.format import atomic_write_bytes, png_bytes, read_dataset_json
+from densemtl.data.format import png_bytes, read_dataset_json
+from densemtl.fileio import atomic_write
 from densemtl.tasks import Task, get_task
 from densemtl.tasks.depth import DEPTH
 
@@ -39,7 +40,7 @@ def _mark(path: Path, task: str, teacher: str) -> None:
     """Add ``"pseudo": {task: teacher}`` to a sample's meta JSON, keeping what is there."""
     meta = json.loads(path.read_text()) if path.is_file() else {}
     meta.setdefault("pseudo", {})[task] = teacher
-    atomic_write_bytes(path, (json.dumps(meta) + "\n").encode())
+    atomic_write(path, (json.dumps(meta) + "\n").encode())
 
 
 def _check_teacher(predictor: Any, info: dict[str, Any], task: Task, teacher: str | Path) -> None:
@@ -95,7 +96,7 @@ def pseudolabel(
                 kept[split] += 1
                 continue
             target = t.pseudo_label(predictor.predict(image_path), info, min_confidence)
-            atomic_write_bytes(out, png_bytes(t.encode(target)))
+            atomic_write(out, png_bytes(t.encode(target)))
             _mark(meta_path(image_path), t.name, Path(teacher).name)
             filled[split] += 1
     _record(root, t.name, Path(teacher).name, sum(filled.values()))
@@ -110,4 +111,4 @@ def _record(root: Path, task: str, teacher: str, count: int) -> None:
         info["tasks"] = [*info.get("tasks", []), task]
     entry = info.setdefault("pseudo_labels", {}).setdefault(task, {"teacher": teacher, "count": 0})
     entry["teacher"], entry["count"] = teacher, int(entry.get("count", 0)) + count
-    atomic_write_bytes(path, (json.dumps(info, indent=2) + "\n").encode())
+    atomic_write(path, (json.dumps(info, indent=2) + "\n").encode())

@@ -8,9 +8,7 @@ dataset's class names and palette, so predictions can be coloured without the da
 from __future__ import annotations
 
 import logging
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ import numpy as np
 import torch
 
 from densemtl.config import Config, from_dict, to_dict
+from densemtl.fileio import atomic_write
 
 log = logging.getLogger("densemtl")
 
@@ -61,19 +60,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
 
     A crash (even ``kill -9``) during the write leaves the previous file intact.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def make_payload(

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from densemtl.config import Config, replace, to_dict
 from densemtl.data.loaders import build_dataset, make_loader
 from densemtl.evaluation import evaluate
+from densemtl.fileio import atomic_write_text
 from densemtl.runtime import (
     amp_dtype,
     autocast,
@@ -325,7 +326,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
             Path(resume), cfg, run.model, run.optimizer, run.scheduler, run.scaler, run.loss_fn
         )
     elif run.dist_env.is_main:
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         (out / "metrics.jsonl").unlink(missing_ok=True)
         (out / "steps.jsonl").unlink(missing_ok=True)
     resume_step = run.scheduler.last_epoch if resume is not None else None  # global step of the checkpoint

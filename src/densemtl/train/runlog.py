@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from densemtl.config import Config
+from densemtl.fileio import append_text, atomic_write_text, open_append
 from densemtl.tasks import TASKS
 from densemtl.train.schedule import Phase
 
@@ -26,12 +27,11 @@ class RunLog:
         self.jsonl = out_dir / "metrics.jsonl"
         if resume_step is not None:
             _truncate_steps(out_dir / "steps.jsonl", resume_step)
-        self.steps = (out_dir / "steps.jsonl").open("a")
+        self.steps = open_append(out_dir / "steps.jsonl")
         self.tb = SummaryWriter(str(out_dir / "tb"))
 
     def write(self, record: dict[str, Any], step: int) -> None:
-        with self.jsonl.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_text(self.jsonl, json.dumps(record) + "\n")
         for k, v in record.items():
             if isinstance(v, int | float) and k != "epoch":
                 self.tb.add_scalar(k, v, step)
@@ -61,9 +61,7 @@ def _truncate_steps(path: Path, last_step: int) -> None:
             continue
         if record.get("step", last_step + 1) <= last_step:
             kept.append(line + "\n")
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(kept))
-    tmp.replace(path)  # atomic: the old file stays whole until the new one is complete
+    atomic_write_text(path, "".join(kept))  # the old file stays whole until the new one is complete
 
 
 def out_of_memory_message(phase: Phase, cfg: Config, out: Path) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from densemtl.fileio import atomic_write_text
 from densemtl.tasks import TASKS, Task
 
 
@@ -109,5 +110,5 @@ def write_report(run_dir: str | Path, eval_dir: str = "eval_val", max_panels: in
     if (run / "preview.png").is_file():
         lines += ["## Dataset preview (RGB, then each task's target)", "", "![preview](preview.png)", ""]
     out = run / "report.md"
-    out.write_text("\n".join(lines))
+    atomic_write_text(out, "\n".join(lines))
     return out
