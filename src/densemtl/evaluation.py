@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from densemtl.config import Config, replace
 from densemtl.fileio import atomic_write_text
@@ -27,6 +26,7 @@ from densemtl.train.checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
 )
+from densemtl.train.runlog import Progress
 
 
 @dataclass
@@ -63,7 +63,7 @@ def evaluate(
     model.eval()
     metrics.reset()
     dtype = amp_dtype(device, amp)
-    for batch in tqdm(loader, desc="evaluate", leave=False, disable=None, mininterval=1.0):
+    for batch in Progress(loader, "evaluate"):  # a bar on a terminal, plain lines in a log file
         if baseline is not None:
             baseline.update(batch)
         batch = to_device(batch, device, channels_last)

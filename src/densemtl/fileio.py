@@ -40,6 +40,35 @@ def check_writable_target(path: Path) -> None:
         raise UnsafePathError(f"{path} exists and is not a regular file (a folder?): choose another path")
 
 
+def check_output(path: str | Path, *, folder: bool = False) -> Path:
+    """Fail before a long job, not after it, when ``path`` (a file, or a ``folder`` to write into) cannot be written.
+
+    Refuses a symlink or a folder where a file goes (a file where a folder goes), a file among its parents, and a
+    nearest existing folder the process cannot create files in: probed with a real temp file, so read-only
+    mounts and root are judged right.
+    """
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{path} is a file, not a folder: choose a folder path "
+                                 "(it is created) or remove the file", str(path))  # fmt: skip
+    if not folder:
+        check_writable_target(path)
+    candidates = (path, *path.parents) if folder else path.parents
+    base = next(p for p in candidates if p.exists())  # the nearest folder that exists already
+    if not base.is_dir():
+        raise NotADirectoryError(
+            errno.ENOTDIR, f"{base} is a file, so {path} cannot be created: choose another path", str(base)
+        )
+    try:
+        fd, probe = tempfile.mkstemp(dir=base, prefix=".densemtl-probe.", suffix=TMP_SUFFIX)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write into {base} ({e.strerror}): choose a writable "
+                      f"folder for {path}", str(base)) from e  # fmt: skip
+    os.close(fd)
+    os.unlink(probe)
+    return path
+
+
 def atomic_write(
     path: str | Path, data: bytes | Callable[[IO[bytes]], object], *, fsync: bool = True
 ) -> Path:

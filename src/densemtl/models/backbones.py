@@ -139,7 +139,16 @@ def load_local_weights(model: nn.Module, path: str | Path, ignore: tuple[str, ..
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model.backbone_weights={path}: no such file")
-    sd = _unwrap(torch.load(path, map_location="cpu", weights_only=True), path)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickled objects, an empty or truncated file, not a torch file
+        raise ValueError(
+            f"model.backbone_weights={path} cannot be loaded safely ({type(e).__name__}: empty, truncated, "
+            "or holding pickled objects); it must be a plain state dict of tensors, saved with "
+            "torch.save(model.state_dict(), path): pickled modules and other objects are refused because "
+            "loading them could run code"
+        ) from None
+    sd = _unwrap(loaded, path)
     own = model.state_dict()
     matched = {k: v for k, v in sd.items() if k in own}
     wrong = [

@@ -7,6 +7,7 @@ dataset's class names and palette, so predictions can be coloured without the da
 
 from __future__ import annotations
 
+import errno
 import logging
 import random
 from pathlib import Path
@@ -55,12 +56,90 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def torch_load_reason(e: BaseException) -> str:
+    """A one-line reason for a failed ``torch.load``, without PyTorch's advice to load with weights_only off.
+
+    That advice (re-run with ``weights_only`` set to False) would execute whatever code a file of unknown
+    origin holds; the safe unpickler's own finding (e.g. "Unsupported global: GLOBAL os.system") is kept.
+    """
+    text = str(e).replace("\x1b[1m", "").replace("\x1b[0m", "")
+    if "WeightsUnpickler error:" in text:
+        found = text.split("WeightsUnpickler error:", 1)[1].strip().split("\n")[0]
+        reason = f"pickled objects other than tensors: {found.split('. Please')[0].rstrip('.')}"
+    else:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        reason = lines[0].split(". ")[0].rstrip(".") if lines else ""
+        if isinstance(e, EOFError) and not reason:
+            reason = "the file is empty or ends early"
+    if "weights_only" in reason:
+        reason = "refused by the safe (weights-only) loader"
+    return f"{type(e).__name__}: {reason}" if reason else type(e).__name__
+
+
+class NonFiniteWeightsError(ValueError):
+    """A model with NaN or infinite weights, which is never written to a checkpoint."""
+
+
+def check_finite_weights(payload: dict[str, Any], path: Path) -> None:
+    """Raise :class:`NonFiniteWeightsError` if a floating tensor of ``payload["model"]`` is not finite."""
+    bad = [
+        k for k, v in payload.get("model", {}).items()
+        if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]  # fmt: skip
+    if not bad:
+        return
+    epoch, step = payload.get("epoch"), payload.get("scheduler", {}).get("last_epoch")
+    when = f" after epoch {epoch + 1}" if isinstance(epoch, int) else ""
+    when += f" (step {step})" if isinstance(step, int) else ""
+    raise NonFiniteWeightsError(
+        f"the model's weights are not finite{when} ({len(bad)} tensor(s), e.g. {bad[0]}), so {path} was not "
+        "written (the previous one is kept): training diverged; lower train.lr and/or enable gradient "
+        "clipping (train.grad_clip, e.g. 1.0), then resume from the last good checkpoint or start again"
+    )
+
+
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     """Write ``payload`` to ``path`` atomically: temp file in the same folder, fsync, rename.
 
-    A crash (even ``kill -9``) during the write leaves the previous file intact.
+    A crash (even ``kill -9``) during the write leaves the previous file intact; so does a model whose weights
+    are not finite, which is refused (:class:`NonFiniteWeightsError`) instead of written.
     """
+    check_finite_weights(payload, Path(path))
     return atomic_write(path, lambda f: torch.save(payload, f))
+
+
+class DiskFullError(OSError, ValueError):
+    """No space left to write a checkpoint; the message names the last good one."""
+
+
+class RunCheckpoints:
+    """Writes a run's ``last.pt``/``best.pt`` and remembers the last good one, which every error names."""
+
+    def __init__(self, out: Path, resumed: Path | None = None, epoch: int | None = None) -> None:
+        self.out = out
+        self.last_good = (
+            f"{resumed} (epoch {epoch + 1})" if resumed is not None and epoch is not None else None
+        )
+
+    def save(self, name: str, payload: dict[str, Any]) -> None:
+        """Save ``payload`` as ``name``; a full disk or non-finite weights stop the run naming the last good."""
+        path, good = self.out / name, self.last_good or "none yet (no epoch was saved)"
+        try:
+            save_checkpoint(path, payload)
+        except NonFiniteWeightsError as e:
+            raise NonFiniteWeightsError(f"{e}; the last good checkpoint is {good}") from None
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            full = DiskFullError(
+                f"No space left on device while saving {path} after epoch {payload['epoch'] + 1}; the last good "
+                f"checkpoint is {good}: free disk space, then continue with --resume"
+            )
+            full.errno = errno.ENOSPC
+            raise full from e
+        if name == "last.pt":
+            note = "" if payload.get("validated", True) else ", saved before validating it"
+            self.last_good = f"{path} (epoch {payload['epoch'] + 1}{note})"
 
 
 def make_payload(
@@ -90,10 +169,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint {path} does not exist; train one with `densemtl train` first")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # pickled code, truncated file, not a torch file
+    except Exception as e:  # pickled code, truncated or empty file, not a torch file
         raise CheckpointError(
-            f"{path} is not a loadable densemtl checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}); "
-            "it may be truncated, or hold pickled code, which is refused for safety"
+            f"{path} is not a loadable densemtl checkpoint ({torch_load_reason(e)}); it may be empty or "
+            "truncated (an interrupted copy?), or hold pickled code (objects other than tensors), which is "
+            "refused for safety: use another checkpoint, e.g. the run's best.pt or last.pt"
         ) from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
@@ -169,8 +249,9 @@ def input_scale(ckpt: dict[str, Any]) -> float:
 
 def restore_training_state(
     path: Path, cfg: Config, model, optimizer, scheduler, scaler, loss_fn
-) -> tuple[int, float | None]:
-    """Load training state from ``path`` into the given objects; returns (first epoch to run, best metric so far).
+) -> dict[str, Any]:
+    """Load training state from ``path`` into the given objects; returns the checkpoint (for its epoch, best
+    value, training stats and whether that epoch was validated).
 
     Refuses a checkpoint whose model config differs (its weights would not fit); warns on other changes."""
     ckpt = load_checkpoint(path)
@@ -179,7 +260,8 @@ def restore_training_state(
             f"{path} was trained with a different model config; resume with the same "
             "model settings, or start a new run (optionally from model.backbone_weights)"
         )
-    if ckpt["config"] != to_dict(cfg):
+    same_folder = {**ckpt["config"], "train": {**ckpt["config"]["train"], "out_dir": cfg.train.out_dir}}
+    if same_folder != to_dict(cfg):  # a run continued in another folder (a copy) is still the same run
         log.warning("resuming %s with changed settings; the run will not match an uninterrupted one", path)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -188,4 +270,4 @@ def restore_training_state(
     loss_fn.load_state_dict(ckpt["loss"])
     set_rng_state(ckpt["rng"])
     print(f"resumed from {path} after epoch {ckpt['epoch'] + 1}")
-    return ckpt["epoch"] + 1, ckpt.get("best")
+    return ckpt

@@ -6,6 +6,12 @@ task name), so nothing here changes when a task is added.
 
 Exact resume: every epoch reseeds all RNGs from (seed, epoch) and the LR schedule is a function of the global step,
 so a run resumed from ``last.pt`` after epoch k reproduces epochs k+1.. of an uninterrupted run.
+
+The run folder (docs/run_folder.md): one training at a time holds its lock; a folder that holds something is only
+reused to resume or with ``overwrite``; everything is checked (config, dataset, files of both splits) before the
+first step and before anything in the folder changes. After each epoch ``last.pt`` is saved before validating (a
+failing validation loses no training; a resume validates that epoch first), then ``best.pt`` and ``last.pt`` with
+the metrics, then the metrics line: a line never describes a checkpoint that is not on disk.
 """
 
 from __future__ import annotations
@@ -19,14 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from densemtl.config import Config, replace, to_dict
+from densemtl.config import Config, replace
 from densemtl.data.loaders import build_dataset, make_loader
 from densemtl.evaluation import evaluate
-from densemtl.fileio import atomic_write_text
 from densemtl.runtime import (
     amp_dtype,
     autocast,
@@ -34,16 +37,17 @@ from densemtl.runtime import (
     to_device,
 )
 from densemtl.train.checkpoint import (
+    RunCheckpoints,
     load_checkpoint,
     make_payload,
     restore_training_state,
     rng_state,
-    save_checkpoint,
 )
 from densemtl.train.distributed import (
     broadcast_buffers,
     check_loss_supported,
     cleanup,
+    env_from_environ,
     eval_sampler,
     init_distributed,
     mean_over_ranks,
@@ -51,15 +55,20 @@ from densemtl.train.distributed import (
     train_sampler,
     wrap_model,
 )
-from densemtl.train.runlog import RunLog, epoch_line, out_of_memory_message
+from densemtl.train.runfolder import open_run_folder
+from densemtl.train.runlog import Progress, RunLog, epoch_line, open_run_files, out_of_memory_message
 from densemtl.train.schedule import Phase, StepSchedule, phase_for_epoch, resolve_phases, total_epochs
 from densemtl.train.weighting import backward_step, epoch_end, task_weights
 
 log = logging.getLogger("densemtl")
 
 
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive batches with a non-finite loss or gradient."""
+class NonFiniteLossError(RuntimeError, ValueError):
+    """Too many consecutive batches with a non-finite loss or gradient (a ValueError: the CLI prints it)."""
+
+
+class TrainingOutOfMemoryError(RuntimeError, ValueError):
+    """A training batch did not fit on the device; the message says what to lower."""
 
 
 def _finite_or_skip(loss: torch.Tensor, params: Iterable[torch.nn.Parameter], clip: float) -> bool:
@@ -106,7 +115,7 @@ def train_one_epoch(
     weights: dict[str, float] = {}  # summed task weights (adaptive weightings change them every step)
     steps = skipped = consecutive_bad = images = 0
     start = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=None, mininterval=1.0)
+    bar = Progress(loader, f"epoch {epoch + 1}")  # a tqdm bar on a terminal, plain lines in a log file
     for batch in bar:
         batch = to_device(batch, device, cfg.train.channels_last)
         with autocast(device, dtype):
@@ -195,10 +204,17 @@ def _better(value: float, best: float | None, mode: str) -> bool:
 
 
 def config_for_resume(path: str | Path, overrides: list[str]) -> Config:
-    """The config stored in a checkpoint, with ``--set`` overrides applied (for ``train --resume``)."""
+    """The config stored in a checkpoint, with ``--set`` overrides applied (for ``train --resume``).
+
+    ``train.out_dir`` becomes the checkpoint's own folder unless an override sets it: a copied run folder
+    continues in the copy, not in the folder the checkpoint was first written to.
+    """
     from densemtl.config import apply_overrides, from_dict
 
-    return from_dict(Config, apply_overrides(load_checkpoint(path)["config"], overrides))
+    cfg = from_dict(Config, apply_overrides(load_checkpoint(path)["config"], overrides))
+    if any(o.split("=", 1)[0].strip() == "train.out_dir" for o in overrides):
+        return cfg
+    return replace(cfg, train=replace(cfg.train, out_dir=str(Path(path).parent)))
 
 
 @dataclass
@@ -222,20 +238,26 @@ class Run:
     metrics: Any
 
 
-def setup(cfg: Config) -> Run:
-    """Resolve ``cfg`` against the dataset and build the model, loss, optimiser, schedule, data and metrics."""
+def setup(cfg: Config, check_files: bool = True) -> Run:
+    """Resolve ``cfg`` against the dataset and build the model, loss, optimiser, schedule, data and metrics.
+
+    Everything that would stop the run later is checked here (``check_files``: the files of both splits, see
+    :mod:`densemtl.train.preflight`). Nothing is written: the run folder is :func:`train`'s.
+    """
+    from densemtl.config import check_config
     from densemtl.data.format import read_dataset_json
-    from densemtl.metrics import build_metrics
+    from densemtl.metrics import build_metrics, check_best_metric
     from densemtl.models import build_model
     from densemtl.train.losses import build_loss
 
+    check_config(cfg)  # load_config checked these; a Config built in Python did not pass through it
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     dist_env, device = init_distributed(cfg.train.device)  # one process unless started by torchrun
     info = read_dataset_json(cfg.data.root)
     cfg = resolve_config(cfg, info)
+    check_best_metric(cfg, info)  # before anything is trained or written, not after the first epoch
     out = Path(cfg.train.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
 
     model = build_model(cfg.model).to(device)
@@ -261,18 +283,18 @@ def setup(cfg: Config) -> Run:
         eval_sampler(val_set),
     )
     metrics = build_metrics(cfg, info)
+    if check_files:
+        from densemtl.train.preflight import check_before_training
+
+        check_before_training(cfg, info, train_sets[phases[-1].index], val_set)
     return Run(
         cfg, info, out, device, dist_env, model, net, loss_fn, optimizer, scheduler, scaler, phases, train_sets,
         val_loader, metrics,
     )  # fmt: skip
 
 
-def run_epoch(
-    run: Run, epoch: int, runlog: RunLog | None
-) -> tuple[dict[str, float], dict[str, float], float]:
-    """Train one epoch and evaluate; returns (training stats, validation summary, evaluation scale)."""
-    from densemtl.metrics import summarize
-
+def train_epoch(run: Run, epoch: int, runlog: RunLog | None) -> dict[str, float]:
+    """Train one epoch (reseeded from (seed, epoch) for exact resume); returns its training stats."""
     cfg, phase = run.cfg, phase_for_epoch(run.phases, epoch)
     seed_everything(cfg.train.seed * 10_000 + epoch, cfg.train.deterministic)
     train_set = run.train_sets[phase.index]
@@ -286,71 +308,116 @@ def run_epoch(
             cfg.train.max_nonfinite, runlog.step if runlog is not None else None,
         )  # fmt: skip
     except torch.OutOfMemoryError as e:
-        raise RuntimeError(out_of_memory_message(phase, cfg, run.out)) from e
+        raise TrainingOutOfMemoryError(out_of_memory_message(phase, cfg, run.out)) from e
     stats = mean_over_ranks(stats)
     epoch_end(run.loss_fn, stats)  # DWA's per-epoch update, identical on every rank
     broadcast_buffers(run.model)  # every rank evaluates rank 0's model, the one its checkpoint holds
-    scale = cfg.data.eval_scale if cfg.data.eval_scale > 0 else phase.scale  # as the model was trained
-    summary = summarize(
+    return stats
+
+
+def eval_scale_for(run: Run, epoch: int) -> float:
+    """The input scale validation uses after ``epoch``: ``data.eval_scale``, else the phase's (as trained)."""
+    return (
+        run.cfg.data.eval_scale if run.cfg.data.eval_scale > 0 else phase_for_epoch(run.phases, epoch).scale
+    )
+
+
+def validate(run: Run, scale: float) -> dict[str, float]:
+    """Evaluate the model on the validation split at ``scale``; returns the flat summary."""
+    from densemtl.metrics import summarize
+
+    cfg = run.cfg
+    return summarize(
         evaluate(
             run.model, run.val_loader, run.metrics, run.device, cfg.train.amp, cfg.train.channels_last, scale
         )
     )
-    if cfg.train.best_metric not in summary:
-        raise ValueError(
-            f"train.best_metric={cfg.train.best_metric!r} is not an evaluation key; choose one of {sorted(summary)}"
-        )
-    return stats, summary, scale
 
 
-def epoch_payload(run: Run, epoch: int, scale: float, best: float | None, summary: dict[str, float]) -> dict:
-    """The checkpoint payload after ``epoch``: weights plus everything an exact resume needs."""
+def epoch_payload(run: Run, epoch: int, scale: float, best: float | None, summary: dict[str, float], **extra):
+    """The checkpoint payload after ``epoch``: weights plus everything an exact resume needs.
+
+    ``extra``: ``stats`` (the epoch's training stats), ``validated`` (False for the copy saved before
+    validating), ``record`` (the epoch's metrics line, restored on resume if a kill lost it).
+    """
     return make_payload(
         run.cfg, run.model, run.info, optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
         scaler=run.scaler.state_dict(), loss=run.loss_fn.state_dict(), epoch=epoch, input_scale=scale, best=best,
-        metrics=summary, rng=rng_state(),
+        metrics=summary, rng=rng_state(), **extra,
     )  # fmt: skip
 
 
-def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
+def train(cfg: Config, resume: str | Path | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Train ``cfg``'s model on its dataset, evaluating and checkpointing after every epoch.
 
-    Writes ``<out_dir>/{config.yaml, last.pt, best.pt, metrics.jsonl, steps.jsonl, tb/}``. Returns the best
-    value of ``train.best_metric``, the last evaluation summary and the run folder.
+    Writes ``<out_dir>/{config.yaml, last.pt, best.pt, metrics.jsonl, steps.jsonl, tb/}`` while holding
+    ``<out_dir>/train.lock``. A folder that already holds something is refused unless ``resume`` is a checkpoint
+    in it or ``overwrite`` (which replaces those files once the setup has succeeded); see docs/run_folder.md.
+    Returns the best value of ``train.best_metric``, the last evaluation summary and the run folder.
     """
-    run = setup(cfg)
-    cfg, out = run.cfg, run.out
-    start, best = 0, None
+    resume = Path(resume) if resume is not None else None
+    if not env_from_environ().is_main:  # under torchrun only rank 0 owns (locks, checks, writes) the folder
+        return _train(cfg, resume, overwrite)
+    with open_run_folder(cfg.train.out_dir, resume, overwrite):
+        return _train(cfg, resume, overwrite)
+
+
+def _train(cfg: Config, resume: Path | None, overwrite: bool) -> dict[str, Any]:
+    run = setup(cfg)  # everything is checked before anything in the run folder changes
+    ckpt = None
     if resume is not None:
-        start, best = restore_training_state(
-            Path(resume), cfg, run.model, run.optimizer, run.scheduler, run.scaler, run.loss_fn
+        ckpt = restore_training_state(
+            resume, run.cfg, run.model, run.optimizer, run.scheduler, run.scaler, run.loss_fn
         )
-    elif run.dist_env.is_main:
-        atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-        (out / "steps.jsonl").unlink(missing_ok=True)
-    resume_step = run.scheduler.last_epoch if resume is not None else None  # global step of the checkpoint
-    runlog = RunLog(out, resume_step) if run.dist_env.is_main else None
-    total, summary = total_epochs(run.phases), {}
+    runlog = (
+        open_run_files(run.out, run.cfg, ckpt, overwrite, run.scheduler.last_epoch)
+        if run.dist_env.is_main
+        else None
+    )
+    try:
+        best, summary = run_epochs(run, ckpt, runlog, resume)
+    finally:
+        if runlog is not None:
+            runlog.close()
+    if run.dist_env.enabled:
+        cleanup()
+    return {"best": best, "last": summary, "out_dir": str(run.out)}
+
+
+def run_epochs(
+    run: Run, ckpt: dict[str, Any] | None, runlog: RunLog | None, resumed: Path | None = None
+) -> tuple[float | None, dict[str, float]]:
+    """The epoch loop from the checkpoint ``ckpt`` (or the start); returns (best value, last summary)."""
+    cfg, total = run.cfg, total_epochs(run.phases)
+    start, best, pending = 0, None, None
+    saver = RunCheckpoints(run.out, resumed, ckpt["epoch"] if ckpt is not None else None)
+    if ckpt is not None:
+        validated = ckpt.get("validated", True)
+        start, best = ckpt["epoch"] + (1 if validated else 0), ckpt.get("best")
+        pending = None if validated else ckpt.get("stats", {})  # killed while validating: validate it first
+    summary: dict[str, float] = {}
     for epoch in range(start, total):
-        stats, summary, scale = run_epoch(run, epoch, runlog)
+        phase, scale = phase_for_epoch(run.phases, epoch), eval_scale_for(run, epoch)
+        if pending is None:
+            stats = train_epoch(run, epoch, runlog)
+            if runlog is not None:  # only rank 0 writes; a failing validation then loses no training
+                saver.save(
+                    "last.pt", epoch_payload(run, epoch, scale, best, {}, stats=stats, validated=False)
+                )
+        else:
+            stats, pending = pending, None
+        summary = validate(run, scale)
         value = summary[cfg.train.best_metric]
         is_best = _better(value, best, cfg.train.best_mode)
         best = value if is_best else best
         if runlog is None:  # not rank 0: only rank 0 logs and writes checkpoints
             continue
-        phase = phase_for_epoch(run.phases, epoch)
         val = {f"val/{k}": v for k, v in summary.items()}
-        runlog.write(
-            {"epoch": epoch + 1, "phase": phase.index, "scale": phase.scale, **stats, **val}, epoch + 1
-        )
-        payload = epoch_payload(run, epoch, scale, best, summary)
-        save_checkpoint(out / "last.pt", payload)
-        if is_best:
-            save_checkpoint(out / "best.pt", payload)
+        record = {"epoch": epoch + 1, "phase": phase.index, "scale": phase.scale, **stats, **val}
+        payload = epoch_payload(run, epoch, scale, best, summary, stats=stats, validated=True, record=record)
+        if is_best:  # best.pt before last.pt: a kill in between re-validates this epoch on resume
+            saver.save("best.pt", payload)
+        saver.save("last.pt", payload)
+        runlog.write(record, epoch + 1)  # after the checkpoint it describes
         print(epoch_line(epoch, total, phase, stats, summary), flush=True)
-    if runlog is not None:
-        runlog.close()
-    if run.dist_env.enabled:
-        cleanup()
-    return {"best": best, "last": summary, "out_dir": str(out)}
+    return best, summary
