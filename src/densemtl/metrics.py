@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from densemtl.config import ConfigError
 from densemtl.tasks import TASKS, check_tasks
 from densemtl.tasks.base import Accumulator
 
@@ -80,6 +81,25 @@ class MultiTaskMetrics:
 def build_metrics(cfg: Any, info: dict[str, Any]) -> MultiTaskMetrics:
     """Metrics for ``cfg.model.tasks`` on a dataset described by ``info`` (its dataset.json)."""
     return MultiTaskMetrics({t: TASKS[t].make_metrics(cfg, info) for t in check_tasks(cfg.model.tasks)})
+
+
+def check_best_metric(cfg: Any, info: dict[str, Any]) -> None:
+    """Refuse a ``train.best_metric`` that evaluation never reports, or a ``best_mode`` that keeps the worst.
+
+    The keys are those :func:`summarize` makes of fresh (empty) accumulators for ``cfg.model.tasks``, so a
+    plug-in task's own metrics count; called by the training loop's setup, before the first step.
+    """
+    name, mode = cfg.train.best_metric, cfg.train.best_mode
+    keys = sorted(summarize(build_metrics(cfg, info).compute()))
+    if name not in keys:
+        raise ConfigError(f"train.best_metric={name!r} is not an evaluation key; choose one of {keys}")
+    task, _, metric = name.partition("/")
+    want = "min" if task in TASKS and metric in TASKS[task].lower_is_better else "max"
+    if mode != want:
+        raise ConfigError(
+            f"train.best_metric={name!r} is {'lower' if want == 'min' else 'higher'}-is-better but "
+            f"train.best_mode={mode!r} would keep the worst checkpoint; set train.best_mode={want}"
+        )
 
 
 def summarize(results: dict[str, dict]) -> dict[str, float]:
