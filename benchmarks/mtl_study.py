@@ -199,7 +199,7 @@ def run_one(sets: list[str]) -> dict[str, Any]:
     log = out / "metrics.jsonl"
     records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     if len(records) != cfg.train.epochs or not (out / "config.yaml").is_file():
-        train(cfg)
+        train(cfg, overwrite=True)  # an unfinished run of this variant is replaced
         records = [json.loads(line) for line in log.read_text().splitlines()]
     keys = task_keys(cfg.model.tasks)
     last = {k[len("val/") :]: v for k, v in records[-1].items() if k.startswith("val/")}

@@ -1,9 +1,10 @@
 """``densemtl data check``: every problem of a folder-format dataset in one pass, plus its statistics.
 
-The checker reads every file once with the same loaders ``FolderDataset`` uses (so it accepts exactly what
-training accepts) but collects each error instead of stopping at the first, and adds what a loader never sees:
-files without an image, files in the wrong format (``.npy`` or float TIFF depth, JPEG labels), missing or
-empty split folders, every ``dataset.json`` mistake at once. While it reads, it accumulates per-split class
+The checker reads every sample once with the function ``FolderDataset`` reads it with
+(``densemtl.data.folder.read_sample``, so it accepts exactly what training accepts and gives the same message
+for the same bad file) but collects each error instead of stopping at the first, and adds what a loader never
+sees: files without an image, files in the wrong format (``.npy`` or float TIFF depth, JPEG labels), missing
+or empty split folders, every ``dataset.json`` mistake at once. While it reads, it accumulates per-split class
 histograms and depth statistics. It never writes into the dataset.
 
 Depth in the folder format is a uint16 PNG, which cannot hold NaN, inf or negative values; those are checked
@@ -18,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from densemtl.data.folder import load_image, load_intrinsics, meta_path
-from densemtl.data.format import DEPTH_SCALE, IMAGE_EXTS, DatasetFormatError, read_dataset_json
+from densemtl.data.folder import read_sample
+from densemtl.data.format import DEPTH_SCALE, IMAGE_EXTS, DatasetFormatError, open_image, read_dataset_json
+from densemtl.data.progress import track
 from densemtl.tasks import IGNORE_INDEX, TASKS
 from densemtl.tasks.base import TaskStats
 
@@ -212,8 +213,14 @@ def _raw_depth_problem(path: Path) -> str:
     """Describe a ``.npy``/TIFF depth file: wrong format, and any NaN/inf/negative values in it."""
     fix = "convert it to depth/<id>.png with densemtl.data.folder.write_sample (metres -> uint16 * 256)"
     try:
-        arr = np.load(path, allow_pickle=False) if path.suffix == ".npy" else np.asarray(Image.open(path))
-    except (OSError, ValueError) as e:
+        arr = (
+            np.load(path, allow_pickle=False)
+            if path.suffix == ".npy"
+            else np.asarray(open_image(path, "depth"))
+        )
+    except DatasetFormatError as e:
+        return f"{e}; the folder format reads depth/<id>.png: {fix}"
+    except (OSError, ValueError, EOFError) as e:  # np.load: truncated, not .npy, or pickled objects
         return f"{path}: unreadable depth file ({e}); the folder format reads depth/<id>.png: {fix}"
     arr = arr.astype(np.float64, copy=False)
     bad = {"NaN": np.isnan(arr).sum(), "inf": np.isinf(arr).sum(), "negative": (arr < 0).sum()}
@@ -252,12 +259,12 @@ def _stray_files(split_dir: Path, ids: set[str], problems: list[Problem]) -> Non
 
 def _check_sample(img: Path, info: dict[str, Any], stats: _Stats, problems: list[Problem]) -> None:
     """Load every file of one sample, recording problems and feeding the statistics."""
-    try:
-        image = load_image(img)
-    except DatasetFormatError as e:
-        problems.append(Problem(str(img), "image", str(e)))
+    found: list[tuple[Path, str, str]] = []
+    arrays = read_sample(img, info, tuple(TASKS), found)
+    problems += [Problem(str(path), what, message) for path, what, message in found]
+    if arrays["image"] is None:
         return
-    size = image.shape[:2]
+    size = arrays["image"].shape[:2]
     if min(size) < _MIN_SIDE:
         problems.append(
             Problem(
@@ -269,27 +276,20 @@ def _check_sample(img: Path, info: dict[str, Any], stats: _Stats, problems: list
             )
         )
     for task, spec in TASKS.items():
-        path = img.parent.parent / spec.folder / f"{img.stem}.png"
-        if not path.is_file():
-            continue
-        try:
-            arr = spec.load(path, size, info)
-        except DatasetFormatError as e:
-            problems.append(Problem(str(path), task, str(e)))
-            continue
-        for message in stats.add(task, arr, path, info):
-            problems.append(Problem(str(path), task, message, "warning"))
-    try:
-        load_intrinsics(meta_path(img))
-    except DatasetFormatError as e:
-        problems.append(Problem(str(meta_path(img)), "meta", str(e)))
+        if arrays[task] is not None:
+            path = img.parent.parent / spec.folder / f"{img.stem}.png"
+            for message in stats.add(task, arrays[task], path, info):
+                problems.append(Problem(str(path), task, message, "warning"))
 
 
-def check_dataset(root: str | Path, splits: list[str] | tuple[str, ...] | None = None) -> DatasetReport:
+def check_dataset(
+    root: str | Path, splits: list[str] | tuple[str, ...] | None = None, *, progress: bool = False
+) -> DatasetReport:
     """Check every file of ``splits`` (default: those dataset.json lists, else every folder with images/).
 
     Returns a :class:`DatasetReport` with all problems found in one pass (each message names the file and
     the fix) and per-split statistics; never raises for a broken dataset and never writes to it.
+    ``progress`` reports the samples checked on stderr (``densemtl.data.progress.track``).
     """
     root = Path(root)
     info, problems = check_dataset_json(root)
@@ -316,7 +316,7 @@ def check_dataset(root: str | Path, splits: list[str] | tuple[str, ...] | None =
         images = _list_images(split_dir, problems)
         stats = _Stats(usable)
         stats.s.samples = len(images)
-        for img in images.values():
+        for img in track(images.values(), f"check {split}", enabled=progress, unit="sample"):
             _check_sample(img, usable, stats, problems)
         if split_dir.is_dir():
             _stray_files(split_dir, set(images), problems)

@@ -2,9 +2,10 @@
 
 ``FolderDataset`` returns one dict per sample: the RGB image, one target per requested task (all-ignore or
 all-invalid when that sample has no file for the task, flagged in ``valid_tasks``), camera intrinsics and the
-sample id. Every file is checked as it is read (size, bit depth, class ids, truncation) by the small
-``load_*`` functions below; ``validate_sample`` runs the same checks and collects the messages instead of
-raising, for a dataset checker. Each error names the offending file and says how to fix it.
+sample id. Every file is checked as it is read (size, bit depth, class ids, truncation) by :func:`read_sample`,
+the one reader behind both training and ``densemtl data check``: it raises at the first bad file, or collects
+every problem when given a list. ``write_sample`` runs the same checks before it writes anything. Each error
+names the offending file and says how to fix it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,25 +27,30 @@ from densemtl.config import ModelConfig
 from densemtl.data.format import (
     IMAGE_EXTS,
     DatasetFormatError,
+    check_name,
+    image_to_uint8,
     jpeg_bytes,
     open_image,
     png_bytes,
     read_dataset_json,
+    rgb_array,
 )
 from densemtl.fileio import atomic_write
-from densemtl.tasks import TASKS, check_tasks, get_task
+from densemtl.tasks import TASKS, Task, check_tasks, get_task
 
 Sample = dict[str, Any]
+Problem = tuple[Path, str, str]  # (file, what: "image" | a task name | "meta", message naming file and fix)
 
 
 def load_image(path: Path) -> np.ndarray:
-    """RGB uint8 (H, W, 3): EXIF orientation applied, grayscale/RGBA/palette converted to RGB."""
+    """RGB uint8 (H, W, 3): EXIF orientation applied, grayscale/RGBA/palette converted to RGB, 16-bit
+    grayscale scaled to 8 bits (see ``densemtl.data.format.rgb_array``)."""
     img = open_image(path, "image")
     try:
         img = ImageOps.exif_transpose(img)
     except (OSError, ValueError, SyntaxError) as e:  # malformed EXIF block
         raise DatasetFormatError(f"{path}: unreadable EXIF data ({e}); re-save the image without EXIF") from e
-    return np.array(img.convert("RGB"))  # writable copy for torch.from_numpy
+    return rgb_array(img, path)
 
 
 def load_intrinsics(path: Path) -> np.ndarray | None:
@@ -54,6 +61,11 @@ def load_intrinsics(path: Path) -> np.ndarray | None:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatasetFormatError(f"{path}: meta file is not valid JSON ({e}); fix or delete it") from e
+    return check_meta(meta, path)
+
+
+def check_meta(meta: Any, path: Path) -> np.ndarray | None:
+    """Check a sample's meta (parsed JSON) for file ``path``; its intrinsics as float32, or None without."""
     if not isinstance(meta, dict):
         raise DatasetFormatError(
             f'{path}: meta must be a JSON object like {{"intrinsics": [fx, fy, cx, cy]}}'
@@ -61,7 +73,8 @@ def load_intrinsics(path: Path) -> np.ndarray | None:
     k = meta.get("intrinsics")
     if k is None:
         return None
-    ok = isinstance(k, list) and len(k) == 4 and all(isinstance(v, int | float) for v in k)
+    ok = isinstance(k, list) and len(k) == 4
+    ok = ok and all(isinstance(v, int | float) and not isinstance(v, bool) for v in k)
     if not ok or not np.all(np.isfinite(k)) or k[0] <= 0 or k[1] <= 0:
         raise DatasetFormatError(
             f"{path}: 'intrinsics' must be four numbers [fx, fy, cx, cy] in pixels with fx, fy > 0, got {k!r}"
@@ -79,15 +92,38 @@ def meta_path(image_path: Path) -> Path:
     return image_path.parent.parent / "meta" / f"{image_path.stem}.json"
 
 
-def read_sample(image_path: Path, info: dict[str, Any], tasks: tuple[str, ...]) -> dict[str, Any]:
-    """Load and check one sample's files as numpy arrays; a task whose file is absent maps to None."""
-    image = load_image(image_path)
-    size = image.shape[:2]
+def read_sample(
+    image_path: Path, info: dict[str, Any], tasks: tuple[str, ...], problems: list[Problem] | None = None
+) -> dict[str, Any]:
+    """Load and check one sample's files as numpy arrays: ``image``, each of ``tasks``, ``intrinsics``.
+
+    A task whose file is absent maps to None. This is the one reader behind ``FolderDataset`` and
+    ``densemtl data check``, so both accept exactly the same files. With ``problems=None`` the first bad file
+    raises :class:`DatasetFormatError`; given a list, each bad file's ``(path, what, message)`` is appended,
+    its entry is None and reading goes on (after an unreadable image only ``image`` = None is returned: the
+    targets cannot be checked against its size).
+    """
+
+    def attempt(path: Path, what: str, load: Callable[[], Any]) -> Any:
+        if problems is None:
+            return load()
+        try:
+            return load()
+        except DatasetFormatError as e:
+            problems.append((path, what, str(e)))
+            return None
+
+    image = attempt(image_path, "image", lambda: load_image(image_path))
     out: dict[str, Any] = {"image": image}
+    if image is None:
+        return out
+    size = image.shape[:2]
     for task in tasks:
         path = task_path(image_path, task)
-        out[task] = TASKS[task].load(path, size, info) if path.is_file() else None
-    out["intrinsics"] = load_intrinsics(meta_path(image_path))
+        load = partial(TASKS[task].load, path, size, info)
+        out[task] = attempt(path, task, load) if path.is_file() else None
+    meta = meta_path(image_path)
+    out["intrinsics"] = attempt(meta, "meta", lambda: load_intrinsics(meta))
     return out
 
 
@@ -95,22 +131,9 @@ def validate_sample(
     image_path: Path, info: dict[str, Any], tasks: tuple[str, ...] | None = None
 ) -> list[str]:
     """Every problem with one sample's files as messages (empty when the sample is fine); never raises."""
-    try:
-        size = load_image(image_path).shape[:2]
-    except DatasetFormatError as e:
-        return [str(e)]
-    checks: list[Callable[[], object]] = [lambda: load_intrinsics(meta_path(image_path))]
-    for task in tasks if tasks is not None else dataset_tasks(info):
-        path = task_path(image_path, task)
-        if path.is_file():
-            checks.append(lambda t=TASKS[task], p=path: t.load(p, size, info))
-    errors = []
-    for check in checks:
-        try:
-            check()
-        except DatasetFormatError as e:
-            errors.append(str(e))
-    return errors
+    problems: list[Problem] = []
+    read_sample(image_path, info, tasks if tasks is not None else dataset_tasks(info), problems)
+    return [message for _, _, message in problems]
 
 
 def dataset_tasks(info: dict[str, Any]) -> tuple[str, ...]:
@@ -223,30 +246,84 @@ def write_sample(
     image_format: str = "png",
     **targets: np.ndarray | None,
 ) -> None:
-    """Write one sample: the image (H, W, 3) uint8 and any task targets by name, e.g. ``semseg=`` (H, W) class
-    ids, ``depth=`` (H, W) metres, ``normals=`` (H, W, 3) unit vectors (None = no file for that task).
+    """Write one sample: the image and any task targets by name, e.g. ``semseg=`` (H, W) class ids,
+    ``depth=`` (H, W) metres, ``normals=`` (H, W, 3) unit vectors (None = no file for that task).
 
-    Every array is checked and encoded (``Task.encode``) before anything is written, so a bad target never
-    leaves half a sample behind. ``image_format`` is "png" (lossless) or "jpg" (quality 95: ~20x faster to
-    encode and ~4x smaller for noisy images). Targets are always lossless PNG.
+    Every array is checked and encoded before anything is written, so a bad one never leaves half a sample
+    behind: ``split`` and ``sample_id`` must be plain file names; the image is uint8 (H, W, 3) RGB or (H, W)
+    grayscale, or float in [0, 1] (scaled by 255); each target goes through its task's ``encode`` (shape,
+    dtype, range, finite) and, when ``root`` already has a dataset.json, ``check_target`` (e.g. label ids
+    within its classes) and must have the image's size; ``meta`` must be JSON with valid intrinsics. Errors
+    are :class:`DatasetFormatError` naming the file and the fix. ``image_format`` is "png" (lossless) or "jpg"
+    (quality 95: ~20x faster to encode and ~4x smaller for noisy images). Targets are always lossless PNG.
+    The image is written last: a sample exists once its image does.
     """
-    base = Path(root) / split
-    h, w = image.shape[:2]
+    base = Path(root) / check_name(split, "split")
+    check_name(sample_id, "sample id")
     if image_format not in ("png", "jpg", "jpeg"):
         raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
+    ext = "png" if image_format == "png" else "jpg"
+    image_file = base / "images" / f"{sample_id}.{ext}"
+    rgb = image_to_uint8(image, image_file)
+    info = read_dataset_json(root) if (Path(root) / "dataset.json").is_file() else None
     files: dict[Path, bytes] = {}
     for name, arr in targets.items():
-        if arr is None:
-            continue
-        task = get_task(name)
-        if np.shape(arr)[:2] != (h, w):
-            raise ValueError(f"{split}/{sample_id}: {name} is {np.shape(arr)[:2]} but the image is {(h, w)}")
-        files[base / task.folder / f"{sample_id}.png"] = png_bytes(task.encode(arr))
-    image = np.ascontiguousarray(image, np.uint8)
-    ext = "png" if image_format == "png" else "jpg"
-    encoded = png_bytes(image) if ext == "png" else jpeg_bytes(image)
-    files = {base / "images" / f"{sample_id}.{ext}": encoded, **files}
+        if arr is not None:
+            task = get_task(name)
+            path = base / task.folder / f"{sample_id}.png"
+            files[path] = png_bytes(_encode_target(task, arr, rgb.shape[:2], info, path))
     if meta is not None:
-        files[base / "meta" / f"{sample_id}.json"] = (json.dumps(meta) + "\n").encode()
+        files[base / "meta" / f"{sample_id}.json"] = _meta_bytes(meta, base / "meta" / f"{sample_id}.json")
+    _refuse_second_image(image_file)
+    files[image_file] = png_bytes(rgb) if ext == "png" else jpeg_bytes(rgb)
     for path, data in files.items():
         atomic_write(path, data)
+
+
+def _encode_target(
+    task: Task, arr: Any, size: tuple[int, int], info: dict[str, Any] | None, path: Path
+) -> np.ndarray:
+    """``task.encode(arr)`` after the size check, then ``task.check_target``; errors name ``path``."""
+    shape = np.shape(arr)
+    if shape[:2] != size:
+        raise DatasetFormatError(
+            f"{path}: {task.name} has shape {shape} but the image is {size[0]}x{size[1]} (HxW); targets must "
+            "match the image pixel for pixel: resize them to it (nearest neighbour for labels and depth)"
+        )
+    try:
+        encoded = task.encode(arr)
+        if info is not None:
+            task.check_target(encoded, info)
+    except ValueError as e:
+        raise DatasetFormatError(f"{path}: {e}") from e
+    return encoded
+
+
+def _json_default(value: Any) -> Any:
+    """NumPy scalars and arrays in a meta dict as plain JSON numbers and lists."""
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _meta_bytes(meta: Any, path: Path) -> bytes:
+    """``meta`` as the bytes of ``path``, checked as the loader checks it (a JSON object, valid intrinsics)."""
+    try:
+        text = json.dumps(meta, allow_nan=False, default=_json_default)
+    except (TypeError, ValueError) as e:
+        raise DatasetFormatError(
+            f"{path}: meta cannot be stored as JSON ({e}); pass a dict of numbers, strings, lists and dicts "
+            "(no NaN or inf)"
+        ) from e
+    check_meta(json.loads(text), path)
+    return (text + "\n").encode()
+
+
+def _refuse_second_image(image_file: Path) -> None:
+    """Raise when the sample already has an image in another format (the id would have two images)."""
+    for other in (image_file.with_suffix(e) for e in IMAGE_EXTS):
+        if other.suffix != image_file.suffix and other.exists():
+            raise DatasetFormatError(
+                f"{other}: sample {image_file.stem!r} already has this image, so writing {image_file.name} "
+                f"would give it two; delete {other.name} first or write with the same image_format"
+            )

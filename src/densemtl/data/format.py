@@ -10,12 +10,15 @@ Layout (see docs/folder_format.md)::
     <root>/<split>/meta/<id>.json        optional, {"intrinsics": [fx, fy, cx, cy], ...}
 
 Any task folder may be missing for some or all samples. Files are written atomically (temp file + rename) so
-an interrupted writer never leaves a half-written image behind.
+an interrupted writer never leaves a half-written image behind. The checks shared by the reader and the writer
+live here too: :func:`open_image` (every file densemtl reads), :func:`rgb_array` (images as 8-bit RGB),
+:func:`image_to_uint8` (arrays about to become an image file) and :func:`check_name` (ids and split names).
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +29,11 @@ from densemtl.fileio import atomic_write
 
 FORMAT_VERSION = 1
 DEPTH_SCALE = 256.0  # uint16 value per metre
-DEPTH_MAX_ENCODABLE = 65535 / DEPTH_SCALE  # 255.996 m
+DEPTH_MAX_ENCODABLE = 65535 / DEPTH_SCALE  # 255.99609375 m: print it with 3 decimals (255.996), never .1f
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+_NAME_BYTES = (
+    200  # longest id or split name: leaves room for an extension and a temp-file prefix in 255 bytes
+)
 
 
 DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I")  # how Pillow opens 16-bit grayscale PNGs
@@ -38,17 +44,126 @@ class DatasetFormatError(ValueError):
 
 
 def open_image(path: Path, what: str) -> Image.Image:
-    """Open and fully decode ``path`` (so truncation surfaces here), naming the file on failure."""
+    """Open and fully decode ``path`` (so truncation surfaces here), naming the file on failure.
+
+    An image over Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, 89 Mpx; Pillow only warns
+    up to twice that) is refused here, warning or not, so every reader reports it the same way.
+    """
+    path = Path(path)
     if not path.is_file():
         raise DatasetFormatError(f"{path}: {what} file not found; restore it or remove the sample")
     try:
-        img = Image.open(path)
-        img.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DatasetFormatError(
+            f"{path}: {what} refused as a possible decompression bomb ({e}); downscale it, or if you trust "
+            "the file raise PIL.Image.MAX_IMAGE_PIXELS before loading"
+        ) from e
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
         raise DatasetFormatError(
             f"{path}: cannot decode {what} ({e}); the file is corrupt or truncated, re-export it"
         ) from e
     return img
+
+
+def rgb_array(img: Image.Image, path: Path) -> np.ndarray:
+    """A decoded image as uint8 (H, W, 3) RGB; 16-bit grayscale is scaled to 8 bits (value / 257, rounded).
+
+    Pillow's ``convert("RGB")`` clips 16-bit grayscale (modes ``I;16*`` and ``I``) to 255, i.e. all white, so
+    those are scaled here; 32-bit integer images beyond 0..65535 and float images have no agreed 8-bit
+    meaning and are refused with the fix.
+    """
+    if img.mode in DEPTH_MODES:
+        raw = np.asarray(img)
+        if raw.size and (raw.min() < 0 or raw.max() > 65535):
+            raise DatasetFormatError(
+                f"{path}: 32-bit grayscale image with values {raw.min()}..{raw.max()} (not 0..65535); "
+                "save it as an 8-bit RGB PNG or JPEG"
+            )
+        gray = np.rint(raw.astype(np.float32) / np.float32(257.0)).astype(np.uint8)  # 65535 -> 255
+        return np.repeat(gray[..., None], 3, axis=2)
+    if img.mode == "F":
+        raise DatasetFormatError(
+            f"{path}: float (mode F) image; an image is 8-bit RGB: save it as PNG or JPEG with values 0..255"
+        )
+    return np.array(img.convert("RGB"))  # a writable copy (torch.from_numpy)
+
+
+def image_to_uint8(image: Any, path: Path | str) -> np.ndarray:
+    """An array about to be written as image ``path``, checked: uint8 (H, W, 3) RGB or (H, W) grayscale.
+
+    uint8 is kept; other integer arrays must hold 0..255; float arrays must be finite and in [0, 1] and are
+    scaled by 255 (rounded). Everything else is refused with the fix, naming ``path``.
+    """
+    arr = np.asarray(image)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]  # (H, W, 1) -> (H, W)
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3) or 0 in arr.shape:
+        fix = (
+            "drop the alpha channel: image[..., :3]"
+            if arr.ndim == 3 and arr.shape[2] == 4
+            else ("pass an (H, W, 3) RGB or (H, W) grayscale array")
+        )
+        raise DatasetFormatError(
+            f"{path}: image must be (H, W, 3) RGB or (H, W) grayscale, got {arr.shape}; {fix}"
+        )
+    if arr.dtype == np.uint8:
+        return np.ascontiguousarray(arr)
+    if arr.dtype.kind == "f":
+        bad = int((~np.isfinite(arr)).sum())
+        if bad:
+            raise DatasetFormatError(
+                f"{path}: image has {bad} NaN/inf values; fix those pixels before writing"
+            )
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < 0.0 or hi > 1.0:
+            raise DatasetFormatError(
+                f"{path}: a float image must be in [0, 1] (it is scaled by 255), got {lo:.4g}..{hi:.4g}; "
+                "for 0..255 floats pass np.clip(np.rint(image), 0, 255).astype(np.uint8)"
+            )
+        return np.rint(arr.astype(np.float64) * 255.0).astype(np.uint8)
+    if arr.dtype.kind in "iu":
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > 255:
+            raise DatasetFormatError(
+                f"{path}: {arr.dtype} image values {lo}..{hi} do not fit 8 bits (0..255); scale it first, "
+                "e.g. a 16-bit image: np.rint(image / 257).astype(np.uint8)"
+            )
+        return arr.astype(np.uint8)
+    raise DatasetFormatError(
+        f"{path}: image dtype {arr.dtype} is not supported; pass uint8 0..255 or float in [0, 1]"
+    )
+
+
+def check_name(name: Any, what: str) -> str:
+    """``name`` (a sample id or split) when it is a plain file name; raise naming it and the fix otherwise.
+
+    Refused: empty, a path separator (``/`` or ``\\``), a leading dot (hidden files, ``.``, ``..``), control
+    characters (NUL, newline), more than 200 bytes. Such a name could write outside the dataset, or its files
+    would be skipped or misread by the loaders.
+    """
+    reason = ""
+    if not isinstance(name, str):
+        reason = f"it is a {type(name).__name__}, not a str"
+    elif not name:
+        reason = "it is empty"
+    elif "/" in name or "\\" in name:
+        reason = "it contains a path separator"
+    elif name.startswith("."):
+        reason = "it starts with a dot"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
+        reason = "it contains a control character"
+    elif len(name.encode("utf-8", "surrogateescape")) > _NAME_BYTES:
+        reason = f"it is longer than {_NAME_BYTES} bytes"
+    if reason:
+        raise DatasetFormatError(
+            f"{what} {name!r} is not a plain file name ({reason}); use a name such as 'frame_000123' "
+            "(letters, digits, '_', '-', '.' but not first), no '/' or '\\'"
+        )
+    return name
 
 
 def check_size(arr: np.ndarray, path: Path, size: tuple[int, int], what: str) -> None:
@@ -62,6 +177,7 @@ def check_size(arr: np.ndarray, path: Path, size: tuple[int, int], what: str) ->
 
 
 def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
+    """``array`` as PNG file bytes (fast compression: dataset writers are CPU-bound)."""
     import io
 
     buf = io.BytesIO()
@@ -70,6 +186,7 @@ def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
 
 
 def jpeg_bytes(array: np.ndarray, quality: int = 95) -> bytes:
+    """``array`` as JPEG file bytes (no chroma subsampling)."""
     import io
 
     buf = io.BytesIO()
@@ -78,13 +195,23 @@ def jpeg_bytes(array: np.ndarray, quality: int = 95) -> bytes:
 
 
 def encode_depth(depth_m: np.ndarray) -> np.ndarray:
-    """Metres (float, 0 or non-finite = invalid) -> uint16 with value = round(metres * 256)."""
+    """Metres -> uint16 with value = round(metres * 256); 0, NaN and +inf mean no measurement (stored as 0).
+
+    Negative depth (and -inf) is refused: it is no distance, usually a sign or unit mistake (disparity, inverse
+    depth), and silently storing it as "invalid" would hide that. So is depth beyond 255.996 m.
+    """
     d = np.asarray(depth_m, dtype=np.float64)
-    d = np.where(np.isfinite(d) & (d > 0), d, 0.0)
+    negative = int((d < 0).sum())
+    if negative:
+        raise ValueError(
+            f"depth has {negative} negative value(s) (min {np.nanmin(d):.6g} m); depth is a distance in metres: "
+            "fix the sign or units, or set pixels without a measurement to 0 (or NaN)"
+        )
+    d = np.where(np.isfinite(d), d, 0.0)
     if d.max(initial=0.0) > DEPTH_MAX_ENCODABLE:
         raise ValueError(
-            f"depth up to {d.max():.1f} m cannot be stored as uint16/256 (max {DEPTH_MAX_ENCODABLE:.1f} m); "
-            "clip or invalidate far depth before writing"
+            f"depth up to {d.max():.6g} m cannot be stored as uint16/256 (max {DEPTH_MAX_ENCODABLE:.3f} m); "
+            "clip or invalidate (0) far depth before writing"
         )
     return np.round(d * DEPTH_SCALE).astype(np.uint16)
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from densemtl.data.folder import list_images, meta_path, task_path
-from densemtl.data.format import png_bytes, read_dataset_json
+from densemtl.data.format import DatasetFormatError, png_bytes, read_dataset_json
+from densemtl.data.progress import track
 from densemtl.fileio import atomic_write
 from densemtl.tasks import Task, get_task
 from densemtl.tasks.depth import DEPTH
@@ -38,7 +39,12 @@ def load_teacher(teacher: str | Path, device: str = "auto", size: tuple[int, int
 
 def _mark(path: Path, task: str, teacher: str) -> None:
     """Add ``"pseudo": {task: teacher}`` to a sample's meta JSON, keeping what is there."""
-    meta = json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        meta = json.loads(path.read_text()) if path.is_file() else {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatasetFormatError(f"{path}: meta file is not valid JSON ({e}); fix or delete it") from e
+    if not isinstance(meta, dict):
+        raise DatasetFormatError(f"{path}: meta must be a JSON object; fix or delete it")
     meta.setdefault("pseudo", {})[task] = teacher
     atomic_write(path, (json.dumps(meta) + "\n").encode())
 
@@ -64,6 +70,7 @@ def pseudolabel(
     min_confidence: float = 0.0,
     device: str = "auto",
     size: tuple[int, int] | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Write ``task`` targets predicted by ``teacher`` for every sample of ``data_root`` that lacks one.
 
@@ -76,6 +83,7 @@ def pseudolabel(
         min_confidence: for tasks whose ``pseudo_label`` uses it (semseg: pixels whose softmax maximum is
             below it are written as 255, ignore); the others ignore it.
         device, size: passed to the ``Predictor`` (``size`` = fixed network input (H, W)).
+        progress: report the images done on stderr (``densemtl.data.progress.track``).
 
     Returns:
         ``{"task", "teacher", "filled": {split: n}, "kept": {split: n}}``.
@@ -90,7 +98,9 @@ def pseudolabel(
     kept: dict[str, int] = {}
     for split in splits:
         filled[split] = kept[split] = 0
-        for image_path in list_images(root / split):
+        for image_path in track(
+            list_images(root / split), f"pseudolabel {split}", enabled=progress, unit="img"
+        ):
             out = task_path(image_path, t.name)
             if out.is_file():
                 kept[split] += 1

@@ -25,14 +25,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from densemtl.data.format import DEPTH_MAX_ENCODABLE, write_dataset_json
-from densemtl.datasets.common import crop_fractions, write_converted
+from densemtl.data.format import DEPTH_MAX_ENCODABLE, DatasetFormatError, write_dataset_json
+from densemtl.data.progress import track
+from densemtl.datasets.common import crop_fractions, read_raw, read_rgb, write_converted
 from densemtl.datasets.labels import LABELS, class_names, label_lut, palette  # noqa: F401 (re-exported)
-from densemtl.tasks import IGNORE_INDEX
+from densemtl.tasks import IGNORE_INDEX, TASKS
 
 SPLIT_COUNTS = {"train": 2975, "val": 500, "test": 1525}
 DEPTH_MAX = 80.0  # metres: evaluation cap and dataset.json "max" (stereo depth far beyond is noise)
@@ -40,13 +40,16 @@ DEPTH_MAX = 80.0  # metres: evaluation cap and dataset.json "max" (stereo depth 
 
 def read_camera(path: str | Path) -> dict[str, float]:
     """``{"baseline": m, "fx", "fy", "cx", "cy": px}`` from a Cityscapes camera JSON."""
-    cam = json.loads(Path(path).read_text())
+    try:
+        cam = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatasetFormatError(f"{path}: not valid JSON ({e}); restore it from camera_trainvaltest") from e
     try:
         ext, k = cam["extrinsic"], cam["intrinsic"]
         return {"baseline": float(ext["baseline"]), "fx": float(k["fx"]), "fy": float(k["fy"]),
                 "cx": float(k["u0"]), "cy": float(k["v0"])}  # fmt: skip
-    except (KeyError, TypeError) as e:
-        raise ValueError(
+    except (KeyError, TypeError, ValueError) as e:
+        raise DatasetFormatError(
             f"{path}: not a Cityscapes camera file (needs extrinsic.baseline, intrinsic.fx/u0/v0)"
         ) from e
 
@@ -132,14 +135,15 @@ def load_frame(
     src, prep = Path(src), prep or DepthPrep()
     if prep.max_depth > DEPTH_MAX_ENCODABLE:
         raise ValueError(
-            f"max_depth {prep.max_depth} m exceeds what uint16 / 256 stores ({DEPTH_MAX_ENCODABLE:.1f})"
+            f"max_depth {prep.max_depth:g} m exceeds what uint16 / 256 stores ({DEPTH_MAX_ENCODABLE:.3f} m); "
+            "lower --clip / max_depth"
         )
     rel = Path(split) / city
-    image = np.asarray(Image.open(src / "leftImg8bit" / rel / f"{stem}_leftImg8bit.png").convert("RGB"))
+    image = read_rgb(src / "leftImg8bit" / rel / f"{stem}_leftImg8bit.png")
     sample: dict[str, Any] = {"image": image, "semseg": None, "depth": None, "intrinsics": None}
     label_path = src / "gtFine" / rel / f"{stem}_gtFine_labelIds.png"
     if label_path.is_file():
-        sample["semseg"] = label_lut(classes)[np.asarray(Image.open(label_path))]
+        sample["semseg"] = label_lut(classes)[read_raw(label_path, "Cityscapes label")]
     cam_path = src / "camera" / rel / f"{stem}_camera.json"
     cam = read_camera(cam_path) if cam_path.is_file() else None
     if cam is not None:
@@ -150,7 +154,7 @@ def load_frame(
             raise FileNotFoundError(
                 f"{cam_path} not found: converting {disp_path.name} to metres needs its camera"
             )
-        raw = np.asarray(Image.open(disp_path))
+        raw = read_raw(disp_path, "Cityscapes disparity")
         sample["depth"] = disparity_to_depth(raw, cam["baseline"], cam["fx"], prep.max_depth)
     sample = crop_fractions(sample, prep.crop_top, prep.crop_bottom, prep.crop_left, prep.crop_right)
     if sample["depth"] is not None:
@@ -168,17 +172,7 @@ def to_tensors(sample: dict[str, Any], tasks: tuple[str, ...], sample_id: str) -
     for task in tasks:
         arr = sample.get(task)
         valid[task] = arr is not None
-        if task == "semseg":
-            t = (
-                torch.from_numpy(arr.astype(np.int64))
-                if arr is not None
-                else torch.full((h, w), IGNORE_INDEX)
-            )
-        else:
-            t = (
-                torch.from_numpy(np.array(arr))[None] if arr is not None else torch.zeros(1, h, w)
-            )  # (1, H, W) metres
-        out[task] = tv_tensors.Mask(t.contiguous())
+        out[task] = tv_tensors.Mask(TASKS[task].to_tensor(arr, (h, w)).contiguous())  # as FolderDataset
     out["valid_tasks"] = valid
     k = sample.get("intrinsics")
     out["intrinsics"] = torch.tensor(k, dtype=torch.float32) if k is not None else torch.zeros(4)
@@ -230,17 +224,19 @@ def convert_cityscapes(
     prep: DepthPrep | None = None,
     image_format: str = "png",
     max_per_split: int = 0,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Official layout -> folder format (ids ``<city>_<seq>_<frame>``); returns per-split counts.
 
     Frames without a label or disparity file are written without that task (the folder format allows it).
+    ``progress`` reports the frames written on stderr.
     """
     dst, prep = Path(dst), prep or DepthPrep()
     counts: dict[str, int] = {}
     for split in splits:
         frames = list_frames(src, split)
         frames = frames[:max_per_split] if max_per_split > 0 else frames
-        for city, stem in frames:
+        for city, stem in track(frames, f"convert cityscapes {split}", enabled=progress, unit="frame"):
             sample = load_frame(src, split, city, stem, classes, prep)
             write_converted(dst, split, stem, sample, size, image_format, {"city": city})
         counts[split] = len(frames)

@@ -3,7 +3,8 @@
 Each dataset module (``nyuv2``, ``cityscapes``, ``kitti``) reads its official layout and hands numpy samples to
 :func:`write_converted`, which crops/resizes them consistently (image bilinear, labels and depth nearest,
 intrinsics rescaled) and writes them with :func:`densemtl.data.folder.write_sample`. The helpers here know
-nothing about a particular dataset.
+nothing about a particular dataset; :func:`read_rgb`, :func:`read_raw` and :func:`read_npy` are how the
+converters open source files, so a corrupt, pickled or oversized file is an error naming it and the fix.
 """
 
 from __future__ import annotations
@@ -14,9 +15,37 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from densemtl.data.folder import write_sample
+from densemtl.data.folder import load_image, write_sample
+from densemtl.data.format import DatasetFormatError, open_image
 
 Intrinsics = tuple[float, float, float, float]  # fx, fy, cx, cy in pixels
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """A source image as uint8 (H, W, 3) RGB (the folder format's reader: named errors, 16-bit scaled)."""
+    return load_image(Path(path))
+
+
+def read_raw(path: Path, what: str) -> np.ndarray:
+    """A source label / depth / disparity image's values as stored (e.g. uint8 ids, uint16); errors name it."""
+    return np.asarray(open_image(Path(path), what))
+
+
+def read_npy(path: Path, what: str) -> np.ndarray:
+    """A numeric ``.npy`` array; never unpickles (a pickled file can run code) and names the file on failure."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            raise DatasetFormatError(
+                f"{path}: this {what} .npy holds pickled Python objects, which densemtl never loads (loading "
+                "could run code); re-save it as a plain numeric array: np.save(path, np.asarray(a, np.float32))"
+            ) from e
+        raise DatasetFormatError(f"{path}: not a readable {what} .npy array ({e}); re-export it") from e
+    except (OSError, EOFError) as e:
+        raise DatasetFormatError(
+            f"{path}: cannot read {what} .npy ({e}); the file is truncated or not a .npy: re-export it"
+        ) from e
 
 
 def label_palette(n: int) -> list[list[int]]:

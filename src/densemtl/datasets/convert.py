@@ -34,12 +34,18 @@ CONVERTERS: dict[str, Callable[..., dict[str, Any]]] = {
 
 
 def convert_dataset(
-    kind: str, src: str | Path, dst: str | Path, size: tuple[int, int] | None = None, **options: Any
+    kind: str,
+    src: str | Path,
+    dst: str | Path,
+    size: tuple[int, int] | None = None,
+    progress: bool = False,
+    **options: Any,
 ) -> dict[str, Any]:
     """Convert dataset ``kind`` from its official layout at ``src`` to the folder format at ``dst``.
 
     Returns per-split sample counts and the dataset name. ``options`` go to the dataset's converter
-    (see ``convert_nyuv2``, ``convert_cityscapes``, ``convert_kitti``).
+    (see ``convert_nyuv2``, ``convert_cityscapes``, ``convert_kitti``); ``progress`` reports the frames
+    written on stderr (a bar on a terminal, a line every 1000 frames or 30 s in a log).
     """
     if kind not in CONVERTERS:
         raise ValueError(f"unknown dataset {kind!r}; convertible datasets: {sorted(CONVERTERS)}")
@@ -48,4 +54,4 @@ def convert_dataset(
         raise FileNotFoundError(
             f"{src} does not exist; pass the folder (or file) of the original {kind} data"
         )
-    return CONVERTERS[kind](src, Path(dst), size, **options)
+    return CONVERTERS[kind](src, Path(dst), size, progress=progress, **options)

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from densemtl.data.format import write_dataset_json
-from densemtl.datasets.common import Intrinsics, write_converted
+from densemtl.data.format import DatasetFormatError, write_dataset_json
+from densemtl.data.progress import track
+from densemtl.datasets.common import Intrinsics, read_raw, read_rgb, write_converted
 from densemtl.datasets.labels import class_names, label_lut, palette
 
 DEPTH_MAX = 80.0  # metres, the standard evaluation cap
@@ -51,24 +51,40 @@ def eval_crop_mask(h: int, w: int, kind: str) -> np.ndarray:
 
 def read_depth_png(path: str | Path) -> np.ndarray:
     """KITTI uint16 depth PNG -> float32 metres (0 = no measurement)."""
-    raw = np.asarray(Image.open(path))
+    raw = read_raw(Path(path), "KITTI depth")
     if raw.dtype != np.uint16 and raw.dtype != np.int32:
-        raise ValueError(f"{path}: KITTI depth must be a 16-bit PNG, got {raw.dtype}")
+        raise DatasetFormatError(
+            f"{path}: KITTI depth must be a 16-bit PNG, got {raw.dtype}; use the data_depth_annotated files"
+        )
     return raw.astype(np.float32) / 256.0
 
 
 def read_calib(path: str | Path, camera: str = "02") -> Intrinsics:
     """(fx, fy, cx, cy) of the rectified camera ``camera`` from ``calib_cam_to_cam.txt`` (``P_rect_0X``)."""
-    for line in Path(path).read_text().splitlines():
-        key, _, values = line.partition(":")
-        if key.strip() == f"P_rect_{camera}":
-            p = np.array(values.split(), dtype=np.float64).reshape(3, 4)
-            return float(p[0, 0]), float(p[1, 1]), float(p[0, 2]), float(p[1, 2])
-    raise ValueError(f"{path}: no P_rect_{camera} line; is this a KITTI calib_cam_to_cam.txt?")
+    try:
+        for line in Path(path).read_text().splitlines():
+            key, _, values = line.partition(":")
+            if key.strip() == f"P_rect_{camera}":
+                p = np.array(values.split(), dtype=np.float64).reshape(3, 4)
+                return float(p[0, 0]), float(p[1, 1]), float(p[0, 2]), float(p[1, 2])
+    except (UnicodeDecodeError, ValueError) as e:
+        raise DatasetFormatError(
+            f"{path}: unreadable calibration ({e}); restore calib_cam_to_cam.txt from the KITTI raw data"
+        ) from e
+    raise DatasetFormatError(f"{path}: no P_rect_{camera} line; is this a KITTI calib_cam_to_cam.txt?")
 
 
-def _rgb(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"))
+def _read_k(path: Path) -> tuple[float, float, float, float]:
+    """(fx, fy, cx, cy) from a depth-selection ``intrinsics/<id>.txt`` (a row-major 3x3 K)."""
+    try:
+        k = np.loadtxt(path).ravel()
+        if k.size != 9:
+            raise ValueError(f"{k.size} numbers, not 9")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise DatasetFormatError(
+            f"{path}: not a 3x3 camera matrix ({e}); restore it from depth_selection/val_selection_cropped"
+        ) from e
+    return float(k[0]), float(k[4]), float(k[2]), float(k[5])
 
 
 def _annotated(src: Path, split: str, max_n: int) -> list[tuple[str, dict[str, Any]]]:
@@ -92,7 +108,7 @@ def _annotated(src: Path, split: str, max_n: int) -> list[tuple[str, dict[str, A
 
 
 def _load(entry: dict[str, Any], crop_mask_kind: str) -> dict[str, Any]:
-    image = _rgb(entry["rgb"])
+    image = read_rgb(entry["rgb"])
     depth = read_depth_png(entry["depth"])
     if depth.shape != image.shape[:2]:
         raise ValueError(f"{entry['depth']}: depth is {depth.shape} but its image is {image.shape[:2]}")
@@ -114,8 +130,7 @@ def _selection(src: Path, max_n: int) -> list[tuple[str, dict[str, Any]]]:
         if not gt.is_file():
             continue
         k_path = base / "intrinsics" / f"{rgb_path.stem}.txt"
-        k = np.loadtxt(k_path).ravel() if k_path.is_file() else None  # 3x3 K, row-major
-        entry = {"rgb": rgb_path, "depth": gt, "intrinsics": None if k is None else (k[0], k[4], k[2], k[5])}
+        entry = {"rgb": rgb_path, "depth": gt, "intrinsics": _read_k(k_path) if k_path.is_file() else None}
         out.append((rgb_path.stem.replace("_image_", "_", 1), entry))
         if max_n and len(out) >= max_n:
             break
@@ -130,6 +145,7 @@ def convert_kitti(
     semantics: bool = True,
     image_format: str = "png",
     max_per_split: int = 0,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Write every KITTI layout found under ``src`` to the folder format (19 Cityscapes classes).
 
@@ -138,6 +154,7 @@ def convert_kitti(
             (``val``, ``val_selection``) so evaluation covers only the crop; training depth is untouched.
         semantics: also write the semantic benchmark frames as segmentation-only ``train`` samples.
         max_per_split: at most N samples per source split (0 = all).
+        progress: report the frames written on stderr.
     """
     src, dst = Path(src), Path(dst)
     eval_crop_mask(1, 1, eval_crop)  # validate early
@@ -146,7 +163,7 @@ def convert_kitti(
     sources["val_selection"] = _selection(src, max_per_split)
     for split, entries in sources.items():
         crop = eval_crop if split != "train" else "none"
-        for sid, entry in entries:
+        for sid, entry in track(entries, f"convert kitti {split}", enabled=progress, unit="frame"):
             write_converted(dst, split, sid, _load(entry, crop), size, image_format)
         if entries:
             counts[split] = len(entries)
@@ -154,10 +171,10 @@ def convert_kitti(
     if semantics and (sem_dir / "semantic").is_dir():
         labels = sorted((sem_dir / "semantic").glob("*.png"))[: max_per_split or None]
         lut = label_lut(19)
-        for path in labels:
+        for path in track(labels, "convert kitti semantics", enabled=progress, unit="frame"):
             sample = {
-                "image": _rgb(sem_dir / "image_2" / path.name),
-                "semseg": lut[np.asarray(Image.open(path))],
+                "image": read_rgb(sem_dir / "image_2" / path.name),
+                "semseg": lut[read_raw(path, "KITTI semantic label")],
             }
             write_converted(dst, "train", f"sem_{path.stem}", sample, size, image_format)
         counts["train_semantic"] = len(labels)

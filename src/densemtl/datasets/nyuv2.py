@@ -27,14 +27,16 @@ frame already); no sample of that layout was at hand to check this, so compare a
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from densemtl.data.format import write_dataset_json
-from densemtl.datasets.common import Intrinsics, crop_box, label_palette, write_converted
+from densemtl.data.format import DatasetFormatError, image_to_uint8, open_image, write_dataset_json
+from densemtl.data.progress import track
+from densemtl.datasets.common import Intrinsics, crop_box, label_palette, read_npy, write_converted
+from densemtl.tasks.semseg import SEMSEG
 
 # Kinect RGB camera of the official toolbox (pixels, 640x480 frames).
 NYU_INTRINSICS: Intrinsics = (518.8579, 519.4696, 325.5824, 253.7362)
@@ -78,12 +80,14 @@ def nyu_normals_to_camera(rgb: np.ndarray) -> np.ndarray:
 
 def load_nyu_normals(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
     """Read a NYUv2 normal-map PNG and convert it (:func:`nyu_normals_to_camera`); ``size`` (H, W) is checked."""
-    with Image.open(path) as img:
-        if img.mode != "RGB":
-            raise ValueError(f"{path}: a NYU normal map is an 8-bit RGB PNG, got mode {img.mode}")
-        rgb = np.asarray(img)
+    img = open_image(Path(path), "NYU normal map")
+    if img.mode != "RGB":
+        raise DatasetFormatError(
+            f"{path}: a NYU normal map is an 8-bit RGB PNG, got mode {img.mode}; use the published maps"
+        )
+    rgb = np.asarray(img)
     if size is not None and rgb.shape[:2] != tuple(size):
-        raise ValueError(
+        raise DatasetFormatError(
             f"{path}: normal map is {rgb.shape[0]}x{rgb.shape[1]}, the frame is {size[0]}x{size[1]}"
         )
     return nyu_normals_to_camera(rgb)
@@ -97,40 +101,63 @@ def _loadmat(path: Path) -> dict[str, Any]:
             f"{path} not found: NYUv2 conversion needs {sorted(META_FILES.values())} from the public "
             "nyuv2-meta-data repository in the folder given as meta_dir (--meta)"
         )
-    return scipy.io.loadmat(str(path))
+    try:
+        return scipy.io.loadmat(str(path))
+    except (ValueError, TypeError, OSError, NotImplementedError, scipy.io.matlab.MatReadError) as e:
+        raise DatasetFormatError(
+            f"{path}: not a readable MATLAB file ({e}); download it again from the nyuv2-meta-data repository"
+        ) from e
+
+
+@contextmanager
+def _fields(path: str | Path):
+    """Turn a missing or malformed field of a metadata .mat into an error naming the file."""
+    try:
+        yield
+    except DatasetFormatError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise DatasetFormatError(
+            f"{path}: missing or malformed field ({e!r}); is this {Path(path).name} from nyuv2-meta-data? "
+            "download it again"
+        ) from e
 
 
 def load_mapping40(path: str | Path) -> tuple[np.ndarray, list[str]]:
     """Lookup table (895,) uint8 raw id -> 0..39 (raw 0 -> 255) and the 40 class names."""
     mat = _loadmat(Path(path))
-    mapping = np.asarray(mat["mapClass"]).ravel().astype(np.int64)  # raw id k (1-based) -> 1..40
-    if mapping.size != 894 or mapping.min() < 1 or mapping.max() > 40:
-        raise ValueError(f"{path}: mapClass should hold 894 values in 1..40, got {mapping.size}")
-    lut = np.full(895, 255, np.uint8)
-    lut[1:] = mapping - 1
-    names = [str(np.asarray(n).ravel()[0]) for n in np.asarray(mat["className"]).ravel()]
+    with _fields(path):
+        mapping = np.asarray(mat["mapClass"]).ravel().astype(np.int64)  # raw id k (1-based) -> 1..40
+        if mapping.size != 894 or mapping.min() < 1 or mapping.max() > 40:
+            raise DatasetFormatError(f"{path}: mapClass should hold 894 values in 1..40, got {mapping.size}")
+        lut = np.full(895, 255, np.uint8)
+        lut[1:] = mapping - 1
+        names = [str(np.asarray(n).ravel()[0]) for n in np.asarray(mat["className"]).ravel()]
     return lut, names
 
 
 def load_mapping13(path: str | Path) -> tuple[np.ndarray, list[str]]:
     """Lookup table (256,) uint8 40-class id 0..39 -> 0..12 (everything else -> 255) and the 13 class names."""
-    rec = _loadmat(Path(path))["classMapping13"][0, 0]
-    labels13 = np.asarray(rec["labels13"]).ravel().astype(np.int64)  # 40 values in 1..13
-    if labels13.size != 40 or labels13.min() < 1 or labels13.max() > 13:
-        raise ValueError(f"{path}: labels13 should hold 40 values in 1..13")
-    lut = np.full(256, 255, np.uint8)
-    lut[:40] = labels13 - 1
-    names = [str(np.asarray(n).ravel()[0]) for n in np.asarray(rec["classNames"]).ravel()]
+    mat = _loadmat(Path(path))
+    with _fields(path):
+        rec = mat["classMapping13"][0, 0]
+        labels13 = np.asarray(rec["labels13"]).ravel().astype(np.int64)  # 40 values in 1..13
+        if labels13.size != 40 or labels13.min() < 1 or labels13.max() > 13:
+            raise DatasetFormatError(f"{path}: labels13 should hold 40 values in 1..13")
+        lut = np.full(256, 255, np.uint8)
+        lut[:40] = labels13 - 1
+        names = [str(np.asarray(n).ravel()[0]) for n in np.asarray(rec["classNames"]).ravel()]
     return lut, names
 
 
 def load_splits(path: str | Path) -> dict[str, np.ndarray]:
     """``{"train": 0-based frame indices (795), "val": (654)}`` from ``splits.mat`` (1-based there)."""
     mat = _loadmat(Path(path))
-    return {
-        "train": np.asarray(mat["trainNdxs"]).ravel().astype(np.int64) - 1,
-        "val": np.asarray(mat["testNdxs"]).ravel().astype(np.int64) - 1,
-    }
+    with _fields(path):
+        return {
+            "train": np.asarray(mat["trainNdxs"]).ravel().astype(np.int64) - 1,
+            "val": np.asarray(mat["testNdxs"]).ravel().astype(np.int64) - 1,
+        }
 
 
 class NyuLabeledFile:
@@ -192,6 +219,7 @@ def convert_nyuv2_mat(
     image_format: str = "png",
     max_per_split: int = 0,
     normals_dir: str | Path | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Official labelled file -> folder format with 795 train / 654 val frames.
 
@@ -206,6 +234,7 @@ def convert_nyuv2_mat(
         max_per_split: write only the first N frames of each split (0 = all), for quick looks.
         normals_dir: optional folder of NYU normal maps ``norm_gt_<frame>.png`` (see the module docstring);
             frames without one get no normals file. The .mat file itself has no normals.
+        progress: report the frames written on stderr.
     """
     if classes not in (40, 13):
         raise ValueError(f"NYUv2 classes must be 40 or 13, got {classes}")
@@ -226,7 +255,7 @@ def convert_nyuv2_mat(
                     f"{src}: split {split} needs frame {indices.max() + 1} but the file has {len(nyu)}"
                 )
             indices = indices[:max_per_split] if max_per_split > 0 else indices
-            for i in indices:
+            for i in track(indices, f"convert nyuv2 {split}", enabled=progress, unit="frame"):
                 rgb, depth, raw = nyu.frame(int(i))
                 sample = {"image": rgb, "semseg": lut[np.minimum(raw, 894)], "depth": depth}
                 sample["intrinsics"] = NYU_INTRINSICS
@@ -256,29 +285,51 @@ def _frame_normals(normals_dir: str | Path | None, frame: int, size: tuple[int, 
     return load_nyu_normals(path, size) if path.is_file() else None
 
 
+def mtan_files(split_dir: Path) -> list[Path]:
+    """The ``image/<i>.npy`` files of an MTAN/LibMTL split folder, in numeric order."""
+    return sorted((split_dir / "image").glob("*.npy"), key=lambda p: int(p.stem) if p.stem.isdigit() else -1)
+
+
+def _mtan_image(path: Path) -> np.ndarray:
+    """An MTAN image .npy, (H, W, 3) float in [0, 1] (or 0..255 floats, or uint8) -> uint8, checked."""
+    image = read_npy(path, "image")
+    if image.dtype.kind == "f" and image.size:
+        top = float(np.nanmax(image))
+        image = np.minimum(image, 1.0) if top <= 1.0 + 1e-3 else image / 255.0  # float rounding above 1
+    return image_to_uint8(image, path)
+
+
 def iter_mtan(split_dir: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``(id, sample)`` for each ``image/<i>.npy`` of an MTAN/LibMTL split folder, in numeric order."""
-    files = sorted((split_dir / "image").glob("*.npy"), key=lambda p: int(p.stem) if p.stem.isdigit() else -1)
-    for path in files:
-        image = np.load(path).astype(np.float32)  # (H, W, 3) in [0, 1]
-        scale = 255.0 if image.max(initial=0.0) <= 1.0 + 1e-6 else 1.0
-        sample: dict[str, Any] = {"image": np.clip(np.rint(image * scale), 0, 255).astype(np.uint8)}
+    """``(id, sample)`` for each ``image/<i>.npy`` of an MTAN/LibMTL split folder, in numeric order.
+
+    Arrays are read without unpickling; labels (-1 -> 255) go through the semseg task's ``encode``, which
+    refuses non-integer or out-of-range ids instead of wrapping them to uint8.
+    """
+    for path in mtan_files(split_dir):
+        sample: dict[str, Any] = {"image": _mtan_image(path)}
         label_path = split_dir / "label" / path.name
         if label_path.is_file():
-            label = np.load(label_path)  # (H, W) float, -1 = unlabelled
-            sample["semseg"] = np.where(label < 0, 255, label).astype(np.uint8)
+            label = read_npy(label_path, "label")  # (H, W) float, -1 = unlabelled
+            try:  # the task's own check: whole ids 0..255, not wrapped to uint8
+                sample["semseg"] = SEMSEG.encode(np.where(label == -1, 255, label))
+            except ValueError as e:
+                raise DatasetFormatError(f"{label_path}: {e}") from e
         depth_path = split_dir / "depth" / path.name
         if depth_path.is_file():
-            depth = np.load(depth_path).astype(np.float32)
+            depth = read_npy(depth_path, "depth")
             sample["depth"] = depth[..., 0] if depth.ndim == 3 else depth  # (H, W, 1) -> (H, W) metres
         normal_path = split_dir / "normal" / path.name
         if normal_path.is_file():
-            sample["normals"] = np.load(normal_path).astype(np.float32)  # (H, W, 3)
+            sample["normals"] = read_npy(normal_path, "normal")  # (H, W, 3)
         yield path.stem, sample
 
 
 def convert_nyuv2_mtan(
-    src: str | Path, dst: str | Path, size: tuple[int, int] | None = None, image_format: str = "png"
+    src: str | Path,
+    dst: str | Path,
+    size: tuple[int, int] | None = None,
+    image_format: str = "png",
+    progress: bool = False,
 ) -> dict[str, Any]:
     """MTAN/LibMTL ``train|val/{image,label,depth,normal}/<i>.npy`` -> folder format (13 classes + normals).
 
@@ -291,7 +342,9 @@ def convert_nyuv2_mtan(
         if not (src / split / "image").is_dir():
             continue
         n = 0
-        for sample_id, sample in iter_mtan(src / split):
+        total = len(mtan_files(src / split))
+        desc = f"convert nyuv2 {split}"
+        for sample_id, sample in track(iter_mtan(src / split), desc, total, enabled=progress, unit="frame"):
             has_normals |= sample.get("normals") is not None
             h, w = sample["image"].shape[:2]
             fx, fy, cx, cy = NYU_INTRINSICS
@@ -315,7 +368,13 @@ def convert_nyuv2(
     :func:`convert_nyuv2_mtan`."""
     src = Path(src)
     if src.is_dir():
-        return convert_nyuv2_mtan(src, dst, size=size, image_format=options.get("image_format", "png"))
+        return convert_nyuv2_mtan(
+            src,
+            dst,
+            size=size,
+            image_format=options.get("image_format", "png"),
+            progress=options.get("progress", False),
+        )
     if options.get("meta_dir") is None:
         raise ValueError(
             "converting nyu_depth_v2_labeled.mat needs the metadata folder (--meta DIR) holding "

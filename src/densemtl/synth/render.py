@@ -26,8 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from densemtl.data.clear import prepare_dataset_folder
 from densemtl.data.folder import write_sample
 from densemtl.data.format import write_dataset_json
+from densemtl.data.progress import track
 from densemtl.synth import scene as sc
 from densemtl.synth.raycast import GROUND, NOTHING, Camera, Hits, cast, gather, scatter, sun_visibility
 from densemtl.synth.scene import CLASSES, PALETTE, Scene
@@ -366,16 +368,18 @@ def generate_dataset(
     workers: int = 0,
     progress: bool = True,
     image_format: str = "jpg",
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Render ``n_train`` + ``n_val`` samples into ``out`` (densemtl folder format) and return stats.
 
     ``workers`` = 0 uses one process per CPU core, 1 renders in this process. The output does not depend on
     ``workers``. RGB is written as ``image_format`` ("jpg" quality 95 by default: fast and small; "png" for
-    lossless); labels, depth and normals are always lossless PNG. dataset.json is written last, so a folder
-    with a dataset.json is complete. The returned dict (JSON-serialisable) holds counts, seconds, images/s and class pixel shares.
+    lossless); labels, depth and normals are always lossless PNG. ``out`` must be absent or empty; with
+    ``overwrite`` an existing dataset there is deleted first (only its own files, see
+    ``densemtl.data.clear.prepare_dataset_folder``). dataset.json is written last, so a folder with a
+    dataset.json is complete. The returned dict (JSON-serialisable) holds counts, seconds, images/s and class
+    pixel shares.
     """
-    from tqdm import tqdm
-
     root = Path(out)
     h, w = (int(v) for v in size)
     splits = {"train": int(n_train), "val": int(n_val)}
@@ -391,33 +395,32 @@ def generate_dataset(
         "image_format": image_format,
         "labels": "traffic-sign panels and lamp arms are labelled pole; no pixel is 255",
     }
-    (root / "dataset.json").unlink(missing_ok=True)  # an interrupted run must not look complete
+    prepare_dataset_folder(
+        root, overwrite
+    )  # also: no old dataset.json, so an interrupted run looks incomplete
     jobs = [
         (root, int(seed), split, i, (h, w), image_format) for split, n in splits.items() for i in range(n)
     ]
     hist = np.zeros(256, dtype=np.int64)
     start = time.perf_counter()
-    bar = tqdm(total=len(jobs), desc="synth", unit="img", disable=not progress)
     if workers == 1 or len(jobs) <= 1:
-        for job in jobs:
+        for job in track(jobs, "synth", enabled=progress, unit="img"):
             hist += _write_one(job)
-            bar.update()
     else:
         saved = {k: os.environ.get(k) for k in _WORKER_ENV}
         os.environ.update(_WORKER_ENV)  # inherited by the spawned workers
         try:
             with get_context("spawn").Pool(min(workers, len(jobs))) as pool:
                 chunk = max(1, min(8, len(jobs) // (4 * workers)))
-                for hh in pool.imap_unordered(_write_one, jobs, chunksize=chunk):
+                done = pool.imap_unordered(_write_one, jobs, chunksize=chunk)
+                for hh in track(done, "synth", total=len(jobs), enabled=progress, unit="img"):
                     hist += hh
-                    bar.update()
         finally:
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-    bar.close()
     write_dataset_json(
         root,
         name="synthetic-streets",

@@ -131,6 +131,13 @@ class Task:
         """The array as its PNG stores it (inverse of :meth:`load`); checks the values first."""
         raise NotImplementedError
 
+    def check_target(self, encoded: np.ndarray, info: Info) -> None:
+        """Raise ``ValueError`` (saying the fix) when an :meth:`encode` result does not fit dataset ``info``.
+
+        ``write_sample`` calls it when the dataset already has a dataset.json, so that what is written is what
+        :meth:`load` accepts (e.g. label ids within the class list). Most tasks need nothing here.
+        """
+
     def flip(self, target: Tensor) -> Tensor:
         """Fix a mirrored target's values (after the pixels were flipped left-right); most need nothing."""
         return target
