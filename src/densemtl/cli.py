@@ -10,16 +10,16 @@ import json
 import sys
 from pathlib import Path
 
-
-def parse_size(text: str) -> tuple[int, int]:
-    """``"256x512"`` -> ``(256, 512)`` as (height, width)."""
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must be HEIGHTxWIDTH like 256x512, got {text!r}") from None
-    if h <= 0 or w <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
-    return h, w
+from densemtl.argtypes import (
+    device_name,
+    field_of_view,
+    nonnegative_float,
+    output_file,
+    output_folder,
+    parse_size,
+    positive_float,
+    positive_int,
+)
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -33,6 +33,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         seed=args.seed,
         workers=args.workers,
         image_format=args.image_format,
+        overwrite=args.overwrite,
     )
     print(json.dumps(stats, indent=2))
     return 0
@@ -48,11 +49,12 @@ def _cmd_preview(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from densemtl.data.check import check_dataset
+    from densemtl.fileio import atomic_write_text
 
-    report = check_dataset(args.root, splits=args.split or None)
+    report = check_dataset(args.root, splits=args.split or None, progress=True)
     print(report.format())
     if args.json is not None:
-        args.json.write_text(report.to_json() + "\n")
+        atomic_write_text(args.json, report.to_json() + "\n")
     return 0 if report.ok else 1
 
 
@@ -70,14 +72,18 @@ def _load_cfg(args: argparse.Namespace):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from densemtl.config import replace
     from densemtl.train.engine import config_for_resume, train
 
     if args.resume is not None and args.config is None:
-        cfg = config_for_resume(args.resume, args.set)  # continue with the run's own settings
+        cfg = config_for_resume(args.resume, args.set)  # the run's own settings, in the checkpoint's folder
     else:
         cfg = _load_cfg(args)
-    result = train(cfg, resume=args.resume)
-    print(f"done: best {cfg.train.best_metric} = {result['best']:.4f}; checkpoints in {result['out_dir']}")
+    if args.out is not None:
+        cfg = replace(cfg, train=replace(cfg.train, out_dir=str(args.out)))
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    best = "none (no finite value)" if result["best"] is None else f"{result['best']:.4f}"
+    print(f"done: best {cfg.train.best_metric} = {best}; checkpoints in {result['out_dir']}")
     return 0
 
 
@@ -88,85 +94,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         args.checkpoint, data_root=args.data, split=args.split, out_dir=args.out, device=args.device
     )
     print(json.dumps(result["summary"], indent=2))
-    return 0
-
-
-def _cmd_predict(args: argparse.Namespace) -> int:
-    from densemtl.inference import predict_paths
-
-    scene = _scene_options(args) if args.pointcloud or args.bev else None
-    written = predict_paths(
-        args.checkpoint,
-        args.inputs,
-        args.out,
-        device=args.device,
-        size=args.size,
-        scene=scene,
-        backend=args.backend,
-    )
-    print(f"wrote predictions for {len(written)} image(s) to {args.out}")
-    return 0
-
-
-def _scene_options(args: argparse.Namespace):
-    """SceneOptions from the camera flags (``_add_camera_args``)."""
-    from densemtl.scene3d.bev import BevGrid, SceneOptions
-    from densemtl.scene3d.geometry import CameraPose
-
-    k = (args.fx, args.fy, args.cx, args.cy)
-    if any(v is not None for v in k) and any(v is None for v in k):
-        raise ValueError("give all four of --fx --fy --cx --cy (pixels), or --hfov DEGREES")
-    pose = None if args.camera_height is None else CameraPose(args.camera_height, args.pitch, args.roll)
-    return SceneOptions(
-        pointcloud=getattr(args, "pointcloud", False),
-        bev=getattr(args, "bev", True),
-        intrinsics=None if k[0] is None else k,
-        hfov_deg=args.hfov,
-        pose=pose,
-        max_range=args.max_range,
-        voxel=args.voxel or None,
-        grid=BevGrid(
-            x_range=(-args.bev_range / 2, args.bev_range / 2),
-            z_range=(0.0, args.bev_range),
-            cell=args.bev_cell,
-        ),
-    )
-
-
-def _add_backend_arg(s: argparse.ArgumentParser) -> None:
-    """``--backend`` of ``predict`` and ``video`` (``--engine``: its old name, still accepted)."""
-    s.add_argument("--backend", "--engine", dest="backend", choices=("torch", "onnxruntime"), default="torch",
-                   help="inference backend for a .pt checkpoint (onnxruntime: exported first)")  # fmt: skip
-
-
-def _add_camera_args(s: argparse.ArgumentParser) -> None:
-    """Intrinsics, pose and BEV/point-cloud extent flags shared by ``predict`` and ``video``."""
-    g = s.add_argument_group(
-        "camera (default: the sample's meta JSON, else --hfov, pose fitted to road/floor)"
-    )
-    for name in ("fx", "fy", "cx", "cy"):
-        g.add_argument(f"--{name}", type=float, default=None, help=f"intrinsic {name} in pixels")
-    g.add_argument("--hfov", type=float, default=None, help="horizontal field of view in degrees")
-    g.add_argument("--camera-height", type=float, default=None, help="optical centre above the ground, m")
-    g.add_argument("--pitch", type=float, default=0.0, help="degrees, > 0 looks down")
-    g.add_argument("--roll", type=float, default=0.0, help="degrees")
-    g.add_argument("--max-range", type=float, default=40.0, help="drop points farther than this, m")
-    g.add_argument("--voxel", type=float, default=0.05, help="point-cloud voxel size, m (0 = keep all)")
-    g.add_argument("--bev-range", type=float, default=40.0, help="BEV extent ahead (and width), m")
-    g.add_argument("--bev-cell", type=float, default=0.2, help="BEV cell size, m")
-
-
-def _cmd_video(args: argparse.Namespace) -> int:
-    from densemtl.viz.video import run_video
-
-    source = int(args.input) if args.input.isdigit() else Path(args.input)
-    from dataclasses import replace
-
-    opts = replace(_scene_options(args), bev=not args.no_bev)
-    r = run_video(
-        args.checkpoint, source, args.out, opts, args.fps, args.max_frames, args.device, args.backend
-    )
-    print(f"wrote {r['frames']} frames to {r['video']} (codec {r['codec']}, {r['fps']:.1f} FPS)")
     return 0
 
 
@@ -205,7 +132,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         opts.update(classes=args.classes or 19, prep=prep, splits=tuple(args.split or ("train", "val")))
     else:
         opts.update(eval_crop=args.eval_crop)
-    stats = convert_dataset(args.dataset, args.src, args.dst, size=args.size, **opts)
+    stats = convert_dataset(args.dataset, args.src, args.dst, size=args.size, progress=True, **opts)
     print(json.dumps(stats, indent=2))
     return 0
 
@@ -251,7 +178,7 @@ def _cmd_pseudolabel(args: argparse.Namespace) -> int:
 
     task = {"task": args.task} if args.task is not None else {}  # the library's default task otherwise
     r = pseudolabel(args.teacher, args.data, splits=args.split or None, min_confidence=args.min_confidence,
-                    device=args.device, size=args.size, **task)  # fmt: skip
+                    device=args.device, size=args.size, progress=True, **task)  # fmt: skip
     print(json.dumps(r, indent=2))
     return 0
 
@@ -288,25 +215,29 @@ def _add_data_parsers(sub) -> None:
         default="jpg",
         help="RGB file format: jpg (quality 95, fast, small) or png (lossless)",
     )
+    s.add_argument("--overwrite", action="store_true",
+                   help="delete the dataset already in --out first (only its own files); "
+                   "without it a non-empty --out is refused")  # fmt: skip
     s.set_defaults(func=_cmd_synth)
 
     s = data.add_parser(
         "synth-video", help="render a clip driving through one synthetic street (+ .json camera)"
     )
-    s.add_argument("--out", type=Path, default=Path("data/synth_drive.mp4"))
-    s.add_argument("--frames", type=int, default=60)
+    s.add_argument("--out", type=output_file("drive.mp4"), default=Path("data/synth_drive.mp4"),
+                   help="MP4 to write (its camera goes to <out>.json)")  # fmt: skip
+    s.add_argument("--frames", type=positive_int, default=60, help="number of frames, >= 1")
     s.add_argument("--size", type=parse_size, default=(256, 512), help="HEIGHTxWIDTH")
-    s.add_argument("--fps", type=float, default=12.0)
-    s.add_argument("--speed", type=float, default=8.0, help="metres per second")
-    s.add_argument("--hfov", type=float, default=70.0, help="horizontal field of view, degrees")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--fps", type=positive_float, default=12.0, help="frames per second, > 0")
+    s.add_argument("--speed", type=nonnegative_float, default=8.0, help="metres per second")
+    s.add_argument("--hfov", type=field_of_view, default=70.0, help="horizontal field of view, degrees in (0, 180)")
+    s.add_argument("--seed", type=int, default=0, help="random seed of the street")
     s.set_defaults(func=_cmd_synth_video)
 
     s = data.add_parser("preview", help="grid of RGB | each task's target")
-    s.add_argument("root", type=Path)
-    s.add_argument("--split", default="val")
-    s.add_argument("-n", type=int, default=8)
-    s.add_argument("--out", type=Path, default=Path("preview.png"))
+    s.add_argument("root", type=Path, help="folder-format dataset root")
+    s.add_argument("--split", default="val", help="split to show (default val)")
+    s.add_argument("-n", type=positive_int, default=8, help="number of samples, >= 1")
+    s.add_argument("--out", type=output_file("preview.png"), default=Path("preview.png"), help="PNG to write")
     s.set_defaults(func=_cmd_preview)
 
     s = data.add_parser("check", help="report every problem of a dataset in one pass, with statistics")
@@ -317,89 +248,77 @@ def _add_data_parsers(sub) -> None:
     _add_convert_parser(data)
 
 
-def _add_predict_parsers(sub) -> None:
-    """``predict`` (images) and ``video`` (a clip or a camera)."""
-    s = sub.add_parser("predict", help="every task of a checkpoint for images or folders")
-    s.add_argument("--checkpoint", type=Path, required=True)
-    s.add_argument("inputs", nargs="+", type=Path)
-    s.add_argument("--out", type=Path, required=True)
-    s.add_argument(
-        "--size", type=parse_size, default=None, help="resize input to HEIGHTxWIDTH for the network"
-    )
-    s.add_argument("--device", default="auto")
-    s.add_argument("--pointcloud", action="store_true", help="also write <id>.ply and <id>_cloud.npz")
-    s.add_argument("--bev", action="store_true", help="also write the bird's-eye view <id>_bev.png/.npy")
-    _add_camera_args(s)
-    _add_backend_arg(s)
-    s.set_defaults(func=_cmd_predict)
-
-    s = sub.add_parser("video", help="video file or camera -> MP4 of RGB | each task | BEV panels")
-    s.add_argument(
-        "--checkpoint", type=Path, required=True, help=".pt checkpoint (or an exported .onnx: ONNX Runtime)"
-    )
-    s.add_argument("input", help="video file, or a camera index (0) for live input")
-    s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--fps", type=float, default=None, help="output frame rate (default: clip's, else 12)")
-    s.add_argument("--max-frames", type=int, default=None)
-    s.add_argument("--no-bev", action="store_true", help="leave the BEV panel out")
-    s.add_argument("--device", default="auto")
-    _add_backend_arg(s)
-    _add_camera_args(s)
-    s.set_defaults(func=_cmd_video)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     from densemtl.deploy.commands import add_deploy_parsers  # argparse only: no torch at --help
+    from densemtl.predict_commands import add_predict_parsers
 
     p = argparse.ArgumentParser(prog="densemtl", description=__doc__.splitlines()[0])
+    p.add_argument("--debug", action="store_true",
+                   help="show the full traceback of an error instead of one line (anywhere on the line)")  # fmt: skip
     sub = p.add_subparsers(dest="command", required=True)
 
     _add_data_parsers(sub)
 
     s = sub.add_parser("models", help="list backbones and decoders with parameters and GFLOPs")
-    s.add_argument("--size", type=parse_size, default=(480, 640))
+    s.add_argument("--size", type=parse_size, default=(480, 640), help="input HEIGHTxWIDTH for the GFLOPs")
     s.set_defaults(func=_cmd_models)
 
-    s = sub.add_parser("train", help="train a model from a config")
-    s.add_argument("--config", type=Path, default=None)
+    s = sub.add_parser("train", help="train a model from a config (run folder rules: docs/run_folder.md)")
+    s.add_argument("--config", type=Path, default=None, help="experiment YAML (default: built-in defaults; "
+                   "with --resume alone: the checkpoint's own config)")  # fmt: skip
     s.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.epochs=5"
     )
-    s.add_argument(
-        "--resume", type=Path, default=None, help="checkpoint to continue from (e.g. runs/x/last.pt)"
-    )
+    s.add_argument("--resume", type=Path, default=None, help="checkpoint to continue from (e.g. runs/x/last.pt); "
+                   "the run continues in the checkpoint's folder unless --out says otherwise")  # fmt: skip
+    s.add_argument("--out", type=Path, default=None, help="run folder (same as --set train.out_dir=DIR)")
+    s.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty run folder "
+                   "(its files are removed only once the new run's setup has succeeded)")  # fmt: skip
     s.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("evaluate", help="metrics, tables and plots for a checkpoint")
-    s.add_argument("--checkpoint", type=Path, required=True)
+    s.add_argument("--checkpoint", type=Path, required=True, help="densemtl .pt checkpoint")
     s.add_argument(
         "--data", type=Path, default=None, help="dataset root (default: the one it was trained on)"
     )
-    s.add_argument("--split", default="val")
-    s.add_argument("--out", type=Path, default=None, help="output folder (default: <run>/eval_<split>)")
-    s.add_argument("--device", default="auto")
+    s.add_argument("--split", default="val", help="split to evaluate (default val)")
+    s.add_argument("--out", type=output_folder, default=None, help="output folder (default: <run>/eval_<split>)")
+    s.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     s.set_defaults(func=_cmd_evaluate)
 
-    _add_predict_parsers(sub)
+    add_predict_parsers(sub)
     add_deploy_parsers(sub, parse_size)
     _add_pseudolabel_parser(sub)
     s = sub.add_parser("report", help="Markdown report of a run (metrics table and pictures)")
-    s.add_argument("run_dir", type=Path)
+    s.add_argument("run_dir", type=Path, help="run folder (config.yaml, metrics.jsonl, eval_*/)")
     s.set_defaults(func=_cmd_report)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``densemtl`` console script."""
+    """Entry point of the ``densemtl`` console script.
+
+    A user's error (a bad file, flag, disk, image or YAML: ``densemtl.errors.user_errors``) prints one line
+    ``densemtl: error: <what, and the fix>`` and returns 2; ``--debug`` (before or after the subcommand) raises
+    it with its traceback instead.
+    """
+    from densemtl.errors import error_message, user_errors
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    end = argv.index("--") if "--" in argv else len(argv)  # after "--" it would be a file name
+    debug = "--debug" in argv[:end]
+    argv = [a for i, a in enumerate(argv) if i >= end or a != "--debug"]
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (FileNotFoundError, ValueError) as e:  # our errors carry the file and the fix in the message
-        print(f"densemtl: error: {e}", file=sys.stderr)
+    except user_errors() as e:
+        if debug:
+            raise
+        print(f"densemtl: error: {error_message(e)}", file=sys.stderr)
         return 2
 
 

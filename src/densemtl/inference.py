@@ -6,6 +6,8 @@ input with ``size`` changes that focal length, so keep the training resolution u
 
 from __future__ import annotations
 
+import os
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,13 +17,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from densemtl.data.images import ImageLike, as_rgb, list_images, read_rgb  # noqa: F401 (public here too)
-from densemtl.fileio import atomic_write
+from densemtl.fileio import atomic_write, check_output
 from densemtl.runtime import forward_at_scale, resolve_device
 from densemtl.tasks import TASKS
 from densemtl.train.checkpoint import input_scale, load_checkpoint, model_from_checkpoint
 
 if TYPE_CHECKING:
     from densemtl.scene3d.bev import SceneOptions
+
 
 class Predictor:
     """A trained model ready to predict: ``Predictor.from_checkpoint(path).predict(image)``.
@@ -133,13 +136,20 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def prediction_panel(rgb: np.ndarray, pred: dict[str, np.ndarray], info: dict[str, Any], tasks: tuple[str, ...]) -> np.ndarray:
+def prediction_panel(
+    rgb: np.ndarray, pred: dict[str, np.ndarray], info: dict[str, Any], tasks: tuple[str, ...]
+) -> np.ndarray:
     """Side by side: RGB, then one picture per task (``Task.colorize``), uint8 (H, (1 + T) W, 3)."""
     return np.concatenate([rgb, *(TASKS[t].colorize(pred, rgb, info) for t in tasks)], axis=1)
 
 
 def write_prediction(
-    out_dir: Path, stem: str, rgb: np.ndarray, pred: dict[str, np.ndarray], info: dict[str, Any], tasks: tuple[str, ...]
+    out_dir: Path,
+    stem: str,
+    rgb: np.ndarray,
+    pred: dict[str, np.ndarray],
+    info: dict[str, Any],
+    tasks: tuple[str, ...],
 ) -> dict[str, Path]:
     """Write every task's files for one prediction (``Task.files``: e.g. class ids, uint16 depth as the folder
     format stores it, normals) as ``<stem>_<name>.png``, and the ``<stem>_panel.png`` picture."""
@@ -152,6 +162,34 @@ def write_prediction(
         files[name] = out_dir / f"{stem}_{name}.png"
         atomic_write(files[name], _png(array))
     return files
+
+
+def output_stems(paths: list[Path]) -> list[str]:
+    """Where each image's outputs go under the output folder, with no two images sharing a name.
+
+    The file's stem when every stem is distinct (``x.png`` -> ``x_semseg.png``, ...). When two differ only by
+    folder (``dupA/x.png``, ``dupB/x.png``), each keeps its path relative to the images' common folder
+    (``dupA/x_semseg.png``); when two differ only by extension, theirs stays in the name (``x_jpg``).
+    """
+    if len({p.stem for p in paths}) == len(paths):
+        return [p.stem for p in paths]
+    absolute = [Path(os.path.abspath(p)) for p in paths]
+    common = Path(os.path.commonpath([p.parent for p in absolute]))
+    relative = [p.relative_to(common) for p in absolute]
+    stems = [r.with_suffix("").as_posix() for r in relative]
+    clash = {s for s, n in Counter(stems).items() if n > 1}
+    return [f"{s}_{r.suffix.lstrip('.')}" if s in clash else s for s, r in zip(stems, relative, strict=True)]
+
+
+def _read_input(path: Path) -> np.ndarray:
+    """``read_rgb``, with the file named when Pillow refuses a decompression bomb or memory runs out."""
+    try:
+        return read_rgb(path)
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{path}: {e}; downscale the image (or raise PIL.Image.MAX_IMAGE_PIXELS for files "
+                         "you trust)") from e  # fmt: skip
+    except MemoryError as e:
+        raise MemoryError(f"{path}: out of memory reading the image ({e}); downscale it") from e
 
 
 def predict_paths(
@@ -169,21 +207,27 @@ def predict_paths(
 
     ``scene`` (a ``densemtl.scene3d.bev.SceneOptions``) adds the point cloud (PLY + NPZ) and/or BEV map per image.
     ``backend``: "torch" or "onnxruntime" (the checkpoint exported to ONNX and run by ONNX Runtime);
-    ``engine`` is its deprecated name.
+    ``engine`` is its deprecated name. An image given twice is predicted once; images with the same name in
+    different folders keep their folders under ``out`` (:func:`output_stems`), so no output replaces another.
+    Returns one ``{name: path}`` per image written.
     """
     from tqdm.auto import tqdm
 
+    out_dir = check_output(out, folder=True)  # a file there or a read-only place fails before the model loads
+    unique: dict[str, Path] = {}
+    for p in list_images(inputs):
+        unique.setdefault(os.path.abspath(p), p)  # an image given twice (or via its folder) is predicted once
+    paths = list(unique.values())
     predictor = Predictor.from_checkpoint(checkpoint, device, size, backend, engine=engine)
-    out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for path in tqdm(list_images(inputs), desc="predict", disable=None):
-        rgb = read_rgb(path)
+    for path, stem in tqdm(list(zip(paths, output_stems(paths), strict=True)), desc="predict", disable=None):
+        rgb = _read_input(path)
         pred = predictor.predict(rgb)
-        files = write_prediction(out_dir, path.stem, rgb, pred, predictor.info, predictor.tasks)
+        files = write_prediction(out_dir, stem, rgb, pred, predictor.info, predictor.tasks)
         if scene is not None:
             from densemtl.scene3d.bev import write_scene_outputs
 
-            files |= write_scene_outputs(out_dir, path.stem, path, rgb, pred, predictor.info, scene)
+            files |= write_scene_outputs(out_dir, stem, path, rgb, pred, predictor.info, scene)
         written.append(files)
     return written

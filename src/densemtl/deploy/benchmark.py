@@ -165,7 +165,7 @@ def build_runners(
             file = (
                 onnx_path
                 if backend == "onnxruntime"
-                else quantize_onnx(onnx_path, tmp / "int8.onnx", calib_root)
+                else quantize_onnx(onnx_path, tmp / "int8.onnx", calib_root, progress=False)
             )
             run = _ort_runner(file, x, threads)
         runners[f"densemtl {backend}"] = {"run": run, "model": "densemtl", "backend": backend, "file": file}
@@ -267,11 +267,17 @@ def run_benchmark(
     """
     import onnxruntime as ort
 
+    from densemtl.deploy.export import check_size
+
     if engines is not None:
         import warnings
 
         warnings.warn("engines= is deprecated, use backends=", DeprecationWarning, stacklevel=2)
         backends = engines
+    check_size(size)
+    for name, value, low in (("threads", threads, 1), ("runs", runs, 1), ("warmup", warmup, 0)):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} (--{name}) must be an integer >= {low}, got {value!r}")
     torch.set_num_threads(threads)
     stats = _measure(
         model.eval(), tuple(backends), size, threads, runs, warmup, reference, calib_root, memory

@@ -33,6 +33,8 @@ from densemtl.deploy.metadata import (  # noqa: F401 (public here too)
     to_numpy,
 )
 from densemtl.deploy.ort import OnnxModel
+from densemtl.deploy.progress import stage
+from densemtl.fileio import atomic_write, check_output
 from densemtl.tasks import TASKS
 
 log = logging.getLogger("densemtl")
@@ -120,9 +122,12 @@ def export_model(
 
     ``size`` (H, W) is the traced input size; with ``dynamic`` the batch, height and width axes are free.
     ``bake_normalization`` is accepted for old scripts and does nothing: every graph now normalises its input.
+    The file is written atomically (temp file + rename): an existing ``out`` is replaced whole or not at all.
     """
     import onnx
 
+    check_size(size)
+    out = check_output(out)  # a folder, symlink or read-only place fails now, not after the trace
     if bake_normalization:
         log.warning(
             "bake_normalization is no longer needed: the model normalises its [0, 1] RGB input itself"
@@ -147,10 +152,14 @@ def export_model(
         proto.metadata_props.add(key=key, value=value)
     proto.producer_name = "densemtl"
     onnx.checker.check_model(proto, full_check=True)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(proto, str(out))
-    return out
+    return atomic_write(out, proto.SerializeToString())
+
+
+def check_size(size: tuple[int, int]) -> None:
+    """Raise ``ValueError`` unless ``size`` is a (height, width) pair of positive integers."""
+    ok = len(size) == 2 and all(isinstance(v, int | np.integer) and v > 0 for v in size)
+    if not ok:
+        raise ValueError(f"input size must be (height, width) in pixels, both > 0, got {size!r}")
 
 
 @torch.no_grad()
@@ -224,10 +233,12 @@ def export_checkpoint(
     class_ids: bool = True,
     data_root: str | Path | None = None,
     parity: bool = True,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Export a checkpoint to ONNX and check parity with PyTorch on real images of its dataset.
 
     Raises ``ValueError`` when parity fails (the file is kept for inspection). Returns a report dict.
+    ``progress`` prints each stage to stderr.
     """
     from densemtl.train.checkpoint import (
         config_from_checkpoint,
@@ -236,17 +247,23 @@ def export_checkpoint(
         model_from_checkpoint,
     )
 
+    check_output(out)
+    if data_root is not None and not Path(data_root).is_dir():
+        raise FileNotFoundError(f"dataset root {data_root} for the parity images is not a folder: fix --data")
+    stage(f"loading {checkpoint}", progress)
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt, checkpoint).eval()
     root = data_root if data_root is not None else config_from_checkpoint(ckpt).data.root
     size = size or default_size(ckpt, root)
     wrapper = ExportWrapper(model, class_ids)
     meta = build_metadata(wrapper, size, dynamic, ckpt.get("dataset"), input_scale(ckpt), ckpt["config"])
+    stage(f"exporting to ONNX at {size[0]}x{size[1]} (opset {OPSET}) and checking the graph", progress)
     path = export_model(model, out, size, dynamic, bake_normalization, class_ids, meta)
     report: dict[str, Any] = {"onnx": str(path), "size": list(size), "dynamic": dynamic, "metadata": meta}
     report["file_mb"] = path.stat().st_size / 2**20
     if parity:
         images, source = parity_images(root, size)
+        stage(f"checking ONNX Runtime against PyTorch on {len(images)} images ({source})", progress)
         report["parity"] = {**check_parity(model, path, images), "inputs": source}
         if not report["parity"]["passed"]:
             raise ValueError(f"{path}: ONNX Runtime does not match PyTorch: {report['parity']}")
@@ -259,5 +276,5 @@ def onnx_model_from_checkpoint(path: str | Path, threads: int = 0, device: str =
 
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / "model.onnx"
-        export_checkpoint(path, onnx_path, dynamic=True, class_ids=False)
+        export_checkpoint(path, onnx_path, dynamic=True, class_ids=False, progress=False)
         return OnnxModel.from_file(onnx_path, threads, device)  # the session holds the graph in memory

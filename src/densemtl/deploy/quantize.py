@@ -16,7 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from densemtl.data.progress import track
 from densemtl.deploy.metadata import read_metadata
+from densemtl.deploy.progress import stage
+from densemtl.fileio import atomic_write, check_output
 
 
 def calibration_batches(
@@ -27,6 +30,7 @@ def calibration_batches(
 
     from densemtl.data.images import list_images, read_rgb
 
+    _check_count(n)
     meta = read_metadata(onnx_path)
     folder = Path(root) / split / "images"
     if not folder.is_dir():
@@ -45,6 +49,11 @@ def calibration_batches(
     return batches
 
 
+def _check_count(n: int) -> None:
+    if not isinstance(n, int | np.integer) or n < 1:
+        raise ValueError(f"the number of calibration images must be an integer >= 1 (-n), got {n!r}")
+
+
 def random_batches(onnx_path: str | Path, n: int = 8) -> list[np.ndarray]:
     """Random RGB inputs in [0, 1] of the graph's size: enough to time an INT8 graph, useless for its accuracy."""
     meta = read_metadata(onnx_path)
@@ -54,11 +63,17 @@ def random_batches(onnx_path: str | Path, n: int = 8) -> list[np.ndarray]:
 
 
 def quantize_onnx(
-    onnx_path: str | Path, out: str | Path, calib_root: str | Path | None, n: int = 64, split: str = "train"
+    onnx_path: str | Path,
+    out: str | Path,
+    calib_root: str | Path | None,
+    n: int = 64,
+    split: str = "train",
+    progress: bool = True,
 ) -> Path:
     """Write an INT8 copy of ``onnx_path`` to ``out``, calibrated on ``n`` images of ``calib_root/split``.
 
-    ``calib_root=None`` calibrates on random inputs (for latency benchmarks only).
+    ``calib_root=None`` calibrates on random inputs (for latency benchmarks only). ``out`` is written atomically
+    (temp file + rename); ``progress`` prints the stages and each calibration image to stderr.
     """
     import onnx
     from onnxruntime.quantization import (
@@ -72,38 +87,44 @@ def quantize_onnx(
 
     class Reader(CalibrationDataReader):
         def __init__(self, batches: list[np.ndarray]) -> None:
-            self.items = iter([{"image": b} for b in batches])
+            # ORT asks for the next image once it has run the previous one: the count is of images done
+            every = max(1, len(batches) // 10)
+            shown = track(batches, "calibration image", enabled=progress, unit="image", every=every)
+            self.items = ({"image": b} for b in shown)
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.items, None)
 
+    _check_count(n)
+    out = check_output(out)  # a folder, symlink or read-only place fails now, not after calibration
+    source = "random inputs" if calib_root is None else f"{Path(calib_root) / split / 'images'}"
+    stage(f"reading up to {n} calibration images ({source})", progress)
     if calib_root is None:
         batches = random_batches(onnx_path, min(n, 8))
     else:
         batches = calibration_batches(onnx_path, calib_root, n, split)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta_props = list(onnx.load(str(onnx_path), load_external_data=False).metadata_props)
     with tempfile.TemporaryDirectory() as tmp:
-        pre = Path(tmp) / "pre.onnx"
+        pre, quantized = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
+        stage(f"preparing {onnx_path} (shape inference, fusions)", progress)
         quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=True)  # shape inference + fusions
+        stage(f"calibrating on {len(batches)} images, then quantising", progress)
         quantize_static(
-            str(pre), str(out), Reader(batches),
+            str(pre), str(quantized), Reader(batches),
             quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             per_channel=True, calibrate_method=CalibrationMethod.MinMax,
         )  # fmt: skip
-    proto = onnx.load(str(out))
+        proto = onnx.load(str(quantized))
     del proto.metadata_props[:]
     proto.metadata_props.extend(meta_props)  # class names, palette, units travel with the int8 file too
     meta = json.loads(next(p.value for p in meta_props if p.key == "densemtl"))
     meta["quantization"] = {
         "type": "int8 static QDQ",
         "calibration": str(calib_root or "random"),
-        "images": n,
+        "images": len(batches),
     }
     next(p for p in proto.metadata_props if p.key == "densemtl").value = json.dumps(meta)
-    onnx.save(proto, str(out))
-    return out
+    return atomic_write(out, proto.SerializeToString())
 
 
 def evaluate_onnx(
@@ -131,6 +152,10 @@ def accuracy_change(
     fp32: str | Path, int8: str | Path, data_root: str | Path, split: str = "val", max_samples: int = 0
 ) -> dict[str, Any]:
     """fp32 and int8 metrics on one split and their difference (int8 - fp32) per metric."""
+    if not isinstance(max_samples, int | np.integer) or max_samples < 0:
+        raise ValueError(
+            f"max_samples (--eval-samples) must be an integer >= 0 (0 = all), got {max_samples!r}"
+        )
     a = evaluate_onnx(fp32, data_root, split, max_samples)
     b = evaluate_onnx(int8, data_root, split, max_samples)
     delta = {k: b[k] - a[k] for k in a if k in b}

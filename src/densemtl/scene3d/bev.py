@@ -8,17 +8,20 @@ The grid lies in the ground plane (x right, z forward, metres; see ``geometry.py
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from densemtl.fileio import atomic_write
 from densemtl.scene3d.geometry import (
     CameraPose,
     Intrinsics,
     PointCloud,
     backproject,
+    check_intrinsics,
     fit_plane,
     intrinsics_from_fov,
     pose_from_ground_plane,
@@ -33,6 +36,8 @@ from densemtl.tasks.semseg import SEMSEG
 UNKNOWN_CLASS = 255
 DRIVABLE_NAMES = ("road", "floor", "ground", "parking", "drivable")  # class names whose ground is drivable
 LAYERS = ("occupancy", "class", "height", "drivable", "free")  # order of the NPY stack
+MAX_CELLS = 2048 * 2048  # ~100 bytes of working memory per cell: at most ~400 MiB for one map
+BYTES_PER_CELL = 100
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,26 @@ class BevGrid:
     obstacle_max_height: float = 2.5
     min_points: int = 2
     angle_bins: int = 1440  # rays cast from the camera for free space (0.25 deg each)
+
+    def __post_init__(self) -> None:
+        _check_positive(self.cell, "BEV cell size (--bev-cell)")
+        for name, (lo, hi) in (("x_range", self.x_range), ("z_range", self.z_range)):
+            if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+                raise ValueError(f"BEV {name} must be finite metres (low, high), high > low, got {(lo, hi)}")
+        nz, nx = self.shape
+        if nz < 1 or nx < 1:
+            raise ValueError(f"a BEV grid of {nz}x{nx} cells is empty: use a cell smaller than the range")
+        if nz * nx > MAX_CELLS:
+            raise ValueError(
+                f"a BEV grid of {nz}x{nx} = {nz * nx:,} cells (~{nz * nx * BYTES_PER_CELL / 2**30:.1f} GiB) "
+                f"is over the {MAX_CELLS:,} cells a map may have: use a larger cell or a smaller range"
+            )
+        if (
+            not self.obstacle_min_height < self.obstacle_max_height
+            or min(self.min_points, self.angle_bins) < 1
+        ):
+            raise ValueError(f"BEV needs obstacle_min_height < obstacle_max_height, min_points and angle_bins "
+                             f">= 1, got {self}")  # fmt: skip
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -73,6 +98,11 @@ class BevGrid:
         x = self.x_range[0] + (np.arange(nx) + 0.5) * self.cell
         z = self.z_range[0] + (nz - 1 - np.arange(nz) + 0.5) * self.cell
         return np.broadcast_to(x[None], (nz, nx)), np.broadcast_to(z[:, None], (nz, nx))
+
+
+def _check_positive(value: float, what: str) -> None:
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{what} must be a finite number > 0 m, got {value}")
 
 
 def drivable_ids(class_names: Sequence[str], names: Sequence[str] = DRIVABLE_NAMES) -> tuple[int, ...]:
@@ -220,14 +250,12 @@ def save_bev(
     stem: str | Path, bev: dict[str, np.ndarray], palette: np.ndarray | Sequence[Sequence[int]], grid: BevGrid
 ) -> dict[str, Path]:
     """Write ``<stem>_bev.png`` (colour map) and ``<stem>_bev.npy`` (float32 (5, rows, cols), ``LAYERS`` order)."""
-    from densemtl.viz.colors import save_png
+    from densemtl.data.format import png_bytes
 
     stem = Path(stem)
     stack = np.stack([bev[k].astype(np.float32) for k in LAYERS])  # class 255 = unseen, height nan = unseen
-    npy = stem.with_name(stem.name + "_bev.npy")
-    npy.parent.mkdir(parents=True, exist_ok=True)
-    np.save(npy, stack)
-    png = save_png(stem.with_name(stem.name + "_bev.png"), colorize_bev(bev, palette, grid))
+    npy = atomic_write(stem.with_name(stem.name + "_bev.npy"), lambda f: np.save(f, stack))
+    png = atomic_write(stem.with_name(stem.name + "_bev.png"), png_bytes(colorize_bev(bev, palette, grid)))
     return {"bev": png, "bev_npy": npy}
 
 
@@ -249,6 +277,17 @@ class SceneOptions:
     max_range: float = 40.0
     voxel: float | None = 0.05
     grid: BevGrid = BevGrid()
+
+    def __post_init__(self) -> None:
+        if self.intrinsics is not None:
+            check_intrinsics(self.intrinsics)
+        if self.hfov_deg is not None and not 0.0 < self.hfov_deg < 180.0:
+            raise ValueError(
+                f"horizontal field of view must be in (0, 180) degrees (--hfov), got {self.hfov_deg}"
+            )
+        _check_positive(self.max_range, "max_range (--max-range)")
+        if self.voxel is not None:
+            _check_positive(self.voxel, "voxel size (None keeps all points)")
 
 
 def sample_meta(image_path: str | Path) -> dict:
@@ -287,7 +326,11 @@ def resolve_pose(
             "no camera pose: pass --camera-height (and --pitch/--roll), or predict a road/floor class"
         )
     normal, offset, _ = fit_plane(points_cam[mask][:: max(1, int(mask.sum()) // 20000)])
-    return pose_from_ground_plane(normal, offset)
+    try:
+        return pose_from_ground_plane(normal, offset)
+    except ValueError as e:  # e.g. the fitted "ground" passes above the camera
+        raise ValueError(f"no usable camera pose from the predicted ground ({e}): pass --camera-height "
+                         "(and --pitch/--roll)") from e  # fmt: skip
 
 
 # The 3-D code genuinely needs one task's output: a point cloud is back-projected metric depth. Class ids and

@@ -13,26 +13,45 @@ looks along ``((u - cx) / fx, (v - cy) / fy, 1)``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from densemtl.fileio import atomic_write
+
 Intrinsics = tuple[float, float, float, float]  # fx, fy, cx, cy in pixels
+
+
+def check_intrinsics(intrinsics: Intrinsics) -> Intrinsics:
+    """Raise ``ValueError`` unless ``intrinsics`` is four finite numbers (fx, fy, cx, cy) with fx, fy > 0.
+
+    Why: a zero or negative focal length back-projects every pixel to infinity or behind the camera.
+    """
+    k = tuple(float(v) for v in np.asarray(intrinsics, dtype=np.float64).reshape(-1))
+    if len(k) != 4 or not all(math.isfinite(v) for v in k) or k[0] <= 0 or k[1] <= 0:
+        raise ValueError(
+            f"intrinsics must be four finite numbers (fx, fy, cx, cy) in pixels with fx, fy > 0 "
+            f"(--fx --fy --cx --cy), got {tuple(intrinsics)}"
+        )
+    return k  # type: ignore[return-value]
 
 
 def intrinsics_from_fov(size: tuple[int, int], hfov_deg: float) -> Intrinsics:
     """Square pixels, principal point at the image centre, horizontal field of view ``hfov_deg``."""
     if not 0.0 < hfov_deg < 180.0:
-        raise ValueError(f"horizontal field of view must be in (0, 180) degrees, got {hfov_deg}")
+        raise ValueError(f"horizontal field of view must be in (0, 180) degrees (--hfov), got {hfov_deg}")
     h, w = size
+    if h <= 0 or w <= 0:
+        raise ValueError(f"image size must be positive (height, width), got {size}")
     f = (w / 2) / np.tan(np.radians(hfov_deg) / 2)
     return float(f), float(f), (w - 1) / 2, (h - 1) / 2
 
 
 def backproject(depth: np.ndarray, intrinsics: Intrinsics) -> np.ndarray:
     """Depth (H, W) metres -> camera-frame points (H, W, 3) float32; invalid depth (0, nan) gives (0, 0, 0)."""
-    fx, fy, cx, cy = intrinsics
+    fx, fy, cx, cy = check_intrinsics(intrinsics)
     d = np.asarray(depth, dtype=np.float32)
     d = np.where(np.isfinite(d) & (d > 0), d, np.float32(0))
     h, w = d.shape
@@ -67,6 +86,16 @@ class CameraPose:
     height: float
     pitch_deg: float = 0.0
     roll_deg: float = 0.0
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("height", self.height, self.height > 0.0, "> 0 m (--camera-height)"),
+            ("pitch", self.pitch_deg, -90.0 <= self.pitch_deg <= 90.0, "in [-90, 90] degrees (--pitch)"),
+            ("roll", self.roll_deg, -180.0 <= self.roll_deg <= 180.0, "in [-180, 180] degrees (--roll)"),
+        )
+        for name, value, ok, want in checks:
+            if not (ok and math.isfinite(value)):
+                raise ValueError(f"camera {name} must be {want}, got {value}")
 
     def rotation(self) -> np.ndarray:
         """Camera-to-ground rotation (3, 3)."""
@@ -143,7 +172,8 @@ def semantic_point_cloud(
     ``max_range`` drops points farther than this from the camera (Euclidean, metres): far predicted depth is
     the least reliable. ``voxel`` (metres) averages the points of each cubic cell (see ``voxel_downsample``).
     """
-    h, w = np.shape(depth)
+    if max_range is not None and not (max_range > 0 and math.isfinite(max_range)):
+        raise ValueError(f"max_range must be a finite distance > 0 m (--max-range), got {max_range}")
     pts = backproject(depth, intrinsics).reshape(-1, 3)  # (HW, 3) camera frame
     valid = pts[:, 2] > 0
     if max_range is not None:
@@ -162,8 +192,8 @@ def semantic_point_cloud(
 
 def voxel_downsample(cloud: PointCloud, voxel: float) -> PointCloud:
     """One point per occupied cubic cell of side ``voxel``: mean xyz/rgb/confidence, most frequent label."""
-    if voxel <= 0:
-        raise ValueError(f"voxel size must be > 0, got {voxel}")
+    if not (voxel > 0 and math.isfinite(voxel)):
+        raise ValueError(f"voxel size must be a finite size > 0 m (--voxel), got {voxel}")
     if len(cloud) == 0:
         return cloud
     keys = np.floor(cloud.xyz / np.float32(voxel)).astype(np.int64)  # (N, 3)
@@ -213,10 +243,7 @@ def write_ply(path: str | Path, cloud: PointCloud) -> Path:
         *(f"property {_PLY_TYPES[t]} {name}" for name, t in fields),
         "end_header",
     ]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(("\n".join(header) + "\n").encode("ascii") + data.tobytes())
-    return path
+    return atomic_write(path, ("\n".join(header) + "\n").encode("ascii") + data.tobytes())
 
 
 def read_ply(path: str | Path) -> dict[str, np.ndarray]:
@@ -244,7 +271,5 @@ def save_npz(path: str | Path, cloud: PointCloud, **extra: np.ndarray | float | 
     arrays = {"xyz": cloud.xyz, "rgb": cloud.rgb, "label": cloud.label, "frame": np.array(cloud.frame)}
     if cloud.confidence is not None:
         arrays["confidence"] = cloud.confidence
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, **arrays, **{k: np.asarray(v) for k, v in extra.items()})
-    return path
+    extra_arrays = {k: np.asarray(v) for k, v in extra.items()}
+    return atomic_write(path, lambda f: np.savez_compressed(f, **arrays, **extra_arrays))

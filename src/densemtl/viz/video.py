@@ -54,7 +54,11 @@ def open_video_writer(path: str | Path, fps: float, size: tuple[int, int]) -> tu
     """A writer for ``size`` (H, W) BGR frames and its codec: H.264 via imageio-ffmpeg, else OpenCV's best."""
     import cv2
 
-    path = Path(path)
+    from densemtl.fileio import check_output
+
+    path = check_output(path)  # refuse a folder or a symlink there, and a read-only folder
+    if not (fps > 0 and np.isfinite(fps)):
+        raise ValueError(f"video frame rate must be a finite number > 0 (--fps), got {fps}")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         return FfmpegH264Writer(path, fps, size), "h264"
@@ -87,13 +91,37 @@ def write_video(path: str | Path, frames: list[np.ndarray], fps: float) -> str:
     return codec
 
 
+def source_name(source: str | Path | int) -> str:
+    """How messages name a video source: the plain path, or ``camera N``."""
+    return f"camera {source}" if isinstance(source, int) else str(source)
+
+
+def check_source(source: str | Path | int) -> None:
+    """Raise ``FileNotFoundError`` (naming the path) unless ``source`` is a camera index or an existing file."""
+    if isinstance(source, int):
+        if source < 0:
+            raise ValueError(f"camera index must be >= 0, got {source}")
+        return
+    path = Path(source)
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"video {path} {what}: give a video file, or a camera index such as 0")
+
+
 def read_video(source: str | Path | int, max_frames: int | None = None):
     """Yield RGB frames (H, W, 3) uint8 from a file or a camera index (live input)."""
     import cv2
 
+    check_source(source)
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(
+            f"max_frames must be >= 1 (--max-frames), or None for the whole clip, got {max_frames}"
+        )
     cap = cv2.VideoCapture(source if isinstance(source, int) else str(source))
     if not cap.isOpened():
-        raise FileNotFoundError(f"cannot open video source {source!r} (a video file or a camera index)")
+        raise ValueError(
+            f"cannot open video {source_name(source)}: not a video OpenCV can decode (or the camera is busy)"
+        )
     try:
         n = 0
         while max_frames is None or n < max_frames:
@@ -167,7 +195,11 @@ def run_video(
     backend: str = "torch",
 ) -> dict[str, Any]:
     """Load a checkpoint (or ONNX model) with :func:`load_backend` and run ``predict_video``; what
-    ``densemtl video`` calls."""
+    ``densemtl video`` calls. A missing clip or an unwritable ``out`` fails before the model loads."""
+    from densemtl.fileio import check_output
+
+    check_source(source)
+    check_output(out)
     return predict_video(load_backend(model_path, device, backend), source, out, opts, fps, max_frames)
 
 
@@ -211,7 +243,9 @@ def predict_video(
         if writer is not None:
             writer.release()
     if n == 0:
-        raise ValueError(f"no frames could be read from {source!r}")
+        raise ValueError(
+            f"no frames could be read from {source_name(source)}: is it an empty or corrupt video?"
+        )
     return {"video": Path(out), "frames": n, "fps": speed, "codec": codec}
 
 
