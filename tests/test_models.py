@@ -296,3 +296,27 @@ def test_depth_head_respects_bounds_after_upsampling() -> None:
         assert out.shape == (1, 1, 24, 32)
         assert out.min() >= lo and out.max() <= hi
         assert out.max() - out.min() > 0.5 * (hi - lo)  # the edges really are sharp and near the bounds
+
+
+def test_decoder_widths_crp_stages_and_head_trunks_follow_the_config() -> None:
+    from densemtl.models.decoders import lw_widths
+    from densemtl.models.heads import make_trunk
+
+    assert lw_widths(128) == (32, 64, 128, 128) and lw_widths(128, taper=False) == (128,) * 4
+    assert lw_widths(16) == (8, 8, 16, 16)  # never thinner than 8
+    uniform = build_model(_cfg(decoder_channels=24, decoder_taper=False, crp_stages=(1, 0, 0, 3)))
+    dec = uniform.decoders["shared"]
+    assert dec.out_channels == 24 and [len(c.convs) for c in dec.crp] == [1, 0, 0, 3]
+    conv = build_model(_cfg(head="conv", head_channels=40))
+    for task, head in conv.heads.items():
+        assert isinstance(head.trunk[1], nn.BatchNorm2d) and head.trunk[0].out_channels == 40, task
+        assert head.out.in_channels == 40
+    out = conv(torch.rand(2, 3, 64, 96))
+    assert out["semseg"].shape == (2, 5, 64, 96) and torch.isfinite(out["depth"]).all()
+    trunk, width = make_trunk(12, "conv")
+    assert width == 12 and trunk[0].kernel_size == (3, 3)
+    assert make_trunk(12, "light")[1] == 12
+    for bad, key in (({"crp_stages": (1, 2)}, "model.crp_stages"), ({"head": "huge"}, "model.head"),
+                     ({"head": "conv", "head_channels": -1}, "model.head_channels")):  # fmt: skip
+        with pytest.raises(ValueError, match=key):
+            build_model(_cfg(**bad))

@@ -77,9 +77,15 @@ class CRP(nn.Module):
 LW_CRP_STAGES = (0, 2, 2, 4)  # fine to coarse
 
 
-def lw_widths(channels: int) -> tuple[int, ...]:
-    """Decoder width per level, fine to coarse: ``channels`` at strides 32 and 16, halving at each finer one."""
-    return (max(channels // 4, 8), max(channels // 2, 8), channels, channels)
+def lw_widths(channels: int, levels: int = 4, taper: bool = True) -> tuple[int, ...]:
+    """Decoder width per level, fine to coarse.
+
+    ``taper``: ``channels`` at the two coarsest levels, halving at each finer one (at least 8); otherwise
+    ``channels`` everywhere (the paper's uniform 256).
+    """
+    if not taper:
+        return (channels,) * levels
+    return tuple(max(channels // 2 ** max(levels - 2 - i, 0), 8) for i in range(levels))
 
 
 class LWRefineNet(nn.Module):
@@ -168,6 +174,7 @@ class UNet(nn.Module):
             output has ``channels // 4`` channels with four stages.
         upsample: ``bilinear`` (+1x1 conv) or ``transposed`` (2x2 transposed convolution, stride 2).
         context: optional module applied to the coarsest feature first (e.g. :class:`ASPP`).
+        taper: halve the width at each finer level (False: ``channels`` at every level).
     """
 
     def __init__(
@@ -176,11 +183,13 @@ class UNet(nn.Module):
         channels: int,
         upsample: str = "bilinear",
         context: nn.Module | None = None,
+        taper: bool = True,
     ):
         super().__init__()
         self.context = context
         n = len(in_channels) - 1  # number of up blocks; the width halves at each finer level (like SMP's)
-        widths = [max(channels // 2 ** (n - 1 - i), 8) for i in range(n)] + [in_channels[-1]]
+        widths = [max(channels // 2 ** (n - 1 - i), 8) if taper else channels for i in range(n)]
+        widths.append(in_channels[-1])
         self.blocks = nn.ModuleList(
             UpBlock(widths[i + 1], in_channels[i], widths[i], upsample) for i in range(len(in_channels) - 1)
         )
@@ -228,21 +237,41 @@ def _context(in_channels: Sequence[int], channels: int, aspp: bool) -> tuple[lis
     return chans, ASPP(in_channels[-1], channels)
 
 
-def build_lwrefinenet(in_channels: Sequence[int], channels: int, upsample: str, aspp: bool) -> LWRefineNet:
-    """Light-Weight RefineNet (upsampling is always bilinear)."""
+def build_lwrefinenet(
+    in_channels: Sequence[int],
+    channels: int,
+    upsample: str = "bilinear",
+    aspp: bool = False,
+    taper: bool = True,
+    crp_stages: Sequence[int] = LW_CRP_STAGES,
+) -> LWRefineNet:
+    """Light-Weight RefineNet (upsampling is always bilinear); ``taper`` and ``crp_stages`` as in ModelConfig."""
     if upsample != "bilinear":
         raise ValueError(f"model.upsample={upsample!r}: lwrefinenet upsamples bilinearly; use decoder=unet")
+    if len(crp_stages) != len(in_channels) or any(n < 0 for n in crp_stages):
+        raise ValueError(
+            f"model.crp_stages={tuple(crp_stages)} needs one count >= 0 per backbone level "
+            f"({len(in_channels)} levels, fine to coarse)"
+        )
     chans, context = _context(in_channels, channels, aspp)
-    return LWRefineNet(chans, lw_widths(channels), LW_CRP_STAGES, context)
+    return LWRefineNet(chans, lw_widths(channels, len(chans), taper), crp_stages, context)
 
 
-def build_unet(in_channels: Sequence[int], channels: int, upsample: str, aspp: bool) -> UNet:
-    """U-Net with ``upsample`` = bilinear (+1x1 conv) or transposed."""
+def build_unet(
+    in_channels: Sequence[int],
+    channels: int,
+    upsample: str = "bilinear",
+    aspp: bool = False,
+    taper: bool = True,
+    crp_stages: Sequence[int] = (),
+) -> UNet:
+    """U-Net with ``upsample`` = bilinear (+1x1 conv) or transposed; ``taper=False`` keeps ``channels`` at
+    every level. It has no CRP: ``crp_stages`` is accepted for a uniform builder signature and not used."""
     chans, context = _context(in_channels, channels, aspp)
-    return UNet(chans, channels, upsample, context)
+    return UNet(chans, channels, upsample, context, taper)
 
 
-DECODERS: dict[str, Callable[[Sequence[int], int, str, bool], nn.Module]] = {
+DECODERS: dict[str, Callable[..., nn.Module]] = {
     "lwrefinenet": build_lwrefinenet,
     "unet": build_unet,
 }

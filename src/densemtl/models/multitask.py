@@ -16,6 +16,7 @@ from densemtl import tasks as task_table  # the module, not its names: tasks' mo
 from densemtl.config import ModelConfig
 from densemtl.models.backbones import BACKBONES, Backbone, freeze
 from densemtl.models.decoders import DECODERS
+from densemtl.models.heads import HEAD_KINDS
 
 SHARED = "shared"
 SHARING_MODES = ("shared", "split")
@@ -81,6 +82,7 @@ def _check(cfg: ModelConfig, tasks: tuple[str, ...]) -> None:
         "backbone": (cfg.backbone, tuple(BACKBONES)),
         "decoder": (cfg.decoder, tuple(DECODERS)),
         "sharing": (cfg.sharing, SHARING_MODES),
+        "head": (cfg.head, HEAD_KINDS),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -100,7 +102,14 @@ def build_model(cfg: ModelConfig) -> MultiTaskNet:
     )
     names = (SHARED,) if cfg.sharing == "shared" else tasks
     decoders = {
-        n: DECODERS[cfg.decoder](backbone.out_channels, cfg.decoder_channels, cfg.upsample, cfg.aspp)
+        n: DECODERS[cfg.decoder](
+            backbone.out_channels,
+            cfg.decoder_channels,
+            upsample=cfg.upsample,
+            aspp=cfg.aspp,
+            taper=cfg.decoder_taper,
+            crp_stages=cfg.crp_stages,
+        )
         for n in names
     }
     width = next(iter(decoders.values())).out_channels

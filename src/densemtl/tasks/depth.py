@@ -27,7 +27,7 @@ from densemtl.data.format import (
     encode_depth,
     open_image,
 )
-from densemtl.models.heads import light_trunk
+from densemtl.models.heads import make_trunk
 from densemtl.tasks.base import INVALID_DEPTH, Accumulator, Info, Task, TaskStats, masked_mean, resize
 from densemtl.tasks.depth_metrics import DepthMetrics
 from densemtl.viz.colors import colorize_depth
@@ -82,14 +82,20 @@ class DepthHead(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, param: str = "log", min_depth: float = 0.1, max_depth: float = 100.0
+        self,
+        in_channels: int,
+        param: str = "log",
+        min_depth: float = 0.1,
+        max_depth: float = 100.0,
+        trunk: str = "light",
+        hidden: int = 0,
     ):
         super().__init__()
         if not 0.0 < min_depth < max_depth:
             raise ValueError(f"depth bounds need 0 < min_depth < max_depth, got {min_depth}, {max_depth}")
         self.param, self.min_depth, self.max_depth = param, float(min_depth), float(max_depth)
-        self.trunk = light_trunk(in_channels)
-        self.out = nn.Conv2d(in_channels, 1, 1)
+        self.trunk, width = make_trunk(in_channels, trunk, hidden)
+        self.out = nn.Conv2d(width, 1, 1)
         nn.init.normal_(self.out.weight, std=1e-3)
         nn.init.constant_(
             self.out.bias, raw_for_depth(math.sqrt(min_depth * max_depth), param, min_depth, max_depth)
@@ -277,8 +283,13 @@ class Depth(Task):
 
     def encode(self, array: np.ndarray) -> np.ndarray:
         arr = np.asarray(array)
-        if arr.ndim != 2:
-            raise ValueError(f"depth must be an (H, W) array of metres, got shape {arr.shape}")
+        if arr.ndim == 3 and arr.shape[2] == 1:
+            arr = arr[..., 0]  # (H, W, 1) -> (H, W)
+        if arr.ndim != 2 or arr.dtype.kind not in "iuf":
+            raise ValueError(
+                f"depth must be an (H, W) array of metres, got {arr.dtype} {arr.shape}; pass one depth map "
+                "per image as float metres (0 or NaN = no measurement)"
+            )
         return encode_depth(arr)
 
     def new_stats(self, info: Info) -> TaskStats:
@@ -297,7 +308,9 @@ class Depth(Task):
             raise ValueError(f"model.depth_param={cfg.depth_param!r} is not one of {DEPTH_PARAMS}")
 
     def make_head(self, in_channels: int, cfg) -> nn.Module:
-        return DepthHead(in_channels, cfg.depth_param, cfg.min_depth, cfg.max_depth)
+        return DepthHead(
+            in_channels, cfg.depth_param, cfg.min_depth, cfg.max_depth, cfg.head, cfg.head_channels
+        )
 
     # loss and metrics
     def make_loss(self, cfg) -> nn.Module:

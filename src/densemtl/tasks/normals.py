@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from densemtl.data.format import DatasetFormatError, check_size, decode_normals, encode_normals, open_image
-from densemtl.models.heads import light_trunk
+from densemtl.models.heads import make_trunk
 from densemtl.tasks.base import Accumulator, Info, Task, TaskStats, masked_mean, resize
 from densemtl.viz.colors import colorize_normals
 
@@ -51,17 +51,17 @@ def unit(x: Tensor, dim: int = 1) -> Tensor:
 
 
 class NormalsHead(nn.Module):
-    """Camera-frame unit normals: depthwise 3x3 + 1x1 to 3 channels, normalised, resized, normalised again.
+    """Camera-frame unit normals: a trunk + 1x1 to 3 channels, normalised, resized, normalised again.
 
     Normalising at stride 4 and again after the bilinear resize keeps every output pixel unit length (a
     bilinear mix of unit vectors is shorter than 1). The bias starts at ``(0, 0, -1)``: a surface facing the
     camera, a neutral first guess from which every direction is reachable.
     """
 
-    def __init__(self, in_channels: int):
+    def __init__(self, in_channels: int, trunk: str = "light", hidden: int = 0):
         super().__init__()
-        self.trunk = light_trunk(in_channels)
-        self.out = nn.Conv2d(in_channels, 3, 1)
+        self.trunk, width = make_trunk(in_channels, trunk, hidden)
+        self.out = nn.Conv2d(width, 3, 1)
         nn.init.normal_(self.out.weight, std=1e-2)
         with torch.no_grad():
             self.out.bias.copy_(torch.tensor([0.0, 0.0, -1.0]))
@@ -299,7 +299,7 @@ class Normals(Task):
 
     # model
     def make_head(self, in_channels: int, cfg) -> nn.Module:
-        return NormalsHead(in_channels)
+        return NormalsHead(in_channels, cfg.head, cfg.head_channels)
 
     def upsample(self, output: Tensor, size: Sequence[int]) -> Tensor:
         return unit(resize(output, size))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densemtl.data.format import DEPTH_MODES, DatasetFormatError, check_size, open_image
-from densemtl.models.heads import light_trunk
+from densemtl.models.heads import make_trunk
 from densemtl.tasks.base import IGNORE_INDEX, Accumulator, Info, Task, TaskStats, masked_mean, resize
 from densemtl.tasks.semseg_metrics import SegMetrics
 from densemtl.viz.colors import colorize_labels, overlay
@@ -29,14 +29,14 @@ OVERLAY_ALPHA = 0.6
 
 
 class SegHead(nn.Module):
-    """Per-pixel class logits: depthwise 3x3 + 1x1 on the decoder map, bilinear resize to the input."""
+    """Per-pixel class logits: a trunk (``models.heads.make_trunk``) + 1x1 on the decoder map, bilinear resize."""
 
-    def __init__(self, in_channels: int, num_classes: int):
+    def __init__(self, in_channels: int, num_classes: int, trunk: str = "light", hidden: int = 0):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"semseg needs at least 2 classes, got num_classes={num_classes}")
-        self.trunk = light_trunk(in_channels)
-        self.out = nn.Conv2d(in_channels, num_classes, 1)
+        self.trunk, width = make_trunk(in_channels, trunk, hidden)
+        self.out = nn.Conv2d(width, num_classes, 1)
 
     def forward(self, x: Tensor, size: Sequence[int]) -> Tensor:
         """(B, in_channels, h, w) -> logits (B, num_classes, *size)."""
@@ -141,14 +141,22 @@ def load_semseg(path: Path, size: tuple[int, int], num_classes: int) -> np.ndarr
         )
     arr = np.asarray(img).astype(np.int64)
     check_size(arr, path, size, "semseg label")
-    bad = (arr >= num_classes) & (arr != IGNORE_INDEX) | (arr < 0)
-    if bad.any():
-        ids = np.unique(arr[bad])[:10].tolist()
-        raise DatasetFormatError(
-            f"{path}: label ids {ids} are outside the {num_classes} classes of dataset.json; map them to "
-            f"0..{num_classes - 1}, or to {IGNORE_INDEX} (ignore), or add the classes to dataset.json"
-        )
+    problem = label_id_problem(arr, num_classes)
+    if problem:
+        raise DatasetFormatError(f"{path}: {problem}")
     return arr
+
+
+def label_id_problem(ids: np.ndarray, num_classes: int) -> str:
+    """Why integer ``ids`` are not labels of ``num_classes`` classes (0..C-1, 255 = ignore); '' when they are."""
+    bad = (ids >= num_classes) & (ids != IGNORE_INDEX) | (ids < 0)
+    if not bad.any():
+        return ""
+    found = np.unique(ids[bad])[:10].tolist()
+    return (
+        f"label ids {found} are outside the {num_classes} classes of dataset.json; map them to "
+        f"0..{num_classes - 1}, or to {IGNORE_INDEX} (ignore), or add the classes to dataset.json"
+    )
 
 
 class SemsegStats(TaskStats):
@@ -201,16 +209,31 @@ class Semseg(Task):
 
     def encode(self, array: np.ndarray) -> np.ndarray:
         arr = np.asarray(array)
-        if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+        if arr.ndim == 3 and arr.shape[2] == 1:
+            arr = arr[..., 0]  # (H, W, 1) -> (H, W)
+        if arr.ndim != 2 or arr.dtype.kind not in "biuf":
             raise ValueError(
-                f"semseg labels must be an (H, W) integer array of class ids, got {arr.dtype} {arr.shape}"
+                f"semseg labels must be an (H, W) array of integer class ids, got {arr.dtype} {arr.shape}; "
+                "map colour-coded labels to ids first"
             )
+        if arr.dtype.kind == "f":  # float ids (e.g. from .npy files) are fine when they are whole numbers
+            bad = ~np.isfinite(arr) | (arr != np.round(arr))
+            if bad.any():
+                raise ValueError(
+                    f"semseg labels must be whole class ids, got {arr[bad].flat[0]!r} ({int(bad.sum())} "
+                    f"non-integer or non-finite pixels); round or map them to ids, {IGNORE_INDEX} = ignore"
+                )
         if arr.size and (arr.min() < 0 or arr.max() > IGNORE_INDEX):
             raise ValueError(
-                f"semseg ids must be in 0..254 or {IGNORE_INDEX} (ignore), got {arr.min()}..{arr.max()}; "
-                "map them before writing"
+                f"semseg ids must be in 0..254 or {IGNORE_INDEX} (ignore), got {arr.min():g}..{arr.max():g}; "
+                f"map them before writing (e.g. -1 or void -> {IGNORE_INDEX})"
             )
         return arr.astype(np.uint8)
+
+    def check_target(self, encoded: np.ndarray, info: Info) -> None:
+        problem = label_id_problem(encoded, len(info["classes"]))
+        if problem:
+            raise ValueError(problem)
 
     def new_stats(self, info: Info) -> TaskStats:
         return SemsegStats(len(info.get("classes", [])))
@@ -234,7 +257,7 @@ class Semseg(Task):
             )
 
     def make_head(self, in_channels: int, cfg) -> nn.Module:
-        return SegHead(in_channels, cfg.num_classes)
+        return SegHead(in_channels, cfg.num_classes, cfg.head, cfg.head_channels)
 
     # loss and metrics
     def make_loss(self, cfg) -> nn.Module:
