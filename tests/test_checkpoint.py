@@ -118,7 +118,7 @@ def test_version_1_checkpoints_are_converted_on_load(tmp_path):
         del old["model"][key]
     save_checkpoint(tmp_path / "v1.pt", old)
     ckpt = load_checkpoint(tmp_path / "v1.pt")
-    assert ckpt["version"] == CHECKPOINT_VERSION == 2 and ckpt["config"] == to_dict(cfg)
+    assert ckpt["version"] == CHECKPOINT_VERSION == 3 and ckpt["config"] == to_dict(cfg)
     loaded = model_from_checkpoint(ckpt).eval()
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
     assert torch.equal(loaded.pixel_mean.flatten(), mean) and torch.equal(loaded.pixel_std.flatten(), std)
@@ -131,3 +131,26 @@ def test_version_1_checkpoints_are_converted_on_load(tmp_path):
         before = loaded((rgb - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))
     for task in new:
         assert torch.allclose(new[task], before[task], atol=1e-5), task
+
+
+def test_version_2_checkpoints_keep_their_decoder_and_heads_whatever_the_defaults(tmp_path):
+    """A version-2 config does not name the decoder layout; loading fills in the one it was built with, so
+    changing ModelConfig's defaults (widths, CRP stages, heads) never breaks an old checkpoint."""
+    from densemtl.config import Config, ModelConfig, to_dict
+    from densemtl.models import build_model
+    from densemtl.train.checkpoint import V2_MODEL_LAYOUT, make_payload, model_from_checkpoint
+
+    layout = {"decoder_taper": True, "crp_stages": (0, 2, 2, 4), "head": "light", "head_channels": 0}
+    cfg = Config(model=ModelConfig(num_classes=3, backbone="mobilenet_v3_small", decoder_channels=8, **layout))
+    model = build_model(cfg.model).eval()
+    old = make_payload(cfg, model, {"classes": ["a", "b", "c"]})
+    old["version"] = 2
+    for key in V2_MODEL_LAYOUT:  # a version-2 file's config has no such keys
+        del old["config"]["model"][key]
+    save_checkpoint(tmp_path / "v2.pt", old)
+    ckpt = load_checkpoint(tmp_path / "v2.pt")
+    assert ckpt["config"]["model"] == to_dict(cfg)["model"]
+    loaded = model_from_checkpoint(ckpt).eval()  # strict load: the same architecture
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x)["depth"], model(x)["depth"])

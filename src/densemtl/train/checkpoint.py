@@ -22,7 +22,11 @@ from densemtl.fileio import atomic_write
 log = logging.getLogger("densemtl")
 
 CHECKPOINT_FORMAT = "densemtl-checkpoint"
-CHECKPOINT_VERSION = 2  # 2: the model owns its input normalisation (pixel_mean/pixel_std buffers)
+CHECKPOINT_VERSION = 3  # 2: the model owns its input normalisation; 3: the config names its decoder/head layout
+# What a version <= 2 config left out, because those models could only be built one way: the tapered
+# LW-RefineNet widths, CRP stages (0, 2, 2, 4) and light heads. Filled in on load, so a later change of the
+# ModelConfig defaults never rebuilds an old checkpoint with a different architecture.
+V2_MODEL_LAYOUT = {"decoder_taper": True, "crp_stages": [0, 2, 2, 4], "head": "light", "head_channels": 0}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what version-1 models were fed with, normalised outside the model
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -198,14 +202,19 @@ def _upgrade(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
 
     Version 1 models took ImageNet-normalised input; version 2 models take RGB in [0, 1] and normalise it
     themselves. Adding ImageNet's statistics as the model's ``pixel_mean``/``pixel_std`` buffers gives exactly
-    the old network for the new input convention.
+    the old network for the new input convention. Version 2 configs do not name the decoder/head layout
+    (:data:`V2_MODEL_LAYOUT` is the only one they could describe), so it is filled in.
     """
     if ckpt.get("version", 1) < 2:
         model = dict(ckpt["model"])
         model.setdefault("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         model.setdefault("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
-        ckpt = {**ckpt, "model": model, "version": CHECKPOINT_VERSION}
+        ckpt = {**ckpt, "model": model, "version": 2}
         log.info("%s: version-1 checkpoint converted on load (normalisation moved into the model)", path)
+    if ckpt.get("version", 1) < 3:
+        config = dict(ckpt["config"])
+        config["model"] = {**V2_MODEL_LAYOUT, **config.get("model", {})}
+        ckpt = {**ckpt, "config": config, "version": CHECKPOINT_VERSION}
     return ckpt
 
 
