@@ -6,6 +6,7 @@ Smoke runs only (a few steps on tiny inputs): the benchmarks' figures come from 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -104,3 +105,17 @@ def test_pareto_latency_smoke(tmp_path: Path) -> None:
     assert set(lat) == {"mobilenet_v3_small default", pareto.REFERENCE}
     assert all(v["ort_ms"] > 0 and v["gflops"] > 0 for v in lat.values())
     assert lat[pareto.REFERENCE]["vs_lraspp"] == 1.0
+
+
+def test_presets_load_build_and_default_is_model_config() -> None:
+    from densemtl.config import load_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    presets = {n: load_config(configs / f"{n}.yaml").model for n in ("realtime", "default", "accurate", "paper")}
+    assert presets["default"] == ModelConfig()  # the file says what `densemtl train` builds with no config
+    assert presets["realtime"].backbone == "mobilenet_v3_small" and not presets["accurate"].decoder_taper
+    params = {}
+    for name, mc in presets.items():
+        model = build_model(dataclasses.replace(mc, num_classes=4))
+        params[name] = sum(p.numel() for p in model.parameters())
+    assert params["realtime"] < params["default"] < params["accurate"] < params["paper"]

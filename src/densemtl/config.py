@@ -59,8 +59,10 @@ class ModelConfig:
     decoder_channels: int = 128  # LW-RefineNet: coarsest width (tapers finer); U-Net: coarsest width, output //4
     decoder_taper: bool = True  # LW-RefineNet: widths halve towards stride 4 (False = the same everywhere)
     crp_stages: tuple[int, ...] = (0, 2, 2, 4)  # LW-RefineNet: CRP stages per level, fine to coarse
-    head: str = "light"  # light (depthwise 3x3 + ReLU) | separable (+ 1x1 conv-BN-ReLU) | conv (3x3 conv-BN-ReLU)
-    head_channels: int = 0  # width of a separable/conv head's hidden layer (0 = the decoder's output width)
+    # Default heads widen the shared 32-channel stride-4 map per task: chosen on accuracy (real NYUv2 frames) and
+    # latency together, benchmarks/pareto.py; see the README's "Accuracy per millisecond".
+    head: str = "separable"  # light (depthwise 3x3 + ReLU) | separable (+ 1x1 conv-BN-ReLU) | conv (3x3 conv-BN-ReLU)
+    head_channels: int = 128  # width of a separable/conv head's hidden layer (0 = the decoder's output width)
     bn_momentum: float = 0.1  # BatchNorm running-stat momentum for every layer (torchvision's MobileNets use 0.01)
     upsample: str = "bilinear"  # bilinear | transposed (U-Net)
     aspp: bool = False
