@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	test -f $(DATA)/dataset.json || $(PY) -m densemtl data synth --out $(DATA) --overwrite --train 2000 --val 400 --size 256x512 --seed 0
 	$(PY) -m densemtl data preview $(DATA) --split val -n 8 --out $(RUN)/preview.png
-	$(PY) -m densemtl train --config configs/synthetic.yaml --set data.root=$(DATA) --set train.out_dir=$(RUN)
+	$(PY) -m densemtl train --config configs/synthetic.yaml --set data.root=$(DATA) --set train.out_dir=$(RUN) --overwrite
 	$(PY) -m densemtl evaluate --checkpoint $(RUN)/best.pt --split val --out $(RUN)/eval_val
 	$(PY) -m densemtl predict --checkpoint $(RUN)/best.pt --out $(RUN)/predictions $$(ls $(DATA)/val/images/* | head -n 6)
 	$(PY) -m densemtl report $(RUN)
