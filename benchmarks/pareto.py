@@ -40,27 +40,14 @@ IMAGENET = HERE.parent.parent / "shared" / "weights" / "mobilenet_v2_imagenet_fe
 
 
 # ------------------------------------------------------------------------------------------------ latency
-class _Out(nn.Module):
-    """torchvision segmentation models return ``{"out": logits}``: export the tensor."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)["out"]
-
-
 def _export_reference(path: Path, size: tuple[int, int]) -> nn.Module:
-    import warnings
-
+    """torchvision's LR-ASPP (13 classes, random weights: latency does not depend on them) as ONNX at ``path``."""
     from torchvision.models.segmentation import lraspp_mobilenet_v3_large
 
-    ref = _Out(lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=13)).eval()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(ref, (torch.zeros(1, 3, *size),), str(path), dynamo=False, opset_version=18,
-                          input_names=["image"], output_names=["out"])  # fmt: skip
+    from densemtl.deploy.benchmark import FirstOutput, export_plain
+
+    ref = FirstOutput(lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=13)).eval()
+    export_plain(ref, path, size)
     return ref
 
 

@@ -91,7 +91,7 @@ def model_cost(model: nn.Module, size: tuple[int, int]) -> dict[str, float]:
     }
 
 
-class _FirstOutput(nn.Module):
+class FirstOutput(nn.Module):
     """torchvision segmentation models return ``{"out": logits}``; export the tensor."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -102,7 +102,7 @@ class _FirstOutput(nn.Module):
         return self.model(x)["out"]
 
 
-def _export_plain(model: nn.Module, path: Path, size: tuple[int, int]) -> Path:
+def export_plain(model: nn.Module, path: Path, size: tuple[int, int]) -> Path:
     """Fixed-size fp32 export of any tensor -> tensor model (for the reference)."""
     import warnings
 
@@ -170,14 +170,14 @@ def build_runners(
             run = _ort_runner(file, x, threads)
         runners[f"densemtl {backend}"] = {"run": run, "model": "densemtl", "backend": backend, "file": file}
     if reference:
-        ref = _FirstOutput(
+        ref = FirstOutput(
             lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=8)
         ).eval()
         torch.save(ref, tmp / "lraspp.pt")
         runners[f"{REFERENCE} torch"] = {
             "run": _torch_runner(ref, x), "model": REFERENCE, "backend": "torch", "file": tmp / "lraspp.pt",
         }  # fmt: skip
-        file = _export_plain(ref, tmp / "lraspp.onnx", size)
+        file = export_plain(ref, tmp / "lraspp.onnx", size)
         runners[f"{REFERENCE} onnxruntime"] = {
             "run": _ort_runner(file, x, threads), "model": REFERENCE, "backend": "onnxruntime", "file": file,
         }  # fmt: skip
