@@ -112,11 +112,7 @@ def atomic_write_text(path: str | Path, text: str, *, fsync: bool = True) -> Pat
 
 def append_text(path: str | Path, text: str) -> None:
     """Append ``text`` to ``path`` (a log), refusing a symlink there; new files follow the umask."""
-    path = Path(path)
-    check_writable_target(path)
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(path, flags, 0o666)
-    with os.fdopen(fd, "a", encoding="utf-8") as f:
+    with open_append(path) as f:
         f.write(text)
 
 
