@@ -110,6 +110,21 @@ def to_ground_frame(points: np.ndarray, pose: CameraPose) -> np.ndarray:
     return out
 
 
+def camera_depth(
+    points: np.ndarray, pose: CameraPose | None, camera_xz: tuple[float, float] = (0.0, 0.0)
+) -> np.ndarray:
+    """Camera z-depth (...,) metres of points (..., 3): their z in the camera frame (``pose`` None), else the
+    inverse of ``to_ground_frame`` for a camera at ground (``camera_xz[0]``, ``pose.height``, ``camera_xz[1]``).
+
+    Why: a relative depth std needs the depth, which a ground-frame point no longer shows.
+    """
+    p = np.asarray(points, dtype=np.float64)
+    if pose is None:
+        return p[..., 2]
+    centre = np.array([camera_xz[0], pose.height, camera_xz[1]])
+    return (p - centre) @ pose.rotation()[:, 2]  # row 2 of R^T (g - t): camera = R^T (ground - centre)
+
+
 def fit_plane(points: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
     """Least-squares plane through points (N, 3): unit normal n, offset d (n . p = d), residuals (N,) metres."""
     p = np.asarray(points, dtype=np.float64)
@@ -137,16 +152,42 @@ def pose_from_ground_plane(normal: np.ndarray, offset: float) -> CameraPose:
     return CameraPose(height=float(-offset), pitch_deg=float(pitch), roll_deg=float(roll))
 
 
+def drop_uncertain_depth(depth: np.ndarray, depth_std: np.ndarray, max_rel_std: float) -> np.ndarray:
+    """Depth (H, W) float32 with 0 (invalid) where the relative std ``depth_std / depth`` exceeds
+    ``max_rel_std``; ``max_rel_std`` 0 keeps every pixel.
+
+    ``depth_std`` (H, W) is the predicted std of the depth in metres. A valid depth whose std is not a finite
+    number >= 0 counts as unknown and is dropped by any limit: an unknown error is not a small one.
+    """
+    if not (max_rel_std >= 0 and math.isfinite(max_rel_std)):
+        raise ValueError(
+            f"max_rel_std must be a finite number >= 0 (--max-rel-std; 0 keeps every point), got {max_rel_std}"
+        )
+    d = np.asarray(depth, dtype=np.float32)
+    std = np.asarray(depth_std, dtype=np.float32)
+    if std.shape != d.shape:
+        raise ValueError(f"depth_std {std.shape} must have the shape of the depth map {d.shape}")
+    if max_rel_std == 0:
+        return d
+    valid = np.isfinite(d) & (d > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        confident = (std >= 0) & (std / np.where(valid, d, np.float32(1)) <= np.float32(max_rel_std))
+    return np.where(valid & confident, d, np.float32(0))
+
+
 @dataclass(frozen=True)
 class PointCloud:
     """A semantic point cloud: xyz (N, 3) float32 metres, rgb (N, 3) uint8, label (N,) uint8 (255 = none),
-    confidence (N,) float32 or None; ``frame`` is "camera" or "ground"."""
+    confidence (N,) float32 or None (the class's softmax maximum); ``frame`` is "camera" or "ground";
+    depth_std (N,) float32 metres or None: the predicted std of each point's depth, for models with
+    depth uncertainty."""
 
     xyz: np.ndarray
     rgb: np.ndarray
     label: np.ndarray
     confidence: np.ndarray | None = None
     frame: str = "camera"
+    depth_std: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.xyz)
@@ -154,7 +195,15 @@ class PointCloud:
     def select(self, keep: np.ndarray) -> PointCloud:
         """The points where ``keep`` (boolean (N,) or indices) holds."""
         conf = None if self.confidence is None else self.confidence[keep]
-        return replace(self, xyz=self.xyz[keep], rgb=self.rgb[keep], label=self.label[keep], confidence=conf)
+        std = None if self.depth_std is None else self.depth_std[keep]
+        return replace(
+            self,
+            xyz=self.xyz[keep],
+            rgb=self.rgb[keep],
+            label=self.label[keep],
+            confidence=conf,
+            depth_std=std,
+        )
 
 
 def semantic_point_cloud(
@@ -166,14 +215,20 @@ def semantic_point_cloud(
     pose: CameraPose | None = None,
     max_range: float | None = None,
     voxel: float | None = None,
+    depth_std: np.ndarray | None = None,
+    max_rel_std: float = 0.0,
 ) -> PointCloud:
     """Valid-depth pixels -> a PointCloud (in the ground frame when ``pose`` is given, else camera frame).
 
     ``max_range`` drops points farther than this from the camera (Euclidean, metres): far predicted depth is
     the least reliable. ``voxel`` (metres) averages the points of each cubic cell (see ``voxel_downsample``).
+    ``depth_std`` (H, W) metres, the predicted depth std, is carried per point; with it, ``max_rel_std`` > 0
+    drops the points whose relative std exceeds it (``drop_uncertain_depth``).
     """
     if max_range is not None and not (max_range > 0 and math.isfinite(max_range)):
         raise ValueError(f"max_range must be a finite distance > 0 m (--max-range), got {max_range}")
+    if depth_std is not None:
+        depth = drop_uncertain_depth(depth, depth_std, max_rel_std)
     pts = backproject(depth, intrinsics).reshape(-1, 3)  # (HW, 3) camera frame
     valid = pts[:, 2] > 0
     if max_range is not None:
@@ -182,16 +237,23 @@ def semantic_point_cloud(
     colors = np.zeros((len(idx), 3), np.uint8) if rgb is None else np.asarray(rgb).reshape(-1, 3)[idx]
     labels = np.full(len(idx), 255, np.uint8) if semseg is None else np.asarray(semseg).reshape(-1)[idx]
     conf = None if confidence is None else np.asarray(confidence, np.float32).reshape(-1)[idx]
+    std = None if depth_std is None else np.asarray(depth_std, np.float32).reshape(-1)[idx]
     xyz = pts[idx]
     frame = "camera"
     if pose is not None:
         xyz, frame = to_ground_frame(xyz, pose), "ground"
-    cloud = PointCloud(xyz, colors.astype(np.uint8), labels.astype(np.uint8), conf, frame)
+    cloud = PointCloud(xyz, colors.astype(np.uint8), labels.astype(np.uint8), conf, frame, std)
     return voxel_downsample(cloud, voxel) if voxel else cloud
 
 
 def voxel_downsample(cloud: PointCloud, voxel: float) -> PointCloud:
-    """One point per occupied cubic cell of side ``voxel``: mean xyz/rgb/confidence, most frequent label."""
+    """One point per occupied cubic cell of side ``voxel``: mean xyz/rgb/confidence, most frequent label, and
+    the root-mean-square of the depth stds.
+
+    Why RMS: it is the std of a point drawn at random from the voxel and is never below the mean std, so one
+    bad point is not hidden. It is not the std of the averaged position (``sqrt(sum s^2) / n``): neighbouring
+    pixels share most of their error (one network, one image region), so averaging them removes little of it.
+    """
     if not (voxel > 0 and math.isfinite(voxel)):
         raise ValueError(f"voxel size must be a finite size > 0 m (--voxel), got {voxel}")
     if len(cloud) == 0:
@@ -209,12 +271,15 @@ def voxel_downsample(cloud: PointCloud, voxel: float) -> PointCloud:
     xyz = mean(cloud.xyz.astype(np.float64)).astype(np.float32)
     rgb = np.round(mean(cloud.rgb.astype(np.float64))).astype(np.uint8)
     conf = None if cloud.confidence is None else mean(cloud.confidence[:, None])[:, 0].astype(np.float32)
+    std = None
+    if cloud.depth_std is not None:
+        std = np.sqrt(mean(np.square(cloud.depth_std.astype(np.float64))[:, None])[:, 0]).astype(np.float32)
     # majority label: count (voxel, label) pairs, then keep the largest count per voxel
     pair, pair_count = np.unique(inv * 256 + cloud.label.astype(np.int64), return_counts=True)
     order = np.lexsort((pair_count, pair // 256))  # by voxel, then count ascending
     last = np.r_[np.diff(pair[order] // 256) != 0, True]  # last (largest) entry of each voxel
     label = (pair[order][last] % 256).astype(np.uint8)
-    return PointCloud(xyz, rgb, label, conf, cloud.frame)
+    return PointCloud(xyz, rgb, label, conf, cloud.frame, std)
 
 
 _PLY_FIELDS = [("x", "f4"), ("y", "f4"), ("z", "f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1")]
@@ -223,18 +288,20 @@ _PLY_DTYPES = {v: k for k, v in _PLY_TYPES.items()} | {"float32": "f4", "uint8":
 
 
 def write_ply(path: str | Path, cloud: PointCloud) -> Path:
-    """Binary little-endian PLY (Open3D, MeshLab, CloudCompare): x y z, red green blue, label[, confidence]."""
+    """Binary little-endian PLY (Open3D, MeshLab, CloudCompare): x y z, red green blue, label[, confidence]
+    [, depth_std] (metres)."""
     fields = [*_PLY_FIELDS, ("label", "u1")]
-    if cloud.confidence is not None:
-        fields.append(("confidence", "f4"))
+    optional = {"confidence": cloud.confidence, "depth_std": cloud.depth_std}
+    fields += [(name, "f4") for name, v in optional.items() if v is not None]
     data = np.empty(len(cloud), dtype=[(name, "<" + t) for name, t in fields])
     for k, name in enumerate("xyz"):
         data[name] = cloud.xyz[:, k]
     for k, name in enumerate(("red", "green", "blue")):
         data[name] = cloud.rgb[:, k]
     data["label"] = cloud.label
-    if cloud.confidence is not None:
-        data["confidence"] = cloud.confidence
+    for name, values in optional.items():
+        if values is not None:
+            data[name] = values
     header = [
         "ply",
         "format binary_little_endian 1.0",
@@ -267,9 +334,11 @@ def read_ply(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def save_npz(path: str | Path, cloud: PointCloud, **extra: np.ndarray | float | str) -> Path:
-    """Compressed NPZ with xyz, rgb, label[, confidence], frame and any ``extra`` arrays (e.g. intrinsics)."""
+    """Compressed NPZ with xyz, rgb, label[, confidence][, depth_std], frame and any ``extra`` arrays (e.g.
+    intrinsics)."""
     arrays = {"xyz": cloud.xyz, "rgb": cloud.rgb, "label": cloud.label, "frame": np.array(cloud.frame)}
-    if cloud.confidence is not None:
-        arrays["confidence"] = cloud.confidence
+    for name, values in (("confidence", cloud.confidence), ("depth_std", cloud.depth_std)):
+        if values is not None:
+            arrays[name] = values
     extra_arrays = {k: np.asarray(v) for k, v in extra.items()}
     return atomic_write(path, lambda f: np.savez_compressed(f, **arrays, **extra_arrays))

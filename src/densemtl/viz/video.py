@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from densemtl.scene3d.bev import SceneOptions, bev_map, colorize_bev, scene_of
+from densemtl.scene3d.bev import SceneOptions, colorize_bev, scene_bev, scene_of
 
 CODECS = ("avc1", "mp4v")  # preferred first
 
@@ -181,7 +181,7 @@ def frame_bev(
     scene = scene_of(rgb, pred, info, opts, meta)
     if scene is None:
         return None
-    return colorize_bev(bev_map(scene.cloud, opts.grid, scene.drivable), info.get("palette", []), opts.grid)
+    return colorize_bev(scene_bev(scene, opts.grid), info.get("palette", []), opts.grid)
 
 
 def run_video(
