@@ -118,7 +118,7 @@ def test_version_1_checkpoints_are_converted_on_load(tmp_path):
         del old["model"][key]
     save_checkpoint(tmp_path / "v1.pt", old)
     ckpt = load_checkpoint(tmp_path / "v1.pt")
-    assert ckpt["version"] == CHECKPOINT_VERSION == 3 and ckpt["config"] == to_dict(cfg)
+    assert ckpt["version"] == CHECKPOINT_VERSION == 4 and ckpt["config"] == to_dict(cfg)
     loaded = model_from_checkpoint(ckpt).eval()
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
     assert torch.equal(loaded.pixel_mean.flatten(), mean) and torch.equal(loaded.pixel_std.flatten(), std)

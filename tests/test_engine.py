@@ -296,7 +296,8 @@ def test_onnxruntime_backend_predicts_like_torch(synthetic_root, tiny_run):
     image = np.asarray(Image.open(sorted((synthetic_root / "val" / "images").iterdir())[0]))
     for rgb in (image, image[:48, :96]):  # the training size, and another one (dynamic axes)
         a, b = ref.predict(rgb), ort.predict(rgb)
-        assert set(a) == set(b) == {"semseg", "confidence", "depth"}
+        assert set(a) == set(b) == {"semseg", "confidence", "entropy", "depth", "depth_std"}
         assert a["semseg"].shape == b["semseg"].shape == rgb.shape[:2]
         assert (a["semseg"] == b["semseg"]).mean() >= 0.999
         assert np.abs(a["depth"] - b["depth"]).max() < 1e-3
+        assert np.abs(a["depth_std"] - b["depth_std"]).max() < 1e-3  # the uncertainty comes through ONNX too

@@ -56,16 +56,22 @@ def test_export_parity_metadata_and_outputs(tmp_path):
     assert meta["input"]["normalization"] == "in-model" and meta["input"]["size"] == list(SIZE)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["image"]
-    assert [o.name for o in session.get_outputs()] == ["semseg_logits", "semseg", "depth"]
+    names = ["semseg_logits", "semseg", "semseg_confidence", "depth", "depth_std"]
+    assert [o.name for o in session.get_outputs()] == names and meta["outputs"] == names
     raw = torch.rand(1, 3, *SIZE)  # RGB in [0, 1], as the PyTorch model takes it
-    logits, ids, depth = session.run(None, {"image": raw.numpy()})
+    logits, ids, conf, depth, depth_std = session.run(None, {"image": raw.numpy()})
     with torch.no_grad():
         ref = model(raw)
     assert np.array_equal(ids, logits.argmax(1)) and ids.shape == (1, *SIZE)
-    assert np.abs(depth - ref["depth"].numpy()).max() < 1e-3
+    want_conf = ref["semseg"].softmax(1).amax(1).numpy()  # the calibrated softmax maximum
+    assert conf.shape == (1, *SIZE) and np.abs(conf - want_conf).max() < 1e-4
+    assert np.abs(depth - ref["depth"][:, :1].numpy()).max() < 1e-3
+    want_std = (ref["depth"][:, :1] * ref["depth"][:, 1:]).numpy()  # metres: depth x std of ln depth
+    assert depth_std.shape == depth.shape and np.abs(depth_std - want_std).max() < 1e-3
     assert depth.std() > 0.01  # the comparison is not between two constants
     report = check_parity(model, path, parity_images(None, SIZE, n=2)[0])
     assert report["passed"] and report["depth_max_abs_err_m"] < 1e-3 and report["class_agreement"] >= 0.999
+    assert report["depth_std_max_abs_err_m"] < 1e-3 and report["confidence_max_abs_err"] < 1e-3
 
 
 def test_parity_check_catches_a_different_model(tmp_path):
@@ -87,7 +93,8 @@ def test_three_task_export_parity_covers_normals(tmp_path):
     tasks = ("semseg", "depth", "normals")
     model = export_tiny(path, dynamic=True, tasks=tasks)
     meta = read_metadata(path)
-    assert meta["tasks"] == list(tasks) and meta["outputs"] == ["semseg_logits", "semseg", "depth", "normals"]
+    outputs = ["semseg_logits", "semseg", "semseg_confidence", "depth", "depth_std", "normals"]
+    assert meta["tasks"] == list(tasks) and meta["outputs"] == outputs
     got = OnnxModel.from_file(path, threads=1)(torch.rand(1, 3, 40, 56))
     assert got["normals"].shape == (1, 3, 40, 56)
     assert torch.allclose(got["normals"].norm(dim=1), torch.ones(1, 40, 56), atol=1e-4)  # unit vectors
@@ -126,7 +133,7 @@ def test_dynamic_axes_batch_and_size(tmp_path):
     with torch.no_grad():
         ref = model(x)
     got = engine(x)
-    assert got["semseg"].shape == (2, 4, 48, 80) and got["depth"].shape == (2, 1, 48, 80)
+    assert got["semseg"].shape == (2, 4, 48, 80) and got["depth"].shape == (2, 2, 48, 80)  # metres, std
     assert (got["depth"] - ref["depth"]).abs().max() < 1e-3
     assert (got["semseg"].argmax(1) == ref["semseg"].argmax(1)).float().mean() >= 0.999
 

@@ -23,12 +23,13 @@ def build_loss(loss: LossConfig, tasks: tuple[str, ...], num_classes: int):
 C = 4
 
 
-def _outputs(b: int = 2, h: int = 8, w: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+def _outputs(b: int = 2, h: int = 8, w: int = 8, seed: int = 0, std: bool = False) -> dict[str, torch.Tensor]:
+    """Random outputs; ``std`` adds the depth head's uncertainty channel (std of ln depth)."""
     g = torch.Generator().manual_seed(seed)
-    return {
-        "semseg": torch.randn(b, C, h, w, generator=g).requires_grad_(),
-        "depth": (torch.rand(b, 1, h, w, generator=g) * 20 + 0.5).requires_grad_(),
-    }
+    depth = torch.rand(b, 1, h, w, generator=g) * 20 + 0.5
+    if std:
+        depth = torch.cat([depth, torch.rand(b, 1, h, w, generator=g) * 0.5 + 0.05], dim=1)
+    return {"semseg": torch.randn(b, C, h, w, generator=g).requires_grad_(), "depth": depth.requires_grad_()}
 
 
 def _targets(b: int = 2, h: int = 8, w: int = 8, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -45,7 +46,7 @@ def _targets(b: int = 2, h: int = 8, w: int = 8, seed: int = 1) -> dict[str, tor
 def test_nothing_valid_gives_exact_zero_and_zero_grads(seg: str, depth: str) -> None:
     for space in DEPTH_SPACES:
         loss = build_loss(LossConfig(semseg=seg, depth=depth, depth_space=space), ("semseg", "depth"), C)
-        out = _outputs()
+        out = _outputs(std=space == "log" or depth.endswith("_nll"))  # also the std's side loss of l1 etc.
         batch = {"semseg": torch.full((2, 8, 8), 255), "depth": torch.zeros(2, 1, 8, 8)}
         terms = loss(out, batch)
         assert terms["semseg"].item() == 0.0 and terms["depth"].item() == 0.0 and terms["total"].item() == 0.0

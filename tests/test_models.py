@@ -53,9 +53,11 @@ def test_every_model_forward_backward_odd_sizes_and_state_dict(
     x = torch.randn(2, 3, 64, 64)
     out = model(x)
     assert set(out) == {"semseg", "depth"}
-    assert out["semseg"].shape == (2, 5, 64, 64) and out["depth"].shape == (2, 1, 64, 64)
+    # depth: metres and the std of ln depth (model.uncertainty is on by default)
+    assert out["semseg"].shape == (2, 5, 64, 64) and out["depth"].shape == (2, 2, 64, 64)
     assert all(torch.isfinite(v).all() for v in out.values())
-    assert out["depth"].min() >= cfg.min_depth and out["depth"].max() <= cfg.max_depth
+    assert out["depth"][:, 0].min() >= cfg.min_depth and out["depth"][:, 0].max() <= cfg.max_depth
+    assert out["depth"][:, 1].min() > 0
     (out["semseg"].square().mean() + out["depth"].log().mean()).backward()
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
@@ -65,7 +67,7 @@ def test_every_model_forward_backward_odd_sizes_and_state_dict(
     odd = torch.randn(1, 3, 97, 130)
     with torch.no_grad():
         y = model(odd)
-        assert y["semseg"].shape == (1, 5, 97, 130) and y["depth"].shape == (1, 1, 97, 130)
+        assert y["semseg"].shape == (1, 5, 97, 130) and y["depth"].shape == (1, 2, 97, 130)
         torch.manual_seed(1)
         clone = build_model(cfg).eval()
         clone.load_state_dict(model.state_dict())

@@ -306,7 +306,7 @@ def test_toy_task_exports_with_parity_and_runs_in_onnx_runtime(
     root, run = toy_run
     report = export_checkpoint(run / "best.pt", tmp_path / "toy.onnx")
     assert report["metadata"]["tasks"] == ["semseg", "brightness"]
-    assert report["metadata"]["outputs"] == ["semseg_logits", "semseg", "brightness"]
+    assert report["metadata"]["outputs"] == ["semseg_logits", "semseg", "semseg_confidence", "brightness"]
     assert report["parity"]["passed"] and report["parity"]["inputs"] == str(root / "val")
     assert 0.0 <= report["parity"]["brightness_max_abs_err"] <= 0.5 / 255
     rgb = np.asarray(Image.open(root / "val" / "images" / "000.png"))
@@ -322,7 +322,7 @@ def test_toy_task_predicts_arrays_and_files(toy_run: tuple[Path, Path], tmp_path
     root, run = toy_run
     rgb = np.asarray(Image.open(root / "val" / "images" / "001.png"))
     pred = Predictor.from_checkpoint(run / "best.pt", device="cpu").predict(rgb)
-    assert set(pred) == {"semseg", "confidence", "brightness"}
+    assert set(pred) == {"semseg", "confidence", "entropy", "brightness"}
     b = pred["brightness"]
     assert b.shape == (H, W) and b.dtype == np.float32 and b.min() >= 0.0 and b.max() <= 1.0
     grey = grey_of(rgb)
@@ -335,4 +335,5 @@ def test_toy_task_predicts_arrays_and_files(toy_run: tuple[Path, Path], tmp_path
     assert stored.shape == (H, W) and stored.dtype == np.uint8
     assert np.abs(stored / 255.0 - b).max() <= 0.5 / 255 + 1e-6  # the file is the prediction, encoded
     assert np.asarray(Image.open(files["brightness_color"])).shape == (H, W, 3)
-    assert np.asarray(Image.open(files["panel"])).shape == (H, 3 * W, 3)  # RGB, semseg, brightness
+    # RGB, semseg, its uncertainty (1 - confidence), brightness (no uncertainty picture)
+    assert np.asarray(Image.open(files["panel"])).shape == (H, 4 * W, 3)

@@ -97,6 +97,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from densemtl.calibration import calibrate_checkpoint
+
+    result = calibrate_checkpoint(args.checkpoint, args.split, args.data, args.out, args.device)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def _cmd_synth_video(args: argparse.Namespace) -> int:
     from densemtl.synth.drive import synth_video
 
@@ -178,7 +186,8 @@ def _cmd_pseudolabel(args: argparse.Namespace) -> int:
 
     task = {"task": args.task} if args.task is not None else {}  # the library's default task otherwise
     r = pseudolabel(args.teacher, args.data, splits=args.split or None, min_confidence=args.min_confidence,
-                    device=args.device, size=args.size, progress=True, **task)  # fmt: skip
+                    max_rel_std=args.max_rel_std, device=args.device, size=args.size, progress=True,
+                    **task)  # fmt: skip
     print(json.dumps(r, indent=2))
     return 0
 
@@ -192,6 +201,8 @@ def _add_pseudolabel_parser(sub) -> None:
     s.add_argument("--split", action="append", default=[], help="split to fill (repeatable; default: all)")
     s.add_argument("--min-confidence", type=float, default=0.0, help="for tasks whose pseudo_label uses it "
                    "(semseg: pixels less confident -> 255, ignore)")  # fmt: skip
+    s.add_argument("--max-rel-std", type=nonnegative_float, default=0.0, help="for tasks with a predicted "
+                   "std (depth: pixels whose std is above this fraction of the depth -> 0, invalid); 0 = off")  # fmt: skip
     s.add_argument("--size", type=parse_size, default=None, help="teacher input HEIGHTxWIDTH")
     s.add_argument("--device", default="auto")
     s.set_defaults(func=_cmd_pseudolabel)
@@ -286,6 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=output_folder, default=None, help="output folder (default: <run>/eval_<split>)")
     s.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     s.set_defaults(func=_cmd_evaluate)
+
+    s = sub.add_parser("calibrate", help="fit the temperature / std scale on held-out data, into the checkpoint")
+    s.add_argument("--checkpoint", type=Path, required=True, help="densemtl .pt checkpoint (updated in place)")
+    s.add_argument("--split", default="val", help="held-out split to fit on (default val; not the train split)")
+    s.add_argument("--data", type=Path, default=None, help="dataset root (default: the one it was trained on)")
+    s.add_argument("--out", type=Path, default=None, help="write the calibrated checkpoint here instead")
+    s.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
+    s.set_defaults(func=_cmd_calibrate)
 
     add_predict_parsers(sub)
     add_deploy_parsers(sub, parse_size)

@@ -70,6 +70,10 @@ class ModelConfig:
     depth_param: str = "log"  # direct | log | inverse; the head always returns metres
     min_depth: float = 0.1  # metres, bounds of the depth head's output
     max_depth: float = 100.0
+    # Tasks with an aleatoric output predict it (depth: the std of ln depth; normals: an angular spread);
+    # docs/uncertainty.md. Segmentation's softmax is its own uncertainty.
+    uncertainty: bool = True
+    dropout: float = 0.0  # heads: Dropout2d before the output conv; > 0 allows MC dropout (--mc-samples)
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,8 @@ class LossConfig:
     """Per-task losses and how they are combined."""
 
     semseg: str = "ce"  # ce | bce | dice | ce+dice
-    depth: str = "l1"  # l1 | mse | berhu | silog
+    depth: str = "l1"  # l1 | mse | berhu | silog | laplace_nll | gaussian_nll (need model.uncertainty)
+    nll_beta: float = 1.0  # beta-NLL (Seitzer et al. 2022): 1 gives the mean L1 (Laplace) / L2 (Gaussian) gradients
     normals: str = "cosine"  # cosine (1 - cos) | angular (angle in radians, L1)
     depth_space: str = "log"  # metres | log | blog (clip to depth_clip, then ln(d)/5)
     depth_clip: float = 80.0  # metres
@@ -173,10 +178,10 @@ BOUNDS: dict[type, dict[str, Bound]] = {
     ModelConfig: {
         "num_classes": NON_NEGATIVE, "freeze_stages": NON_NEGATIVE, "decoder_channels": AT_LEAST_1,
         "crp_stages": NON_NEGATIVE, "head_channels": NON_NEGATIVE, "bn_momentum": UNIT,
-        "min_depth": POSITIVE, "max_depth": POSITIVE,
+        "min_depth": POSITIVE, "max_depth": POSITIVE, "dropout": Bound(0, 1, hi_open=True),
     },
     LossConfig: {
-        "depth_clip": POSITIVE, "silog_lambda": UNIT, "silog_scale": POSITIVE, "weighting_args": NON_NEGATIVE,
+        "depth_clip": POSITIVE, "silog_lambda": UNIT, "silog_scale": POSITIVE, "nll_beta": UNIT, "weighting_args": NON_NEGATIVE,
         "weights": NON_NEGATIVE, "class_weights": NON_NEGATIVE,
     },
     PhaseConfig: {

@@ -7,7 +7,10 @@ input with ``size`` changes that focal length, so keep the training resolution u
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +29,9 @@ if TYPE_CHECKING:
     from densemtl.scene3d.bev import SceneOptions
 
 
+TTA_MODES = ("none", "flip")
+
+
 class Predictor:
     """A trained model ready to predict: ``Predictor.from_checkpoint(path).predict(image)``.
 
@@ -33,6 +39,11 @@ class Predictor:
     "depth": float32 (H, W) metres}`` at the input image's resolution (tasks the model lacks are absent).
     The network sees the image resized by ``scale`` (from the checkpoint: the resolution it was trained at), or
     at a fixed ``size`` when one is given.
+
+    Epistemic uncertainty at inference, off by default (docs/uncertainty.md): ``tta="flip"`` also runs the
+    mirrored image, ``mc_samples=N`` runs N passes with the heads' dropout active (a model trained with
+    ``model.dropout > 0``); each task merges the passes (``Task.merge_samples``), folding their spread into its
+    uncertainty outputs. The cost is :attr:`passes` forward passes per image.
     """
 
     def __init__(
@@ -42,7 +53,19 @@ class Predictor:
         device: str | torch.device = "auto",
         size: tuple[int, int] | None = None,
         scale: float = 1.0,
+        tta: str = "none",
+        mc_samples: int = 0,
     ) -> None:
+        if tta not in TTA_MODES:
+            raise ValueError(f"tta={tta!r} is not one of {TTA_MODES} (--tta)")
+        if mc_samples < 0 or mc_samples == 1:
+            raise ValueError(f"mc_samples={mc_samples}: use 0 (off) or at least 2 samples (--mc-samples)")
+        if mc_samples and not any(isinstance(m, torch.nn.Dropout2d) for m in getattr(model, "modules", list)()):
+            raise ValueError(
+                "--mc-samples needs a PyTorch model with dropout in its heads; this one has none (ONNX graphs "
+                "drop it): train with --set model.dropout=0.1, or use --tta flip"
+            )
+        self.tta, self.mc_samples = tta, mc_samples
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.model = model.to(self.device).eval()
         self.info = info
@@ -61,8 +84,12 @@ class Predictor:
         threads: int = 0,
         *,
         engine: str | None = None,
+        tta: str = "none",
+        mc_samples: int = 0,
     ) -> Predictor:
         """Rebuild the checkpoint's own model (no dataset or config file needed).
+
+        ``tta`` and ``mc_samples``: see the class docstring (MC dropout needs the PyTorch backend).
 
         ``backend="onnxruntime"`` exports it (parity-checked) and runs it in ONNX Runtime with ``threads``.
         ``engine`` is the deprecated name of ``backend`` ("engine" now means the training loop only).
@@ -78,13 +105,16 @@ class Predictor:
 
             dev = "cuda" if resolve_device(device).type == "cuda" else "cpu"
             model = onnx_model_from_checkpoint(path, threads, dev)
-            return cls(model, ckpt["dataset"], "cpu", size, input_scale(ckpt))  # ORT returns CPU tensors
+            return cls(model, ckpt["dataset"], "cpu", size, input_scale(ckpt), tta, mc_samples)  # CPU tensors
         if backend != "torch":
             raise ValueError(f"backend {backend!r} is not one of ('torch', 'onnxruntime')")
-        return cls(model_from_checkpoint(ckpt, path), ckpt["dataset"], device, size, input_scale(ckpt))
+        model = model_from_checkpoint(ckpt, path)
+        return cls(model, ckpt["dataset"], device, size, input_scale(ckpt), tta, mc_samples)
 
     @classmethod
-    def from_onnx(cls, path: str | Path, size: tuple[int, int] | None = None, threads: int = 0) -> Predictor:
+    def from_onnx(
+        cls, path: str | Path, size: tuple[int, int] | None = None, threads: int = 0, tta: str = "none"
+    ) -> Predictor:
         """Run an exported (fp32 or INT8) file; class names, palette and input scale come from its metadata.
 
         A graph exported at a fixed size runs at that size unless ``size`` says otherwise.
@@ -94,7 +124,7 @@ class Predictor:
         model = OnnxModel.from_file(path, threads)
         meta = model.metadata
         info = {**meta.get("dataset", {}), "classes": meta["classes"], "palette": meta["palette"]}
-        return cls(model, info, "cpu", size or model.fixed_size, meta.get("input_scale", 1.0))
+        return cls(model, info, "cpu", size or model.fixed_size, meta.get("input_scale", 1.0), tta)
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -115,17 +145,51 @@ class Predictor:
         """
         rgb = as_rgb(image)
         h, w = rgb.shape[:2]
-        x = self._to_tensor(rgb)
-        if self.size is not None:
-            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
-            out = self.model(x)
-        else:
-            out = forward_at_scale(self.model, x, self.scale)
+        out = self._sampled(self._to_tensor(rgb))
         result: dict[str, np.ndarray] = {}
         for name, raw in out.items():
             task = TASKS[name]
             result.update(task.to_numpy(task.upsample(raw.float(), (h, w)), self.info))
         return result
+
+
+    @property
+    def passes(self) -> int:
+        """Forward passes per image: 2 with flip TTA, times the MC-dropout samples."""
+        return (2 if self.tta == "flip" else 1) * max(1, self.mc_samples)
+
+    def _forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.size is not None:
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
+            return self.model(x)
+        return forward_at_scale(self.model, x, self.scale)
+
+    def _sampled(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One pass, or the tasks' merge of the flip-TTA / MC-dropout passes, at the network's resolution."""
+        if self.passes == 1:
+            return self._forward(x)
+        samples: dict[str, list[torch.Tensor]] = {}
+        with mc_dropout(self.model, self.mc_samples > 0):
+            for flip in (False, True) if self.tta == "flip" else (False,):
+                for _ in range(max(1, self.mc_samples)):
+                    out = self._forward(x.flip(-1) if flip else x)
+                    for t, raw in out.items():
+                        raw = raw.float()
+                        samples.setdefault(t, []).append(TASKS[t].flip_output(raw) if flip else raw)
+        return {t: TASKS[t].merge_samples(v) for t, v in samples.items()}
+
+
+@contextmanager
+def mc_dropout(model: Any, enabled: bool) -> Iterator[None]:
+    """Run the model's dropout layers in training mode (and nothing else: BatchNorm stays in eval)."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Dropout2d)] if enabled else []
+    for m in layers:
+        m.train()
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.eval()
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -139,8 +203,15 @@ def _png(array: np.ndarray) -> bytes:
 def prediction_panel(
     rgb: np.ndarray, pred: dict[str, np.ndarray], info: dict[str, Any], tasks: tuple[str, ...]
 ) -> np.ndarray:
-    """Side by side: RGB, then one picture per task (``Task.colorize``), uint8 (H, (1 + T) W, 3)."""
-    return np.concatenate([rgb, *(TASKS[t].colorize(pred, rgb, info) for t in tasks)], axis=1)
+    """Side by side: RGB, then per task its picture (``Task.colorize``) and, when it predicts one, its
+    uncertainty picture (``Task.uncertainty_picture``), uint8 (H, (1 + pictures) W, 3)."""
+    pictures = [rgb]
+    for t in tasks:
+        pictures.append(TASKS[t].colorize(pred, rgb, info))
+        unsure = TASKS[t].uncertainty_picture(pred, rgb, info)
+        if unsure is not None:
+            pictures.append(unsure)
+    return np.concatenate(pictures, axis=1)
 
 
 def write_prediction(
@@ -202,9 +273,12 @@ def predict_paths(
     backend: str = "torch",
     *,
     engine: str | None = None,
+    tta: str = "none",
+    mc_samples: int = 0,
 ) -> list[dict[str, Path]]:
     """Run a checkpoint over images/folders and write per-image outputs into ``out``.
 
+    ``tta``/``mc_samples`` add epistemic passes (see :class:`Predictor`); their cost is printed at the end.
     ``scene`` (a ``densemtl.scene3d.bev.SceneOptions``) adds the point cloud (PLY + NPZ) and/or BEV map per image.
     ``backend``: "torch" or "onnxruntime" (the checkpoint exported to ONNX and run by ONNX Runtime);
     ``engine`` is its deprecated name. An image given twice is predicted once; images with the same name in
@@ -218,16 +292,25 @@ def predict_paths(
     for p in list_images(inputs):
         unique.setdefault(os.path.abspath(p), p)  # an image given twice (or via its folder) is predicted once
     paths = list(unique.values())
-    predictor = Predictor.from_checkpoint(checkpoint, device, size, backend, engine=engine)
+    predictor = Predictor.from_checkpoint(
+        checkpoint, device, size, backend, engine=engine, tta=tta, mc_samples=mc_samples
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, seconds = [], 0.0
     for path, stem in tqdm(list(zip(paths, output_stems(paths), strict=True)), desc="predict", disable=None):
         rgb = _read_input(path)
+        start = time.perf_counter()
         pred = predictor.predict(rgb)
+        seconds += time.perf_counter() - start
         files = write_prediction(out_dir, stem, rgb, pred, predictor.info, predictor.tasks)
         if scene is not None:
             from densemtl.scene3d.bev import write_scene_outputs
 
             files |= write_scene_outputs(out_dir, stem, path, rgb, pred, predictor.info, scene)
         written.append(files)
+    if predictor.passes > 1 and written:
+        print(
+            f"uncertainty passes: {predictor.passes} forward passes per image (tta={predictor.tta}, "
+            f"mc_samples={predictor.mc_samples}), {1000 * seconds / len(written):.0f} ms per image on average"
+        )
     return written

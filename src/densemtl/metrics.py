@@ -105,7 +105,7 @@ def check_best_metric(cfg: Any, info: dict[str, Any]) -> None:
 def summarize(results: dict[str, dict]) -> dict[str, float]:
     """Flatten ``{task: {name: value}}`` to ``{"task/name": float}`` plus ``"score"``.
 
-    Only scalar quality metrics are kept (no per-class lists, no pixel counts).
+    Only scalar quality metrics are kept (no per-class lists, no pixel counts: keys ending in "pixels").
 
     ``score`` is the mean over tasks of each task's higher-is-better ``headline`` (e.g. mIoU, δ1), used to pick
     the best checkpoint; NaN headlines count as 0 so that an empty evaluation never wins.
@@ -114,7 +114,7 @@ def summarize(results: dict[str, dict]) -> dict[str, float]:
     headlines = []
     for task, values in results.items():
         for name, v in values.items():
-            if isinstance(v, int | float) and not isinstance(v, bool) and name != "pixels":
+            if isinstance(v, int | float) and not isinstance(v, bool) and not name.endswith("pixels"):
                 flat[f"{task}/{name}"] = float(v)
         if task in TASKS and TASKS[task].headline:
             h = float(values.get(TASKS[task].headline, math.nan))

@@ -17,12 +17,22 @@ from densemtl.argtypes import (
     finite_float,
     float_range,
     nonnegative_float,
+    nonnegative_int,
     output_file,
     output_folder,
     parse_size,
     positive_float,
     positive_int,
 )
+from densemtl.scene3d.defaults import DEFAULT_MAX_REL_STD
+
+
+def mc_samples(text: str) -> int:
+    """``--mc-samples``: 0 (off) or at least 2 passes."""
+    n = nonnegative_int(text)
+    if n == 1:
+        raise argparse.ArgumentTypeError("one sample has no spread: use 0 (off) or at least 2")
+    return n
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -37,6 +47,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         size=args.size,
         scene=scene,
         backend=args.backend,
+        tta=args.tta,
+        mc_samples=args.mc_samples,
     )
     print(f"wrote predictions for {len(written)} image(s) to {args.out}")
     return 0
@@ -65,6 +77,7 @@ def scene_options(args: argparse.Namespace):
         max_range=args.max_range,
         voxel=args.voxel or None,
         grid=grid,
+        max_rel_std=args.max_rel_std,
     )
 
 
@@ -99,6 +112,9 @@ def _add_camera_args(s: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--bev-range", type=positive_float, default=40.0, help="BEV extent ahead (and width), m")
     g.add_argument("--bev-cell", type=positive_float, default=0.2, help="BEV cell size, m")
+    g.add_argument("--max-rel-std", type=nonnegative_float, default=DEFAULT_MAX_REL_STD,
+                   help="models with depth uncertainty: drop points whose predicted depth std exceeds this "
+                   "fraction of the depth, e.g. 0.15 = 15 %%; 0 keeps every point")  # fmt: skip
 
 
 def _cmd_video(args: argparse.Namespace) -> int:
@@ -128,6 +144,10 @@ def add_predict_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     s.add_argument("--pointcloud", action="store_true", help="also write <id>.ply and <id>_cloud.npz")
     s.add_argument("--bev", action="store_true", help="also write the bird's-eye view <id>_bev.png/.npy")
+    s.add_argument("--tta", choices=("none", "flip"), default="none", help="flip: also predict the mirrored "
+                   "image and merge both (epistemic spread into the uncertainty outputs; 2x the time)")  # fmt: skip
+    s.add_argument("--mc-samples", type=mc_samples, default=0, help="N >= 2 passes with the heads' dropout on "
+                   "(a model trained with model.dropout > 0; N x the time); 0 = off")  # fmt: skip
     _add_camera_args(s)
     _add_backend_arg(s)
     s.set_defaults(func=_cmd_predict)

@@ -68,6 +68,7 @@ def pseudolabel(
     task: str = DEPTH.name,
     splits: list[str] | None = None,
     min_confidence: float = 0.0,
+    max_rel_std: float = 0.0,
     device: str = "auto",
     size: tuple[int, int] | None = None,
     progress: bool = False,
@@ -82,6 +83,8 @@ def pseudolabel(
         splits: splits to fill (default: every split listed in dataset.json that exists on disk).
         min_confidence: for tasks whose ``pseudo_label`` uses it (semseg: pixels whose softmax maximum is
             below it are written as 255, ignore); the others ignore it.
+        max_rel_std: for tasks with a predicted std (depth: pixels whose std exceeds this fraction of the depth
+            are written as 0, invalid; the teacher must predict ``depth_std``); 0 keeps every pixel.
         device, size: passed to the ``Predictor`` (``size`` = fixed network input (H, W)).
         progress: report the images done on stderr (``densemtl.data.progress.track``).
 
@@ -105,7 +108,8 @@ def pseudolabel(
             if out.is_file():
                 kept[split] += 1
                 continue
-            target = t.pseudo_label(predictor.predict(image_path), info, min_confidence)
+            unsure = {"max_rel_std": max_rel_std} if max_rel_std > 0 else {}  # older plug-ins lack the keyword
+            target = t.pseudo_label(predictor.predict(image_path), info, min_confidence, **unsure)
             atomic_write(out, png_bytes(t.encode(target)))
             _mark(meta_path(image_path), t.name, Path(teacher).name)
             filled[split] += 1

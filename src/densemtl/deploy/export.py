@@ -54,13 +54,24 @@ class ExportWrapper(nn.Module):
         self.model = model
         self.tasks = tuple(model.tasks)
         self.class_ids = class_ids
+        self._axes: dict[str, dict[int, str]] | None = None
 
     def output_axes(self) -> dict[str, dict[int, str]]:
-        """Every output's dynamic axes, by name, in the order ``forward`` returns them."""
-        axes: dict[str, dict[int, str]] = {}
-        for t in self.tasks:
-            axes.update(TASKS[t].onnx_axes(self.class_ids))
-        return axes
+        """Every output's dynamic axes, by name, in the order ``forward`` returns them.
+
+        A task's outputs can depend on its head (e.g. depth adds ``depth_std`` when it predicts uncertainty), so
+        they are read from one small forward pass in eval mode.
+        """
+        if self._axes is None:
+            was_training = self.model.training
+            self.model.eval()
+            with torch.no_grad():
+                out = self.model(torch.rand(1, 3, 64, 64))
+            self.model.train(was_training)
+            self._axes = {}
+            for t in self.tasks:
+                self._axes.update(TASKS[t].onnx_axes(out[t], self.class_ids))
+        return self._axes
 
     def output_names(self) -> list[str]:
         """Names of the outputs, in the order ``forward`` returns them."""

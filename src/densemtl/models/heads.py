@@ -64,3 +64,13 @@ def make_trunk(channels: int, kind: str = "light", hidden: int = 0) -> tuple[nn.
         raise ValueError(f"model.head_channels must be >= 0 (0 = the decoder's width), got {hidden}")
     width = channels if kind == "light" or hidden == 0 else hidden
     return _TRUNKS[kind](channels, width), width
+
+
+def head_dropout(p: float) -> nn.Module:
+    """``Dropout2d(p)`` before a head's output convolution (``model.dropout``), or a no-op when ``p`` is 0.
+
+    Dropping whole channels of the trunk's output is what MC dropout samples at inference (``--mc-samples``).
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"model.dropout must be in [0, 1), got {p}")
+    return nn.Dropout2d(p) if p > 0 else nn.Identity()

@@ -77,6 +77,39 @@ class Accumulator:
             self._state = {k: v.to(device) for k, v in self._state.items()}
 
 
+class Joined(Accumulator):
+    """Several accumulators fed the same batches, their results in one dict (e.g. a task's metrics and its
+    uncertainty metrics); each part merges and all-reduces its own state."""
+
+    def __init__(self, *parts: Accumulator) -> None:
+        self.parts = parts
+
+    def reset(self) -> None:
+        for p in self.parts:
+            p.reset()
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        for p in self.parts:
+            p.update(pred, target)
+
+    def compute(self) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for p in self.parts:
+            result.update(p.compute())
+        return result
+
+    def state(self) -> dict[str, Tensor]:
+        return {f"{i}.{k}": v for i, p in enumerate(self.parts) for k, v in p.state().items()}
+
+    def merge(self, other: Accumulator) -> None:
+        for p, q in zip(self.parts, other.parts, strict=True):  # type: ignore[attr-defined]
+            p.merge(q)
+
+    def all_reduce(self) -> None:
+        for p in self.parts:
+            p.all_reduce()
+
+
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     """Mean of ``values`` where ``mask`` is True; exactly 0 (with zero gradients) when nothing is valid.
 
@@ -219,18 +252,49 @@ class Task:
         }
 
     def pseudo_label(
-        self, pred: dict[str, np.ndarray], info: Info, min_confidence: float = 0.0
+        self, pred: dict[str, np.ndarray], info: Info, min_confidence: float = 0.0, max_rel_std: float = 0.0
     ) -> np.ndarray:
-        """A prediction as a dataset target array (what :meth:`load` returns), for ``pseudolabel``."""
+        """A prediction as a dataset target array (what :meth:`load` returns), for ``pseudolabel``.
+
+        Pixels the model is unsure of are left unlabelled where the task can tell: ``min_confidence`` (a class
+        probability) and ``max_rel_std`` (a relative std); 0 keeps every pixel.
+        """
         raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------ uncertainty
+    def uncertainty_picture(self, pred: dict[str, np.ndarray], rgb: np.ndarray, info: Info) -> np.ndarray | None:
+        """A uint8 (H, W, 3) picture of the prediction's uncertainty (panels, videos), or None without one."""
+        return None
+
+    def flip_output(self, output: Tensor) -> Tensor:
+        """The raw output (B, C, H, W) for a left-right mirrored image, mapped back to the original's frame."""
+        return self.flip(output.flip(-1))
+
+    def merge_samples(self, outputs: list[Tensor]) -> Tensor:
+        """One raw output from several passes over one image (flip TTA, MC dropout), with the same shape and
+        meaning as one pass; a task with an uncertainty output folds the passes' spread into it. Default: mean."""
+        return torch.stack(outputs).mean(0)
+
+    def calibration_data(self, output: Tensor, target: Tensor) -> Tensor | None:
+        """A subsample of one batch's (uncalibrated) outputs and targets that :meth:`fit_calibration` fits on, or
+        None when the task has nothing to calibrate (``densemtl calibrate``)."""
+        return None
+
+    def fit_calibration(self, data: Tensor, head: nn.Module, cfg: Config) -> dict[str, float]:
+        """Fit the head's calibration on the concatenated :meth:`calibration_data`, store it in the head's
+        buffers (so evaluation, prediction and export use it) and return what was fitted."""
+        return {}
+
+    def reset_calibration(self, head: nn.Module) -> None:
+        """Set the head's calibration to the identity (before collecting calibration data)."""
 
     # ----------------------------------------------------------------------------------------------- export
     def onnx_outputs(self, output: Tensor, extras: bool = True) -> dict[str, Tensor]:
         """Named ONNX outputs for the raw output; ``extras`` adds convenience outputs (class ids)."""
         return {self.name: output}
 
-    def onnx_axes(self, extras: bool = True) -> dict[str, dict[int, str]]:
-        """Dynamic axes of each name :meth:`onnx_outputs` returns (same names, same order)."""
+    def onnx_axes(self, output: Tensor, extras: bool = True) -> dict[str, dict[int, str]]:
+        """Dynamic axes of each name :meth:`onnx_outputs` returns for ``output`` (same names, same order)."""
         return {self.name: {0: "batch", 2: "height", 3: "width"}}
 
     def from_onnx(self, raw: dict[str, Tensor]) -> Tensor:

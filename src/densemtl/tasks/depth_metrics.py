@@ -61,7 +61,12 @@ class DepthMetrics(Accumulator):
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
-        """Add a batch of predicted and ground-truth metres, both (B, 1, H, W) (or (B, H, W))."""
+        """Add a batch of predicted and ground-truth metres, both (B, 1, H, W) (or (B, H, W)).
+
+        A prediction with a second channel (the depth head's std of ln depth) is scored on its metres.
+        """
+        if pred.dim() == 4 and pred.shape[1] == 2 and target.shape[1:2] == (1,):
+            pred = pred[:, :1]
         if pred.shape != target.shape:
             raise ValueError(
                 f"depth prediction {tuple(pred.shape)} does not match target {tuple(target.shape)}"

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from densemtl.data.format import DatasetFormatError, check_size, decode_normals, encode_normals, open_image
-from densemtl.models.heads import make_trunk
+from densemtl.models.heads import head_dropout, make_trunk
 from densemtl.tasks.base import Accumulator, Info, Task, TaskStats, masked_mean, resize
 from densemtl.viz.colors import colorize_normals
 
@@ -58,9 +58,10 @@ class NormalsHead(nn.Module):
     camera, a neutral first guess from which every direction is reachable.
     """
 
-    def __init__(self, in_channels: int, trunk: str = "light", hidden: int = 0):
+    def __init__(self, in_channels: int, trunk: str = "light", hidden: int = 0, dropout: float = 0.0):
         super().__init__()
         self.trunk, width = make_trunk(in_channels, trunk, hidden)
+        self.drop = head_dropout(dropout)
         self.out = nn.Conv2d(width, 3, 1)
         nn.init.normal_(self.out.weight, std=1e-2)
         with torch.no_grad():
@@ -68,7 +69,7 @@ class NormalsHead(nn.Module):
 
     def forward(self, x: Tensor, size: Sequence[int]) -> Tensor:
         """(B, in_channels, h, w) -> unit normals (B, 3, *size)."""
-        return unit(resize(unit(self.out(self.trunk(x))), size))
+        return unit(resize(unit(self.out(self.drop(self.trunk(x)))), size))
 
 
 def angle_between(u: Tensor, v: Tensor) -> Tensor:
@@ -299,7 +300,7 @@ class Normals(Task):
 
     # model
     def make_head(self, in_channels: int, cfg) -> nn.Module:
-        return NormalsHead(in_channels, cfg.head, cfg.head_channels)
+        return NormalsHead(in_channels, cfg.head, cfg.head_channels, cfg.dropout)
 
     def upsample(self, output: Tensor, size: Sequence[int]) -> Tensor:
         return unit(resize(output, size))
@@ -357,9 +358,13 @@ class Normals(Task):
         return {"normals": self.encode(pred["normals"])}
 
     def pseudo_label(
-        self, pred: dict[str, np.ndarray], info: Info, min_confidence: float = 0.0
+        self, pred: dict[str, np.ndarray], info: Info, min_confidence: float = 0.0, max_rel_std: float = 0.0
     ) -> np.ndarray:
         return pred["normals"]
+
+    # uncertainty
+    def merge_samples(self, outputs: list[Tensor]) -> Tensor:
+        return unit(torch.stack(outputs).mean(0))  # the mean direction
 
     # export
     def parity(self, ref: Tensor, got: Tensor) -> tuple[dict[str, float], bool]:

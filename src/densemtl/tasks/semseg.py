@@ -17,118 +17,60 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densemtl.data.format import DEPTH_MODES, DatasetFormatError, check_size, open_image
-from densemtl.models.heads import make_trunk
-from densemtl.tasks.base import IGNORE_INDEX, Accumulator, Info, Task, TaskStats, masked_mean, resize
+from densemtl.models.heads import head_dropout, make_trunk
+from densemtl.tasks.base import IGNORE_INDEX, Accumulator, Info, Joined, Task, TaskStats, resize
+from densemtl.tasks.semseg_losses import (  # noqa: F401 (public here too)
+    DICE_SMOOTH,
+    SEG_LOSSES,
+    SegLoss,
+    check_class_weights,
+)
 from densemtl.tasks.semseg_metrics import SegMetrics
-from densemtl.viz.colors import colorize_labels, overlay
+from densemtl.tasks.uncertainty_metrics import Calibration, fit_temperature
+from densemtl.viz.colors import colorize_depth, colorize_labels, overlay
 
-DICE_SMOOTH = 1.0  # added to numerator and denominator of every class's Dice
-SEG_LOSSES = ("ce", "bce", "dice", "ce+dice")
 CLASS_AGREEMENT = 0.999  # export parity: fraction of pixels with the same class id
+CONFIDENCE_TOLERANCE = 1e-3  # export parity: max abs difference of the softmax maximum
 OVERLAY_ALPHA = 0.6
+CALIBRATION_PIXELS = 20_000  # per batch: labelled pixels kept for fitting the temperature
 
 
 class SegHead(nn.Module):
-    """Per-pixel class logits: a trunk (``models.heads.make_trunk``) + 1x1 on the decoder map, bilinear resize."""
+    """Per-pixel class logits: a trunk (``models.heads.make_trunk``) + 1x1 on the decoder map, bilinear resize.
 
-    def __init__(self, in_channels: int, num_classes: int, trunk: str = "light", hidden: int = 0):
+    The logits are divided by the buffer ``calib_temperature`` (temperature scaling, Guo et al. 2017), which
+    ``densemtl calibrate`` fits on held-out data; it is 1 until then and never changes the argmax.
+    """
+
+    def __init__(
+        self, in_channels: int, num_classes: int, trunk: str = "light", hidden: int = 0, dropout: float = 0.0
+    ):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"semseg needs at least 2 classes, got num_classes={num_classes}")
         self.trunk, width = make_trunk(in_channels, trunk, hidden)
+        self.drop = head_dropout(dropout)
         self.out = nn.Conv2d(width, num_classes, 1)
+        self.register_buffer("calib_temperature", torch.ones(()))
 
     def forward(self, x: Tensor, size: Sequence[int]) -> Tensor:
         """(B, in_channels, h, w) -> logits (B, num_classes, *size)."""
-        return resize(self.out(self.trunk(x)), size)
+        return resize(self.out(self.drop(self.trunk(x))) / self.calib_temperature, size)
 
 
-def check_class_weights(class_weights: Sequence[float], num_classes: int) -> Tensor | None:
-    """Validated per-class weights as a (C,) tensor, or None for uniform weighting."""
-    if not class_weights:
-        return None
-    if len(class_weights) != num_classes:
-        raise ValueError(
-            f"loss.class_weights has {len(class_weights)} values but the dataset has {num_classes} classes; "
-            "give one weight per class or leave it empty for uniform weights"
-        )
-    w = torch.tensor([float(v) for v in class_weights], dtype=torch.float32)
-    if not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"loss.class_weights must be finite, >= 0 and not all 0, got {list(class_weights)}")
-    return w
+class _ProbabilityCalibration(Calibration):
+    """:class:`Calibration` of the model's logits; the trivial baseline's class ids have no probabilities."""
 
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        if pred.dim() == 4 and pred.is_floating_point():
+            super().update(pred, target)
 
-class SegLoss(nn.Module):
-    """Segmentation loss on labelled pixels: "ce", "bce" (sigmoid one-vs-all), "dice" or "ce+dice".
-
-    Args:
-        kind: one of ``SEG_LOSSES``.
-        num_classes: C, the number of logit channels.
-        class_weights: (C,) non-negative weights or None for uniform. CE uses PyTorch's convention
-            ``sum(w_y * nll) / sum(w_y)``; BCE weights each class channel; Dice takes a weighted class mean.
-        ignore_index: label id that carries no label. Ids outside ``[0, C)`` are treated the same way.
-    """
-
-    def __init__(
-        self,
-        kind: str,
-        num_classes: int,
-        class_weights: Tensor | None = None,
-        ignore_index: int = IGNORE_INDEX,
-    ) -> None:
-        super().__init__()
-        if kind not in SEG_LOSSES:
-            raise ValueError(f"unknown segmentation loss {kind!r}; choose one of {SEG_LOSSES}")
-        self.kind = kind
-        self.num_classes = num_classes
-        self.ignore_index = ignore_index
-        self.register_buffer("class_weights", class_weights, persistent=False)
-
-    def forward(self, logits: Tensor, target: Tensor, sample_mask: Tensor | None = None) -> Tensor:
-        """Scalar loss from logits (B, C, H, W) and labels (B, H, W); ``sample_mask`` (B,) drops samples."""
-        if logits.shape[0] != target.shape[0] or logits.shape[2:] != target.shape[-2:]:
-            raise ValueError(f"semseg logits {tuple(logits.shape)} do not match labels {tuple(target.shape)}")
-        logits = logits.float()  # losses in fp32 even under autocast
-        valid = (target != self.ignore_index) & (target >= 0) & (target < self.num_classes)  # (B, H, W)
-        if sample_mask is not None:
-            valid = valid & sample_mask.view(-1, 1, 1)
-        safe = torch.where(valid, target, torch.zeros_like(target)).long()  # any class id; masked out anyway
-        loss = logits.new_zeros(())
-        if self.kind in ("ce", "ce+dice"):
-            loss = loss + self._ce(logits, safe, valid)
-        if self.kind == "bce":
-            loss = loss + self._bce(logits, safe, valid)
-        if self.kind in ("dice", "ce+dice"):
-            loss = loss + self._dice(logits, safe, valid)
-        return loss
-
-    def _ce(self, logits: Tensor, safe: Tensor, valid: Tensor) -> Tensor:
-        nll = F.cross_entropy(logits, safe, reduction="none")  # (B, H, W)
-        if self.class_weights is None:
-            return masked_mean(nll, valid)
-        w = self.class_weights[safe] * valid  # (B, H, W)
-        return (w * nll).sum() / w.sum().clamp_min(1e-12)  # 0 / tiny = 0 when nothing is valid
-
-    def _bce(self, logits: Tensor, safe: Tensor, valid: Tensor) -> Tensor:
-        onehot = F.one_hot(safe, self.num_classes).permute(0, 3, 1, 2).to(logits.dtype)  # (B, C, H, W)
-        bce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")  # (B, C, H, W)
-        if self.class_weights is None:
-            per_pixel = bce.mean(dim=1)
-        else:
-            w = self.class_weights.view(1, -1, 1, 1)
-            per_pixel = (bce * w).sum(dim=1) / w.sum()
-        return masked_mean(per_pixel, valid)  # (B, H, W) -> ()
-
-    def _dice(self, logits: Tensor, safe: Tensor, valid: Tensor) -> Tensor:
-        """1 - mean over classes of soft Dice, pooled over all valid pixels of the batch (batch Dice)."""
-        probs = logits.softmax(dim=1) * valid.unsqueeze(1)  # (B, C, H, W), zero on unlabelled pixels
-        onehot = F.one_hot(safe, self.num_classes).permute(0, 3, 1, 2).to(probs.dtype) * valid.unsqueeze(1)
-        inter = (probs * onehot).sum(dim=(0, 2, 3))  # (C,)
-        denom = probs.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))  # (C,)
-        dice = (2 * inter + DICE_SMOOTH) / (denom + DICE_SMOOTH)  # absent classes score 1 when not predicted
-        if self.class_weights is None:
-            return 1.0 - dice.mean()
-        return 1.0 - (dice * self.class_weights).sum() / self.class_weights.sum()
+    def compute(self) -> dict[str, Any]:
+        if not int(self._state["count"].sum()):  # no probabilities seen (a baseline, or no labelled pixel)
+            return {}
+        result = super().compute()
+        result["calibrated_pixels"] = result.pop("pixels")  # "pixels" is SegMetrics' count
+        return result
 
 
 def load_semseg(path: Path, size: tuple[int, int], num_classes: int) -> np.ndarray:
@@ -195,7 +137,8 @@ class Semseg(Task):
     fill = float(IGNORE_INDEX)
     headline = "miou"
     console = ("miou", "pixel_acc")
-    outputs = ("semseg", "confidence")
+    lower_is_better = frozenset({"ece", "nll", "brier"})
+    outputs = ("semseg", "confidence", "entropy")
     uses_classes = True
 
     # data
@@ -257,7 +200,7 @@ class Semseg(Task):
             )
 
     def make_head(self, in_channels: int, cfg) -> nn.Module:
-        return SegHead(in_channels, cfg.num_classes, cfg.head, cfg.head_channels)
+        return SegHead(in_channels, cfg.num_classes, cfg.head, cfg.head_channels, cfg.dropout)
 
     # loss and metrics
     def make_loss(self, cfg) -> nn.Module:
@@ -267,7 +210,10 @@ class Semseg(Task):
     def make_metrics(self, cfg, info: Info) -> Accumulator:
         names = list(info.get("classes", []))
         n = cfg.model.num_classes
-        return SegMetrics(n, IGNORE_INDEX, names if len(names) == n else None)
+        return Joined(
+            SegMetrics(n, IGNORE_INDEX, names if len(names) == n else None),
+            _ProbabilityCalibration(n, IGNORE_INDEX),
+        )
 
     def fit_baseline(self, targets: list[Tensor], cfg) -> dict[str, Any]:
         hist = np.zeros(max(cfg.model.num_classes, 1), dtype=np.int64)
@@ -291,21 +237,26 @@ class Semseg(Task):
 
     def plots(self, result: dict[str, Any], info: Info, out: Path) -> dict[str, Path]:
         from densemtl.viz.plots import plot_confusion
+        from densemtl.viz.uncertainty_plots import plot_reliability
 
         if "confusion" not in result:
             return {}
         names = list(info.get("classes", [])) or [str(i) for i in range(len(result["confusion"]))]
-        return {
-            "Confusion matrix": plot_confusion(np.array(result["confusion"]), names, out / "confusion.png")
-        }
+        plots = {"Confusion matrix": plot_confusion(np.array(result["confusion"]), names, out / "confusion.png")}
+        if "reliability" in result:
+            title = f"semseg, ECE {result['ece']:.4f}"
+            plots["Segmentation reliability"] = plot_reliability(result["reliability"], out / "reliability.png", title)
+        return plots
 
     # prediction
     def to_numpy(self, output: Tensor, info: Info) -> dict[str, np.ndarray]:
         prob = output.float().softmax(dim=1)[0]  # (C, H, W)
         conf, ids = prob.max(dim=0)
+        entropy = -(prob * prob.clamp_min(1e-12).log()).sum(dim=0)  # nats, 0 .. ln C
         return {
             "semseg": ids.to(torch.uint8).cpu().numpy(),
             "confidence": conf.cpu().numpy().astype(np.float32),
+            "entropy": entropy.cpu().numpy().astype(np.float32),
         }
 
     def target_numpy(self, target: Tensor) -> dict[str, np.ndarray]:
@@ -325,33 +276,69 @@ class Semseg(Task):
             "overlay": overlay(rgb, colors, OVERLAY_ALPHA),
         }
 
+    def uncertainty_picture(self, pred: dict[str, np.ndarray], rgb: np.ndarray, info: Info) -> np.ndarray | None:
+        if "confidence" not in pred:
+            return None
+        unsure = 1.0 - pred["confidence"]  # 0 (sure, dark) .. 1 - 1/C (bright)
+        return colorize_depth(np.maximum(unsure, 1e-6), vmin=0.0, vmax=1.0, cmap="inferno")
+
     def pseudo_label(
-        self, pred: dict[str, np.ndarray], info: Info, min_confidence: float = 0.0
+        self, pred: dict[str, np.ndarray], info: Info, min_confidence: float = 0.0, max_rel_std: float = 0.0
     ) -> np.ndarray:
         ids = pred["semseg"].copy()  # (H, W) uint8
         if min_confidence > 0:
             ids[pred["confidence"] < min_confidence] = IGNORE_INDEX  # unsure pixels stay unlabelled
         return ids
 
+    # uncertainty
+    def merge_samples(self, outputs: list[Tensor]) -> Tensor:
+        """The log of the passes' mean probabilities: its softmax is the predictive distribution."""
+        return torch.stack([o.float().softmax(dim=1) for o in outputs]).mean(0).clamp_min(1e-12).log()
+
+    def calibration_data(self, output: Tensor, target: Tensor) -> Tensor | None:
+        c = output.shape[1]
+        valid = (target >= 0) & (target < c)  # (B, H, W); 255 is ignored
+        logits = output.permute(0, 2, 3, 1)[valid]  # (N, C)
+        rows = torch.cat([logits.float(), target[valid].float()[:, None]], dim=1)  # (N, C + 1): logits, label
+        return rows[:: max(1, len(rows) // CALIBRATION_PIXELS)]
+
+    def fit_calibration(self, data: Tensor, head: nn.Module, cfg) -> dict[str, float]:
+        """The temperature that minimises the held-out NLL, stored in the head (``calib_temperature``)."""
+        logits, labels = data[:, :-1], data[:, -1].long()
+        t = fit_temperature(logits, labels)
+        before = float(F.cross_entropy(logits, labels))
+        after = float(F.cross_entropy(logits / t, labels))
+        head.calib_temperature.fill_(t)
+        return {"temperature": t, "nll_before": before, "nll_after": after, "pixels": float(len(data))}
+
+    def reset_calibration(self, head: nn.Module) -> None:
+        head.calib_temperature.fill_(1.0)
+
     # export
     def onnx_outputs(self, output: Tensor, extras: bool = True) -> dict[str, Tensor]:
-        out = {"semseg_logits": output}  # (B, C, H, W)
+        out = {"semseg_logits": output}  # (B, C, H, W), calibrated (divided by the temperature)
         if extras:
             out["semseg"] = output.argmax(dim=1)  # (B, H, W) int64 class ids
+            out["semseg_confidence"] = output.softmax(dim=1).amax(dim=1)  # (B, H, W) calibrated max probability
         return out
 
-    def onnx_axes(self, extras: bool = True) -> dict[str, dict[int, str]]:
+    def onnx_axes(self, output: Tensor, extras: bool = True) -> dict[str, dict[int, str]]:
         axes = {"semseg_logits": {0: "batch", 2: "height", 3: "width"}}
         if extras:
             axes["semseg"] = {0: "batch", 1: "height", 2: "width"}
+            axes["semseg_confidence"] = {0: "batch", 1: "height", 2: "width"}
         return axes
 
     def from_onnx(self, raw: dict[str, Tensor]) -> Tensor:
         return raw["semseg_logits"]
 
     def parity(self, ref: Tensor, got: Tensor) -> tuple[dict[str, float], bool]:
-        same = (ref.argmax(1) == got.argmax(1)).float().mean().item() if ref.numel() else 1.0
-        return {"class_agreement": same}, same >= CLASS_AGREEMENT
+        if not ref.numel():
+            return {"class_agreement": 1.0}, True
+        same = (ref.argmax(1) == got.argmax(1)).float().mean().item()
+        conf = float((ref.softmax(1).amax(1) - got.softmax(1).amax(1)).abs().max())
+        figures = {"class_agreement": same, "confidence_max_abs_err": conf}
+        return figures, same >= CLASS_AGREEMENT and conf <= CONFIDENCE_TOLERANCE
 
 
 SEMSEG = Semseg()

@@ -22,11 +22,15 @@ from densemtl.fileio import atomic_write
 log = logging.getLogger("densemtl")
 
 CHECKPOINT_FORMAT = "densemtl-checkpoint"
-CHECKPOINT_VERSION = 3  # 2: the model owns its input normalisation; 3: the config names its decoder/head layout
+CHECKPOINT_VERSION = 4  # 2: the model owns its input normalisation; 3: the config names its decoder/head layout;
+# 4: heads may predict uncertainty and carry calibration buffers
 # What a version <= 2 config left out, because those models could only be built one way: the tapered
 # LW-RefineNet widths, CRP stages (0, 2, 2, 4) and light heads. Filled in on load, so a later change of the
 # ModelConfig defaults never rebuilds an old checkpoint with a different architecture.
 V2_MODEL_LAYOUT = {"decoder_taper": True, "crp_stages": [0, 2, 2, 4], "head": "light", "head_channels": 0}
+# What a version-3 config left out: its heads predicted no uncertainty and had no dropout.
+V3_MODEL_LAYOUT = {"uncertainty": False, "dropout": 0.0}
+CALIBRATION_PREFIX = "calib_"  # head buffers that ``densemtl calibrate`` fits; identity in older checkpoints
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what version-1 models were fed with, normalised outside the model
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -214,7 +218,11 @@ def _upgrade(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
     if ckpt.get("version", 1) < 3:
         config = dict(ckpt["config"])
         config["model"] = {**V2_MODEL_LAYOUT, **config.get("model", {})}
-        ckpt = {**ckpt, "config": config, "version": CHECKPOINT_VERSION}
+        ckpt = {**ckpt, "config": config, "version": 3}
+    if ckpt.get("version", 1) < 4:
+        config = dict(ckpt["config"])
+        config["model"] = {**V3_MODEL_LAYOUT, **config.get("model", {})}
+        ckpt = {**ckpt, "config": config, "version": CHECKPOINT_VERSION, "uncalibrated": True}
     return ckpt
 
 
@@ -230,8 +238,13 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "checkpoint")
     cfg = config_from_checkpoint(ckpt)
     # Weights come from the checkpoint: never fetch or read pretrained files again.
     model = build_model(_no_pretrained(cfg.model))
+    weights = ckpt["model"]
+    if ckpt.get("uncalibrated"):  # older files have no calibration buffers: the fresh model's are the identity
+        fresh = model.state_dict()
+        missing = {k: v for k, v in fresh.items() if k.rsplit(".", 1)[-1].startswith(CALIBRATION_PREFIX)}
+        weights = {**missing, **weights}
     try:
-        model.load_state_dict(ckpt["model"], strict=True)
+        model.load_state_dict(weights, strict=True)
     except RuntimeError as e:
         raise CheckpointError(
             f"{path}: weights do not fit the model its config describes ({str(e).splitlines()[0]}); "
