@@ -36,7 +36,7 @@ def test_predict_writes_every_output_consistent_with_the_python_api(synthetic_ro
     depth = decode_depth(np.array(Image.open(out / f"{stem}_depth.png")))
     assert np.abs(depth - pred["depth"]).max() <= 0.5 / 256 + 1e-5  # uint16 metres * 256
     panel = np.array(Image.open(out / f"{stem}_panel.png"))
-    assert panel.shape == (64, 3 * 128, 3)
+    assert panel.shape == (64, 4 * 128, 3)  # RGB | semseg | depth | depth std
 
 
 def test_evaluate_matches_training_time_validation_and_report(synthetic_root, tiny_run, tmp_path):

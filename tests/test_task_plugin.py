@@ -335,5 +335,4 @@ def test_toy_task_predicts_arrays_and_files(toy_run: tuple[Path, Path], tmp_path
     assert stored.shape == (H, W) and stored.dtype == np.uint8
     assert np.abs(stored / 255.0 - b).max() <= 0.5 / 255 + 1e-6  # the file is the prediction, encoded
     assert np.asarray(Image.open(files["brightness_color"])).shape == (H, W, 3)
-    # RGB, semseg, its uncertainty (1 - confidence), brightness (no uncertainty picture)
-    assert np.asarray(Image.open(files["panel"])).shape == (H, 4 * W, 3)
+    assert np.asarray(Image.open(files["panel"])).shape == (H, 3 * W, 3)  # RGB, semseg, brightness

@@ -265,7 +265,7 @@ def test_predict_writes_uncertainty_files_and_prints_the_cost(tiny_run: Path, tm
     assert np.asarray(Image.open(files["depth_std_color"])).shape[2] == 3
     rgb = np.asarray(Image.open(image))
     panel = np.asarray(Image.open(files["panel"]))
-    assert panel.shape[1] == 5 * rgb.shape[1]  # RGB | semseg | its uncertainty | depth | depth std
+    assert panel.shape[1] == 4 * rgb.shape[1]  # RGB | semseg | depth | depth std
     assert main(["predict", "--checkpoint", str(tiny_run / "best.pt"), str(image), "--out", str(tmp_path / "q"),
                  "--device", "cpu", "--tta", "flip"]) == 0  # fmt: skip
     assert "2 forward passes per image" in capsys.readouterr().out

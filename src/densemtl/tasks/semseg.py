@@ -27,7 +27,7 @@ from densemtl.tasks.semseg_losses import (  # noqa: F401 (public here too)
 )
 from densemtl.tasks.semseg_metrics import SegMetrics
 from densemtl.tasks.uncertainty_metrics import Calibration, fit_temperature
-from densemtl.viz.colors import colorize_depth, colorize_labels, overlay
+from densemtl.viz.colors import colorize_labels, overlay
 
 CLASS_AGREEMENT = 0.999  # export parity: fraction of pixels with the same class id
 CONFIDENCE_TOLERANCE = 1e-3  # export parity: max abs difference of the softmax maximum
@@ -275,12 +275,6 @@ class Semseg(Task):
             "semseg_color": colors,
             "overlay": overlay(rgb, colors, OVERLAY_ALPHA),
         }
-
-    def uncertainty_picture(self, pred: dict[str, np.ndarray], rgb: np.ndarray, info: Info) -> np.ndarray | None:
-        if "confidence" not in pred:
-            return None
-        unsure = 1.0 - pred["confidence"]  # 0 (sure, dark) .. 1 - 1/C (bright)
-        return colorize_depth(np.maximum(unsure, 1e-6), vmin=0.0, vmax=1.0, cmap="inferno")
 
     def pseudo_label(
         self, pred: dict[str, np.ndarray], info: Info, min_confidence: float = 0.0, max_rel_std: float = 0.0
