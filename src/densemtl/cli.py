@@ -259,6 +259,44 @@ def _add_data_parsers(sub) -> None:
     _add_convert_parser(data)
 
 
+def _cmd_save_pretrained(args: argparse.Namespace) -> int:
+    from densemtl.deploy.pretrained import save_pretrained
+
+    out = save_pretrained(args.checkpoint, args.out, onnx=args.onnx, benchmark_json=args.benchmark,
+                          license=args.license)  # fmt: skip
+    print(f"wrote {out}: " + ", ".join(sorted(p.name for p in out.iterdir() if not p.name.startswith("."))))
+    return 0
+
+
+def _cmd_push_to_hub(args: argparse.Namespace) -> int:
+    from densemtl.deploy.pretrained import push_to_hub
+
+    url = push_to_hub(args.pretrained or args.checkpoint, args.repo, private=args.private)
+    print(f"pushed to {args.repo}: {url}")
+    return 0
+
+
+def _add_sharing_parsers(sub) -> None:
+    """``save-pretrained`` and ``push-to-hub`` (docs/sharing.md)."""
+    s = sub.add_parser("save-pretrained", help="checkpoint -> shareable folder (config.json, safetensors, card)")
+    s.add_argument("--checkpoint", type=Path, required=True, help="densemtl .pt checkpoint, e.g. runs/x/best.pt")
+    s.add_argument("--out", type=output_folder, required=True,
+                   help="folder to write: new, empty, or an earlier save-pretrained folder")  # fmt: skip
+    s.add_argument("--onnx", action="store_true", help="also export model.onnx (dynamic axes, parity-checked)")
+    s.add_argument("--benchmark", type=Path, default=None,
+                   help="a `densemtl benchmark --json` file: its latencies go into the model card")  # fmt: skip
+    s.add_argument("--license", default=None, help="SPDX license id for the model card, e.g. mit, apache-2.0")
+    s.set_defaults(func=_cmd_save_pretrained)
+
+    s = sub.add_parser("push-to-hub", help="upload a pretrained folder or a checkpoint to the Hugging Face Hub")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pretrained", type=Path, help="folder written by save-pretrained")
+    src.add_argument("--checkpoint", type=Path, help="densemtl .pt checkpoint (saved to a temporary folder first)")
+    s.add_argument("--repo", required=True, help="Hub model id org/name (log in first: `hf auth login` or HF_TOKEN)")
+    s.add_argument("--private", action="store_true", help="create the repository as private")
+    s.set_defaults(func=_cmd_push_to_hub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     from densemtl.deploy.commands import add_deploy_parsers  # argparse only: no torch at --help
@@ -308,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_predict_parsers(sub)
     add_deploy_parsers(sub, parse_size)
+    _add_sharing_parsers(sub)
     _add_pseudolabel_parser(sub)
     s = sub.add_parser("report", help="Markdown report of a run (metrics table and pictures)")
     s.add_argument("run_dir", type=Path, help="run folder (config.yaml, metrics.jsonl, eval_*/)")

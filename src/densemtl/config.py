@@ -53,6 +53,9 @@ class ModelConfig:
     backbone: str = "mobilenet_v3_large"
     pretrained: str = "none"  # none | imagenet (torchvision weights, downloads when online)
     backbone_weights: str = ""  # local state-dict file; loaded with weights_only=True
+    # A densemtl pretrained folder or Hub id (docs/sharing.md): every tensor whose name and shape match is copied
+    # into the new model before training. Read by the training setup only, never when a model is rebuilt.
+    init_from: str = ""
     freeze: str = "none"  # none | all | bn | first_n_stages
     freeze_stages: int = 0  # used by freeze=first_n_stages
     decoder: str = "lwrefinenet"  # lwrefinenet | unet

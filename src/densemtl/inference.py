@@ -23,9 +23,15 @@ from densemtl.data.images import ImageLike, as_rgb, list_images, read_rgb  # noq
 from densemtl.fileio import atomic_write, check_output
 from densemtl.runtime import forward_at_scale, resolve_device
 from densemtl.tasks import TASKS
-from densemtl.train.checkpoint import input_scale, load_checkpoint, model_from_checkpoint
+from densemtl.train.checkpoint import (
+    config_from_checkpoint,
+    input_scale,
+    load_checkpoint,
+    model_from_checkpoint,
+)
 
 if TYPE_CHECKING:
+    from densemtl.config import Config
     from densemtl.scene3d.bev import SceneOptions
 
 
@@ -73,6 +79,7 @@ class Predictor:
         self.palette = np.array(info.get("palette", []), dtype=np.uint8).reshape(-1, 3)
         self.size = size  # fixed network input (H, W), or None to resize by ``scale``
         self.scale = scale
+        self.config: Config | None = None  # set by from_checkpoint/from_pretrained: lets save_pretrained save it
 
     @classmethod
     def from_checkpoint(
@@ -109,7 +116,34 @@ class Predictor:
         if backend != "torch":
             raise ValueError(f"backend {backend!r} is not one of ('torch', 'onnxruntime')")
         model = model_from_checkpoint(ckpt, path)
-        return cls(model, ckpt["dataset"], device, size, input_scale(ckpt), tta, mc_samples)
+        predictor = cls(model, ckpt["dataset"], device, size, input_scale(ckpt), tta, mc_samples)
+        predictor.config = config_from_checkpoint(ckpt)
+        return predictor
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | Path,
+        device: str = "auto",
+        size: tuple[int, int] | None = None,
+        *,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        tta: str = "none",
+        mc_samples: int = 0,
+    ) -> Predictor:
+        """Load a pretrained folder (``densemtl save-pretrained``) or a Hugging Face Hub id ``org/name``.
+
+        A Hub id downloads the folder's files into the Hugging Face cache (``revision``, ``cache_dir``), or uses
+        the cached copy offline; without one it fails within seconds naming the local-folder alternative
+        (docs/sharing.md). ``tta`` and ``mc_samples``: see the class docstring.
+        """
+        from densemtl.deploy.pretrained import load_pretrained
+
+        model, info, cfg = load_pretrained(path_or_id, revision=revision, cache_dir=cache_dir)
+        predictor = cls(model, info, device, size, info["input_scale"], tta, mc_samples)
+        predictor.config = cfg
+        return predictor
 
     @classmethod
     def from_onnx(

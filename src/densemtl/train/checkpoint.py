@@ -277,12 +277,14 @@ def restore_training_state(
 
     Refuses a checkpoint whose model config differs (its weights would not fit); warns on other changes."""
     ckpt = load_checkpoint(path)
-    if ckpt["config"]["model"] != to_dict(cfg)["model"]:
+    saved = to_dict(config_from_checkpoint(ckpt))  # defaults filled in: a field added since is not a change
+    if {**saved["model"], "init_from": ""} != {**to_dict(cfg)["model"], "init_from": ""}:
         raise ValueError(
             f"{path} was trained with a different model config; resume with the same "
             "model settings, or start a new run (optionally from model.backbone_weights)"
         )
-    same_folder = {**ckpt["config"], "train": {**ckpt["config"]["train"], "out_dir": cfg.train.out_dir}}
+    same_folder = {**saved, "train": {**saved["train"], "out_dir": cfg.train.out_dir}}
+    same_folder["model"]["init_from"] = cfg.model.init_from  # read only when a run starts
     if same_folder != to_dict(cfg):  # a run continued in another folder (a copy) is still the same run
         log.warning("resuming %s with changed settings; the run will not match an uninterrupted one", path)
     model.load_state_dict(ckpt["model"])

@@ -238,11 +238,12 @@ class Run:
     metrics: Any
 
 
-def setup(cfg: Config, check_files: bool = True) -> Run:
+def setup(cfg: Config, check_files: bool = True, init_weights: bool = True) -> Run:
     """Resolve ``cfg`` against the dataset and build the model, loss, optimiser, schedule, data and metrics.
 
     Everything that would stop the run later is checked here (``check_files``: the files of both splits, see
-    :mod:`densemtl.train.preflight`). Nothing is written: the run folder is :func:`train`'s.
+    :mod:`densemtl.train.preflight`). Nothing is written: the run folder is :func:`train`'s. ``init_weights``:
+    apply ``model.init_from`` (off for a resumed run, whose checkpoint holds every weight).
     """
     from densemtl.config import check_config
     from densemtl.data.format import read_dataset_json
@@ -260,7 +261,12 @@ def setup(cfg: Config, check_files: bool = True) -> Run:
     out = Path(cfg.train.out_dir)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
 
-    model = build_model(cfg.model).to(device)
+    model = build_model(cfg.model)
+    if cfg.model.init_from and init_weights:
+        from densemtl.deploy.pretrained import init_from_pretrained
+
+        init_from_pretrained(model, cfg.model.init_from, cfg.model)
+    model = model.to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     net = wrap_model(model, device, cfg.train.sync_bn)
@@ -363,7 +369,7 @@ def train(cfg: Config, resume: str | Path | None = None, overwrite: bool = False
 
 
 def _train(cfg: Config, resume: Path | None, overwrite: bool) -> dict[str, Any]:
-    run = setup(cfg)  # everything is checked before anything in the run folder changes
+    run = setup(cfg, init_weights=resume is None)  # everything is checked before the run folder changes
     ckpt = None
     if resume is not None:
         ckpt = restore_training_state(
