@@ -139,6 +139,7 @@ class Task:
         console: the metrics the per-epoch console line shows (default: the headline).
         uses_classes: the task depends on the dataset's class list (a model can only be evaluated on, or
             pseudo-label, a dataset with the same classes).
+        hub_pipeline_tag: the Hugging Face Hub ``pipeline_tag`` for a model card ('' for none).
     """
 
     name: str = ""
@@ -150,6 +151,7 @@ class Task:
     outputs: tuple[str, ...] = ()
     console: tuple[str, ...] = ()
     uses_classes: bool = False
+    hub_pipeline_tag: str = ""  # the Hugging Face Hub pipeline tag a model card may carry for this task
 
     # ------------------------------------------------------------------------------------------------ data
     def load(self, path: Path, size: tuple[int, int], info: Info) -> np.ndarray:

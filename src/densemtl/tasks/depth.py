@@ -136,6 +136,7 @@ class Depth(Task):
     console = ("abs_rel", "rmse", "delta1")
     lower_is_better = frozenset({"abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "mae", "silog"})
     lower_is_better = lower_is_better | {"ause_abs_rel", "ause_rmse", "ause_delta1"}
+    hub_pipeline_tag = "depth-estimation"
     outputs = ("depth", "depth_std")  # depth_std only from a head with uncertainty
 
     # data

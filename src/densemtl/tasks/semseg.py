@@ -138,6 +138,7 @@ class Semseg(Task):
     headline = "miou"
     console = ("miou", "pixel_acc")
     lower_is_better = frozenset({"ece", "nll", "brier"})
+    hub_pipeline_tag = "image-segmentation"
     outputs = ("semseg", "confidence", "entropy")
     uses_classes = True
 
