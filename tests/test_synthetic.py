@@ -152,7 +152,7 @@ def test_dataset_is_deterministic_across_workers_and_round_trips(tmp_path: Path)
     generate_dataset(tmp_path / "c", seed=8, workers=1, image_format="png", **kw)
     generate_dataset(tmp_path / "d", seed=7, workers=2, **kw)  # default: JPEG RGB
     fa, fb, fc = _files(tmp_path / "a"), _files(tmp_path / "b"), _files(tmp_path / "c")
-    assert len(fa) == 1 + 5 * 5 and fa == fb
+    assert len(fa) == 1 + 5 * 7 and fa == fb  # image, meta, 3 tasks, instances, objects
     assert fa["train/images/000000.png"] != fc["train/images/000000.png"]
     fd = _files(tmp_path / "d")
     assert {k: v for k, v in fd.items() if "images" not in k and k != "dataset.json"} == {

@@ -5,7 +5,9 @@ The checker reads every sample once with the function ``FolderDataset`` reads it
 for the same bad file) but collects each error instead of stopping at the first, and adds what a loader never
 sees: files without an image, files in the wrong format (``.npy`` or float TIFF depth, JPEG labels), missing
 or empty split folders, every ``dataset.json`` mistake at once. While it reads, it accumulates per-split class
-histograms and depth statistics. It never writes into the dataset.
+histograms and depth statistics. The optional object files (``instances/<id>.png``, ``objects/<id>.json``, see
+``densemtl.data.objects``) are validated when present, checked against each other (ids, boxes) and counted per
+object class. It never writes into the dataset.
 
 Depth in the folder format is a uint16 PNG, which cannot hold NaN, inf or negative values; those are checked
 (and counted) in the ``.npy`` / float TIFF depth files people often drop in before converting them.
@@ -22,6 +24,16 @@ import numpy as np
 
 from densemtl.data.folder import read_sample
 from densemtl.data.format import DEPTH_SCALE, IMAGE_EXTS, DatasetFormatError, open_image, read_dataset_json
+from densemtl.data.objects import (
+    INSTANCES_DIR,
+    OBJECT_CLASSES_KEY,
+    OBJECTS_DIR,
+    check_object_classes,
+    instances_path,
+    objects_path,
+    read_instances,
+    read_objects,
+)
 from densemtl.data.progress import track
 from densemtl.tasks import IGNORE_INDEX, TASKS
 from densemtl.tasks.base import TaskStats
@@ -46,12 +58,14 @@ class SplitStats:
     """Counts and each task's statistics (``Task.new_stats``) of one split, over the files that loaded.
 
     ``tasks`` holds e.g. ``semseg``: class_pixels, class_images, ignore_pixels; ``depth``: valid_fraction, min,
-    max, mean, p05, p50, p95 (metres); ``normals``: valid_fraction.
+    max, mean, p05, p50, p95 (metres); ``normals``: valid_fraction. ``objects`` (empty when the split has no
+    object files): ``files`` and ``instance_masks`` that loaded, ``per_class`` object counts.
     """
 
     samples: int = 0
     with_task: dict[str, int] = field(default_factory=dict)
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    objects: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -87,6 +101,12 @@ class DatasetReport:
             for task, stats in s.tasks.items():
                 if stats and task in TASKS:
                     lines += [f"    {line}" for line in TASKS[task].describe_stats(stats, self.classes)]
+            if s.objects:
+                per_class = ", ".join(f"{c} {n}" for c, n in s.objects["per_class"].items()) or "none"
+                lines.append(
+                    f"    objects: {s.objects['files']} objects files, {s.objects['instance_masks']} instance "
+                    f"masks; objects per class: {per_class}"
+                )
         n_err = len(self.errors)
         lines.append(f"{n_err} error(s), {len(self.problems) - n_err} warning(s)")
         lines += [f"  {p.severity.upper()}: {p.message}" for p in self.problems]
@@ -106,8 +126,21 @@ class _Stats:
         stats = self.tasks[task]
         return stats.add(array, path, info) if stats is not None else []
 
+    def add_objects(self, objects: list[dict[str, Any]] | None, has_mask: bool) -> None:
+        """Count one sample's object files (``objects`` None: no objects file that loaded)."""
+        if not self.s.objects:
+            self.s.objects = {"files": 0, "instance_masks": 0, "per_class": {}}
+        o = self.s.objects
+        o["instance_masks"] += int(has_mask)
+        if objects is not None:
+            o["files"] += 1
+            for obj in objects:
+                o["per_class"][obj["class"]] = o["per_class"].get(obj["class"], 0) + 1
+
     def finish(self) -> SplitStats:
         self.s.tasks = {name: st.finish() for name, st in self.tasks.items() if st is not None}
+        if self.s.objects:
+            self.s.objects["per_class"] = dict(sorted(self.s.objects["per_class"].items()))
         return self.s
 
 
@@ -162,6 +195,11 @@ def _info_warnings(path: Path, info: dict[str, Any]) -> list[Problem]:
         )
     if len(info["classes"]) > IGNORE_INDEX:
         found.append(f"{path}: {len(info['classes'])} classes do not fit uint8 labels with 255 = ignore")
+    if OBJECT_CLASSES_KEY in info:
+        try:
+            check_object_classes(info[OBJECT_CLASSES_KEY], path)
+        except DatasetFormatError as e:
+            found.append(str(e))
     return [Problem(str(path), "dataset.json", m) for m in found]
 
 
@@ -231,11 +269,12 @@ def _raw_depth_problem(path: Path) -> str:
 
 def _stray_files(split_dir: Path, ids: set[str], problems: list[Problem]) -> None:
     """Files in task/meta folders that have no image, or that the format does not read."""
-    for what, sub in [*((name, t.folder) for name, t in TASKS.items()), ("meta", "meta")]:
+    extra = [("meta", "meta"), ("objects", OBJECTS_DIR), ("instances", INSTANCES_DIR)]
+    for what, sub in [*((name, t.folder) for name, t in TASKS.items()), *extra]:
         folder = split_dir / sub
         if not folder.is_dir():
             continue
-        want = ".json" if what == "meta" else ".png"
+        want = ".json" if sub in ("meta", OBJECTS_DIR) else ".png"
         for p in sorted(folder.iterdir()):
             if p.name.startswith(".") or p.is_dir():
                 continue
@@ -255,6 +294,44 @@ def _stray_files(split_dir: Path, ids: set[str], problems: list[Problem]) -> Non
                         "warning",
                     )
                 )
+
+
+def _object_classes(info: dict[str, Any]) -> list[str] | None:
+    """dataset.json's object classes, or None (any name) when absent or malformed (reported once, elsewhere)."""
+    try:
+        return check_object_classes(info[OBJECT_CLASSES_KEY], "dataset.json")
+    except (KeyError, DatasetFormatError):
+        return None
+
+
+def _check_objects(
+    img: Path, size: tuple[int, int], info: dict[str, Any], stats: _Stats, problems: list[Problem]
+) -> None:
+    """Validate one sample's instance mask and objects file when present, against each other too; count them."""
+    mask_file, objects_file = instances_path(img), objects_path(img)
+    has_objects = objects_file.is_file()
+    if not has_objects and not mask_file.is_file():
+        return
+    instances, objects, warn = None, None, []
+    if mask_file.is_file():
+        try:
+            instances = read_instances(mask_file, size)
+        except DatasetFormatError as e:
+            problems.append(Problem(str(mask_file), "instances", str(e)))
+        if not has_objects:
+            warn.append(
+                f"{mask_file}: no {OBJECTS_DIR}/{img.stem}.json for this instance mask, so its ids name no object "
+                "class; add the objects file or delete the mask"
+            )
+    if has_objects:
+        try:
+            objects = read_objects(objects_file, size, _object_classes(info), instances=instances, warn=warn)
+        except DatasetFormatError as e:
+            problems.append(Problem(str(objects_file), "objects", str(e)))
+    problems += [
+        Problem(str(objects_file if has_objects else mask_file), "objects", m, "warning") for m in warn
+    ]
+    stats.add_objects(objects, instances is not None)
 
 
 def _check_sample(img: Path, info: dict[str, Any], stats: _Stats, problems: list[Problem]) -> None:
@@ -280,6 +357,7 @@ def _check_sample(img: Path, info: dict[str, Any], stats: _Stats, problems: list
             path = img.parent.parent / spec.folder / f"{img.stem}.png"
             for message in stats.add(task, arrays[task], path, info):
                 problems.append(Problem(str(path), task, message, "warning"))
+    _check_objects(img, size, info, stats, problems)
 
 
 def check_dataset(
@@ -321,4 +399,17 @@ def check_dataset(
         if split_dir.is_dir():
             _stray_files(split_dir, set(images), problems)
         reports[split] = stats.finish()
+    if (
+        info is not None
+        and OBJECT_CLASSES_KEY not in info
+        and any(s.objects.get("files") for s in reports.values())
+    ):
+        problems.append(
+            Problem(
+                str(root / "dataset.json"),
+                "dataset.json",
+                f"{root / 'dataset.json'}: the dataset has objects files but no {OBJECT_CLASSES_KEY!r}; list the "
+                f'object class names there, e.g. "{OBJECT_CLASSES_KEY}": ["car", "person"]',
+            )
+        )
     return DatasetReport(root=str(root), classes=classes, problems=problems, splits=reports)

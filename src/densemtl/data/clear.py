@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from densemtl.data.format import DatasetFormatError
+from densemtl.data.objects import INSTANCES_DIR, OBJECTS_DIR
 from densemtl.tasks import TASKS
 
 
@@ -21,7 +22,7 @@ class DatasetExistsError(DatasetFormatError):
 
 
 def _dataset_subfolders() -> set[str]:
-    return {"images", "meta", *(t.folder for t in TASKS.values())}
+    return {"images", "meta", INSTANCES_DIR, OBJECTS_DIR, *(t.folder for t in TASKS.values())}
 
 
 def _is_split(folder: Path) -> bool:

@@ -38,7 +38,7 @@ def synth_video(
     for k in range(frames):
         z = k * speed / fps
         cam = Camera.from_fov(size, hfov_deg, position=(scene.ego_x, 1.5, z), pitch_deg=2.0)
-        view = render(scene, cam, size, noise_rng=rng)
+        view = render(scene, cam, size, noise_rng=rng, objects=False)
         images.append(view["image"])
         meta = {key: view["meta"][key] for key in ("intrinsics", "camera_height", "pitch_deg", "roll_deg")}
     codec = write_video(out, images, fps)

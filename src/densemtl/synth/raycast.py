@@ -111,16 +111,37 @@ def screen_rects(
     With ``sweep`` (M, 3) the bound is for the box swept along -sweep (the convex hull of both positions).
     """
     h, w = size
-    m = len(lo)
-    if m == 0:
+    if len(lo) == 0:
         return np.zeros((0, 4), dtype=np.int64)
+    (u0, u1, v0, v1), any_ok = projected_extent(lo, hi, camera, near, sweep)
+    if sweep is not None:
+        lo, hi = np.minimum(lo, lo - sweep), np.maximum(hi, hi - sweep)
+    rect = np.stack([np.floor(v0), np.floor(v1) + 2, np.floor(u0), np.floor(u1) + 2], 1)
+    rect = np.clip(np.nan_to_num(rect, nan=0.0), 0, [h, h, w, w]).astype(np.int64)
+    nearest = np.linalg.norm(
+        np.clip(np.asarray(camera.position), lo, hi) - np.asarray(camera.position), axis=1
+    )
+    empty = ~any_ok | (rect[:, 0] >= rect[:, 1]) | (rect[:, 2] >= rect[:, 3]) | (nearest > far)
+    rect[empty] = 0
+    return rect
+
+
+def projected_extent(
+    lo: np.ndarray, hi: np.ndarray, camera: Camera, near: float = 0.05, sweep: np.ndarray | None = None
+) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    """Continuous image extent (u0, u1, v0, v1), each (M,), pixel-centre coordinates, of boxes lo..hi (M, 3).
+
+    The part of each box in front of the near plane z = ``near`` is projected (corners in front plus edge
+    crossings), so a box reaching behind the camera gets a correct (large) bound; also returns (M,) bool: True
+    where some of the box lies in front of the plane (the extent is 0 elsewhere). ``sweep``: see
+    :func:`screen_rects`.
+    """
     r = camera.rotation()
     corners = lo[:, None].astype(np.float64) + _CORNERS[None] * (hi - lo)[:, None]  # (M, 8, 3) world
     edges = _EDGES
     if sweep is not None:  # hull of 16 corners; every hull edge is one of the 120 corner pairs
         corners = np.concatenate([corners, corners - sweep[:, None]], axis=1)
         edges = _PAIRS16
-        lo, hi = np.minimum(lo, lo - sweep), np.maximum(hi, hi - sweep)
     pc = (corners - np.asarray(camera.position)) @ r  # (M, P, 3) camera frame
     a, b = pc[:, edges[:, 0]], pc[:, edges[:, 1]]  # (M, E, 3)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -135,14 +156,7 @@ def screen_rects(
     with np.errstate(all="ignore"):
         u0, u1 = np.nanmin(np.where(any_ok[:, None], u, 0), 1), np.nanmax(np.where(any_ok[:, None], u, 0), 1)
         v0, v1 = np.nanmin(np.where(any_ok[:, None], v, 0), 1), np.nanmax(np.where(any_ok[:, None], v, 0), 1)
-    rect = np.stack([np.floor(v0), np.floor(v1) + 2, np.floor(u0), np.floor(u1) + 2], 1)
-    rect = np.clip(np.nan_to_num(rect, nan=0.0), 0, [h, h, w, w]).astype(np.int64)
-    nearest = np.linalg.norm(
-        np.clip(np.asarray(camera.position), lo, hi) - np.asarray(camera.position), axis=1
-    )
-    empty = ~any_ok | (rect[:, 0] >= rect[:, 1]) | (rect[:, 2] >= rect[:, 3]) | (nearest > far)
-    rect[empty] = 0
-    return rect
+    return (u0, u1, v0, v1), any_ok
 
 
 # ------------------------------------------------------------------------------------------ intersections
@@ -201,6 +215,7 @@ class Hits:
     rays: np.ndarray  # (3, H, W) float32 world directions
     points: np.ndarray  # (3, H, W) float32 world hit points (the camera position where nothing is hit)
     normals: np.ndarray  # (3, H, W) float32 world unit normals, 0 where nothing is hit
+    rects: np.ndarray  # (M, 4) int64 each primitive's screen rectangle (v0, v1, u0, u1), see ``screen_rects``
 
 
 SMALL_RECT = 1024  # primitives covering fewer pixels are intersected together, one batch per kind
@@ -254,7 +269,7 @@ def cast(scene: Scene, camera: Camera, size: tuple[int, int], far: float = 200.0
         small = np.flatnonzero((area > 0) & (area < SMALL_RECT))
         _cast_small(scene, small, rects[small], o, d, inv, t, index)
     points = np.asarray(o, dtype=np.float32)[:, None, None] + np.where(np.isfinite(t), t, 0) * d
-    return Hits(t, index, d, points, surface_normals(scene, index, points))
+    return Hits(t, index, d, points, surface_normals(scene, index, points), rects)
 
 
 def _cast_small(
@@ -279,6 +294,46 @@ def _cast_small(
     for prim, pix, tn in found:  # the pair that set a pixel's minimum owns it
         win = tn == tflat[pix]
         iflat[pix[win]] = prim[win]
+
+
+def coverage(scene: Scene, camera: Camera, hits: Hits, group: np.ndarray, n_groups: int) -> np.ndarray:
+    """(n_groups,) int64: how many pixels each group of primitives would cover if nothing else were there.
+
+    ``group`` (M,) gives each primitive's group 0..n_groups-1, or -1 to leave it out. A pixel is covered where
+    its ray enters a primitive of the group in front of the camera (t > 0). The primitives are intersected in
+    the screen rectangles of :func:`cast` (``hits.rects``) with its exact arithmetic (same batches, same
+    float32 operations), so every pixel that ``hits`` gives to a primitive counts as covered by its group.
+    Each group's pixels are marked in a buffer the size of the union of its rectangles.
+    """
+    h, w = hits.t.shape
+    rays, o = hits.rays, tuple(float(v) for v in camera.position)
+    prims = np.flatnonzero(group >= 0)
+    rects, g = hits.rects[prims], group[prims]  # (P, 4) v0, v1, u0, u1
+    area = (rects[:, 1] - rects[:, 0]) * (rects[:, 3] - rects[:, 2])
+    box = np.tile(np.array([h, 0, w, 0]), (n_groups, 1))  # (G, 4) union of each group's rectangles
+    for c, op in enumerate((np.minimum, np.maximum, np.minimum, np.maximum)):
+        op.at(box[:, c], g[area > 0], rects[area > 0, c])
+    gh, gw = np.maximum(box[:, 1] - box[:, 0], 0), np.maximum(box[:, 3] - box[:, 2], 0)
+    start = np.concatenate([[0], np.cumsum(gh * gw)])  # each group's mask in one flat buffer
+    covered = np.zeros(start[-1], dtype=bool)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        for j in np.flatnonzero(area >= SMALL_RECT):
+            i, (v0, v1, u0, u1), k = prims[j], rects[j], g[j]
+            db = tuple(x[v0:v1, u0:u1] for x in rays)
+            tn, tf = _INTERSECT[scene.kind[i]](
+                scene.center[i], scene.half[i], o, db, tuple(1 / x for x in db)
+            )
+            view = covered[start[k] : start[k + 1]].reshape(gh[k], gw[k])
+            view[v0 - box[k, 0] : v1 - box[k, 0], u0 - box[k, 2] : u1 - box[k, 2]] |= (tn <= tf) & (tn > 0)
+        small = np.flatnonzero((area > 0) & (area < SMALL_RECT))
+        for kind, prim, c, hh, pix in _batches(scene, prims[small], rects[small], w):
+            db = tuple(x.reshape(-1)[pix] for x in rays)
+            tn, tf = _INTERSECT[kind](c, hh, o, db, tuple(1 / x for x in db))
+            hit = (tn <= tf) & (tn > 0)
+            k, pix = group[prim[hit]], pix[hit]
+            covered[start[k] + (pix // w - box[k, 0]) * gw[k] + pix % w - box[k, 2]] = True
+    total = np.concatenate([[0], np.cumsum(covered, dtype=np.int64)])
+    return total[start[1:]] - total[start[:-1]]
 
 
 def gather(planes: np.ndarray, index: np.ndarray) -> np.ndarray:

@@ -10,6 +10,8 @@ folder format with worker processes. Conventions:
 * normals are unit vectors in the camera frame, (0, 0, 0) only for sky (surfaces beyond 80 m keep theirs);
 * classes (ids 0-7): road, sidewalk (incl. kerbs), building, vegetation (trees, hedges), pole (incl. sign panels
   and lamp arms), car, person, sky; every pixel is labelled, 255 never occurs;
+* objects: every car and person gets an instance id; ``instances`` and ``objects`` (``synth.objects``) are
+  written as ``<split>/instances/<id>.png`` and ``<split>/objects/<id>.json`` (``densemtl.data.objects``);
 * sample ``i`` of split ``s`` is a pure function of (seed, s, i), so files are byte-identical for any number
   of workers.
 """
@@ -29,8 +31,17 @@ import numpy as np
 from densemtl.data.clear import prepare_dataset_folder
 from densemtl.data.folder import write_sample
 from densemtl.data.format import write_dataset_json
+from densemtl.data.objects import (
+    INSTANCES_DIR,
+    OBJECT_CLASSES_KEY,
+    OBJECTS_DIR,
+    instances_png_bytes,
+    write_objects,
+)
 from densemtl.data.progress import track
+from densemtl.fileio import atomic_write
 from densemtl.synth import scene as sc
+from densemtl.synth.objects import OBJECT_CLASSES, annotate
 from densemtl.synth.raycast import GROUND, NOTHING, Camera, Hits, cast, gather, scatter, sun_visibility
 from densemtl.synth.scene import CLASSES, PALETTE, Scene
 from densemtl.synth.streets import sample_scene
@@ -248,6 +259,7 @@ def render(
     far: float = 200.0,
     shadows: bool = True,
     noise_rng: np.random.Generator | None = None,
+    objects: bool = True,
 ) -> dict[str, Any]:
     """Ray-cast one view.
 
@@ -257,10 +269,12 @@ def render(
         far: primitives farther than this are culled (fog hides them); the ground plane is never culled.
         shadows: cast exact shadow rays towards the sun.
         noise_rng: source of sensor noise; None renders without noise.
+        objects: also return ``instances`` and ``objects`` (see ``densemtl.synth.objects.annotate``).
 
     Returns:
         ``image`` (H, W, 3) uint8, ``semseg`` (H, W) uint8, ``depth`` (H, W) float32 metres (z, 0 = invalid),
-        ``normals`` (H, W, 3) float32 camera frame, ``meta`` (intrinsics, pose, road layout).
+        ``normals`` (H, W, 3) float32 camera frame, ``meta`` (intrinsics, pose, road layout); with ``objects``
+        also ``instances`` (H, W) uint16 (0 = no object) and ``objects`` (list of dicts, folder format).
     """
     hits = cast(scene, camera, size, far=far)
     lt = scene.lighting
@@ -277,13 +291,10 @@ def render(
     for k in range(3):  # camera = R^T world
         normals[..., k] = r[0, k] * n[0] + r[1, k] * n[1] + r[2, k] * n[2]
     meta = {**camera.meta(), **scene.layout_meta()}
-    return {
-        "image": image,
-        "semseg": semseg,
-        "depth": depth,
-        "normals": normals,
-        "meta": meta,
-    }
+    out = {"image": image, "semseg": semseg, "depth": depth, "normals": normals, "meta": meta}
+    if objects:
+        out["instances"], out["objects"] = annotate(scene, camera, hits)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ dataset
@@ -327,6 +338,9 @@ def _write_one(job: tuple[Path, int, str, int, tuple[int, int], str]) -> np.ndar
     """Worker: render and write one sample; returns its label histogram (256,)."""
     root, seed, split, index, size, image_format = job
     s = render_sample(seed, split, index, size)
+    base, name = root / split, f"{index:06d}"  # object files first: a sample exists once its image does
+    write_objects(base / OBJECTS_DIR / f"{name}.json", s["objects"], size=size, object_classes=OBJECT_CLASSES)
+    atomic_write(base / INSTANCES_DIR / f"{name}.png", instances_png_bytes(s["instances"]))
     write_sample(
         root,
         split,
@@ -394,6 +408,7 @@ def generate_dataset(
         "normals": "unit vectors in the camera frame, (0, 0, 0) for sky",
         "image_format": image_format,
         "labels": "traffic-sign panels and lamp arms are labelled pole; no pixel is 255",
+        "objects": "every car and person: instances/<id>.png ids, objects/<id>.json boxes (densemtl.synth.objects)",
     }
     prepare_dataset_folder(
         root, overwrite
@@ -429,7 +444,7 @@ def generate_dataset(
         palette=[list(c) for c in PALETTE],
         splits=list(splits),
         depth_max=DEPTH_MAX,
-        extra={"generator": generator},
+        extra={OBJECT_CLASSES_KEY: list(OBJECT_CLASSES), "generator": generator},
     )
     seconds = time.perf_counter() - start
     total = max(int(hist.sum()), 1)

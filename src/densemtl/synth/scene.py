@@ -3,7 +3,9 @@
 World frame (metres): x right, y up, z forward along the road; the ground is the plane y = 0 and the road is
 the strip |x| <= ``road_half_width`` centred on x = 0. Raised sidewalks (height ``kerb_height``) run along both
 sides; everything else (facades, trees, poles, signs, cars, people) is a box, a vertical capped cylinder or an
-axis-aligned ellipsoid with a class label, a colour and a material that the renderer textures.
+axis-aligned ellipsoid with a class label, a colour and a material that the renderer textures. Each car and each
+person is an object made of several primitives that share its ``instance`` id (1, 2, ... in sampling order;
+0 for everything that is not an object).
 
 A sampled scene (``streets.sample_scene``) covers ``z_range`` along the road (default 30 m behind to 160 m
 ahead of z = 0), so a camera can be moved along the road through one scene (video, bird's-eye-view maps);
@@ -51,6 +53,7 @@ class Primitive:
     color2: Vec3 = (0.0, 0.0, 0.0)  # secondary colour: windows, glass, sign border, mortar
     param: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # material specific
     casts_shadow: bool = True
+    instance: int = 0  # the object (car, person) this primitive is part of; 0 = none
 
 
 def box(lo: Vec3, hi: Vec3, label: int, color: Vec3, **kw) -> Primitive:
@@ -99,6 +102,7 @@ class Scene:
     color2: np.ndarray  # (M, 3) float32
     param: np.ndarray  # (M, 4) float32
     casts_shadow: np.ndarray  # (M,) bool
+    instance: np.ndarray  # (M,) int32: object id, 0 = not part of an object
     road_half_width: float = 5.0
     sidewalk_width: float = 3.0
     kerb_height: float = 0.15
@@ -116,10 +120,13 @@ class Scene:
     def build(cls, prims: list[Primitive], **layout) -> Scene:
         """Pack a list of primitives into arrays; ``layout`` sets the other fields."""
         rows = [
-            (p.kind, *p.center, *p.half, p.label, *p.color, p.material, *p.color2, *p.param, p.casts_shadow)
+            (
+                p.kind, *p.center, *p.half, p.label, *p.color, p.material, *p.color2, *p.param, p.casts_shadow,
+                p.instance,
+            )
             for p in prims
-        ]
-        cols = np.cumsum([0, 1, 3, 3, 1, 3, 1, 3, 4, 1])  # column ranges of the fields in one table
+        ]  # fmt: skip
+        cols = np.cumsum([0, 1, 3, 3, 1, 3, 1, 3, 4, 1, 1])  # column ranges of the fields in one table
         table = np.array(rows, dtype=np.float64).reshape(len(prims), cols[-1])  # exact: ints, then doubles
 
         def arr(k: int, dtype: type) -> np.ndarray:
@@ -136,6 +143,7 @@ class Scene:
             color2=arr(6, np.float32),
             param=arr(7, np.float32),
             casts_shadow=arr(8, bool),
+            instance=arr(9, np.int32),
             **layout,
         )
 

@@ -4,10 +4,14 @@ Everything is drawn from one ``numpy.random.Generator`` so a scene is a pure fun
 frame of ``scene.py``): the road is |x| <= road_half_width (driving lanes plus optional parking strips), raised
 sidewalks follow outside it, facades stand behind the sidewalks with gaps, setbacks and hedges, trees and poles
 line the kerb, cars park along the kerb and drive in the lanes, people walk on the sidewalks and sometimes cross
-the road.
+the road. Every car and person gets the next object id of the scene (``Primitive.instance``), drawn from a counter
+that consumes no random numbers, so the scene's geometry does not depend on it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from itertools import count
 
 import numpy as np
 
@@ -169,8 +173,8 @@ def _pole(rng: np.random.Generator, side: int, x: float, z: float, base: float) 
     return out
 
 
-def _car(rng: np.random.Generator, x: float, z: float) -> list[Primitive]:
-    """Lower body, glass cabin and four wheels (thin ellipsoids), aligned with the road."""
+def _car(rng: np.random.Generator, x: float, z: float, instance: int) -> list[Primitive]:
+    """Lower body, glass cabin and four wheels (thin ellipsoids), aligned with the road; all of object ``instance``."""
     length, width = rng.uniform(3.6, 4.9), rng.uniform(1.6, 1.9)
     van = rng.random() < 0.15
     top = rng.uniform(1.9, 2.3) if van else rng.uniform(1.35, 1.6)
@@ -180,7 +184,7 @@ def _car(rng: np.random.Generator, x: float, z: float) -> list[Primitive]:
     paint, glass = _pick(rng, _CAR, 0.04), _pick(rng, _GLASS, 0.03)
     hw, hl = width / 2, length / 2
     out = [
-        box((x - hw, 0.28, z - hl), (x + hw, belt, z + hl), CAR, paint, material=CAR_BODY),
+        box((x - hw, 0.28, z - hl), (x + hw, belt, z + hl), CAR, paint, material=CAR_BODY, instance=instance),
         box(
             (x - hw + 0.06, belt, cab_z - cab_len / 2),
             (x + hw - 0.06, top, cab_z + cab_len / 2),
@@ -188,37 +192,55 @@ def _car(rng: np.random.Generator, x: float, z: float) -> list[Primitive]:
             paint,
             material=CAR_GLASS,
             color2=glass,
+            instance=instance,
         ),
     ]
     for sx in (-1, 1):
         for sz in (-1, 1):
             c = (x + sx * (hw - 0.12), 0.32, z + sz * (hl - 0.75))
-            out.append(ellipsoid(c, (0.12, 0.32, 0.32), CAR, (0.05, 0.05, 0.05)))
+            out.append(ellipsoid(c, (0.12, 0.32, 0.32), CAR, (0.05, 0.05, 0.05), instance=instance))
     return out
 
 
-def _person(rng: np.random.Generator, x: float, z: float, base: float) -> list[Primitive]:
-    """Two legs, a torso with arms (cylinders) and a head (sphere)."""
+def _person(rng: np.random.Generator, x: float, z: float, base: float, instance: int) -> list[Primitive]:
+    """Two legs, a torso with arms (cylinders) and a head (sphere), all of object ``instance``."""
     h = rng.uniform(1.0, 1.35) if rng.random() < 0.15 else rng.uniform(1.5, 1.95)
     leg, head = 0.47 * h, 0.065 * h
     torso_r = rng.uniform(0.13, 0.2) * h / 1.75
     stride = rng.uniform(-0.18, 0.18)
     trousers, shirt = _pick(rng, _CLOTH), _pick(rng, _CLOTH)
+    kw = {"instance": instance}
     out = [
         cylinder(
-            x + s * 0.09 * h / 1.75, z + s * stride, base, base + leg, 0.065 * h / 1.75, PERSON, trousers
+            x + s * 0.09 * h / 1.75,
+            z + s * stride,
+            base,
+            base + leg,
+            0.065 * h / 1.75,
+            PERSON,
+            trousers,
+            **kw,
         )
         for s in (-1, 1)
     ]
     neck = base + h - 2 * head
-    out.append(cylinder(x, z, base + leg - 0.05, neck, torso_r, PERSON, shirt))
+    out.append(cylinder(x, z, base + leg - 0.05, neck, torso_r, PERSON, shirt, **kw))
     for s in (-1, 1):
         out.append(
             cylinder(
-                x + s * (torso_r + 0.04), z - s * stride / 2, base + leg, neck - 0.05, 0.045, PERSON, shirt
+                x + s * (torso_r + 0.04),
+                z - s * stride / 2,
+                base + leg,
+                neck - 0.05,
+                0.045,
+                PERSON,
+                shirt,
+                **kw,
             )
         )
-    out.append(ellipsoid((x, neck + head, z), (head, head * 1.1, head), PERSON, _pick(rng, _SKIN, 0.03)))
+    out.append(
+        ellipsoid((x, neck + head, z), (head, head * 1.1, head), PERSON, _pick(rng, _SKIN, 0.03), **kw)
+    )
     return out
 
 
@@ -231,6 +253,7 @@ def _sidewalk(
     z0: float,
     z1: float,
     taken: list[tuple[int, float]],
+    ids: Iterator[int],
 ) -> list[Primitive]:
     """Trees and poles near the kerb, people anywhere on the sidewalk of one side."""
     out: list[Primitive] = []
@@ -245,12 +268,18 @@ def _sidewalk(
     for _ in range(rng.poisson(rng.uniform(0, 6))):
         z = rng.uniform(z0 + 3, z1)
         if not any(s == side and abs(z - zt) < 0.8 for s, zt in taken):
-            out += _person(rng, side * (rw + rng.uniform(0.5, max(0.6, sw - 0.4))), float(z), kerb)
+            out += _person(rng, side * (rw + rng.uniform(0.5, max(0.6, sw - 0.4))), float(z), kerb, next(ids))
     return out
 
 
 def _traffic(
-    rng: np.random.Generator, lanes_x: list[float], ego_x: float, z0: float, z1: float, ego_lane_clear: bool
+    rng: np.random.Generator,
+    lanes_x: list[float],
+    ego_x: float,
+    z0: float,
+    z1: float,
+    ego_lane_clear: bool,
+    ids: Iterator[int],
 ) -> list[Primitive]:
     """Moving cars in the driving lanes; the ego lane stays clear for 7 m ahead of and 6 m behind z = 0."""
     out: list[Primitive] = []
@@ -261,18 +290,20 @@ def _traffic(
         z = z0 + rng.uniform(0, 30)
         while z < z1:
             if not (ego and -6 < z < 12) and rng.random() < 0.6:
-                out += _car(rng, lx + rng.uniform(-0.3, 0.3), float(z))
+                out += _car(rng, lx + rng.uniform(-0.3, 0.3), float(z), next(ids))
             z += rng.uniform(7, 35)
     return out
 
 
-def _parked(rng: np.random.Generator, side: int, x_edge: float, z0: float, z1: float) -> list[Primitive]:
+def _parked(
+    rng: np.random.Generator, side: int, x_edge: float, z0: float, z1: float, ids: Iterator[int]
+) -> list[Primitive]:
     """A row of cars parked along the kerb at |x| = x_edge."""
     out: list[Primitive] = []
     z = z0 + rng.uniform(0, 5)
     while z < z1:
         if rng.random() < 0.65:
-            out += _car(rng, side * (x_edge - rng.uniform(1.0, 1.2)), float(z))
+            out += _car(rng, side * (x_edge - rng.uniform(1.0, 1.2)), float(z), next(ids))
         z += rng.uniform(5.0, 9.0)
     return out
 
@@ -314,6 +345,7 @@ def sample_scene(
     ego_x = lanes_x[int(rng.integers(lanes // 2, lanes))]  # drive on the right half of the road
     paving = _pick(rng, ((0.62, 0.6, 0.56), (0.55, 0.4, 0.35), (0.7, 0.68, 0.62), (0.45, 0.45, 0.47)))
     prims: list[Primitive] = []
+    ids = count(1)  # object ids in sampling order
     for side in (-1, 1):
         xs = sorted((side * rw, side * (rw + sw + 60)))
         prims.append(
@@ -329,13 +361,13 @@ def sample_scene(
             )
         )
         taken: list[tuple[int, float]] = []
-        prims += _sidewalk(rng, side, rw, sw, kerb, start, length, taken)
+        prims += _sidewalk(rng, side, rw, sw, kerb, start, length, taken, ids)
         prims += _buildings(rng, side, rw + sw, start, length)
         if park:
-            prims += _parked(rng, side, rw, start, length)
-    prims += _traffic(rng, lanes_x, ego_x, start, length, ego_lane_clear)
+            prims += _parked(rng, side, rw, start, length, ids)
+    prims += _traffic(rng, lanes_x, ego_x, start, length, ego_lane_clear, ids)
     for _ in range(rng.poisson(0.4)):  # someone crossing the road
-        prims += _person(rng, rng.uniform(-rw + 0.5, rw - 0.5), rng.uniform(8, 40), 0.0)
+        prims += _person(rng, rng.uniform(-rw + 0.5, rw - 0.5), rng.uniform(8, 40), 0.0, next(ids))
     return Scene.build(
         prims,
         road_half_width=rw,
