@@ -37,7 +37,7 @@ bench: install
 	test ! -f $(RUN)/best.pt || $(PY) -m densemtl benchmark --checkpoint $(RUN)/best.pt --size 480x640 --threads 2 --json benchmarks/results/deploy_480x640.json
 
 lint: install
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks examples
 
 clean:
 	rm -rf runs build .pytest_cache

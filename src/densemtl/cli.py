@@ -299,6 +299,7 @@ def _add_sharing_parsers(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
+    from densemtl.app import add_app_parser  # argparse only: gradio/numpy load when the app starts
     from densemtl.deploy.commands import add_deploy_parsers  # argparse only: no torch at --help
     from densemtl.predict_commands import add_predict_parsers
 
@@ -346,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_predict_parsers(sub)
     add_deploy_parsers(sub, parse_size)
+    add_app_parser(sub)
     _add_sharing_parsers(sub)
     _add_pseudolabel_parser(sub)
     s = sub.add_parser("report", help="Markdown report of a run (metrics table and pictures)")
