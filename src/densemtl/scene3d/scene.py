@@ -8,6 +8,7 @@ a plane fitted to confident road points is not pulled by the blurred depth at ob
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from densemtl.scene3d.geometry import (
 )
 from densemtl.tasks.depth import DEPTH
 from densemtl.tasks.semseg import SEMSEG
+
+log = logging.getLogger("densemtl")
 
 
 @dataclass(frozen=True)
@@ -149,7 +152,13 @@ def scene_of(
         return None
     depth, labels, std = pred[DEPTH_KEY], pred.get(LABEL_KEY), pred.get(DEPTH_STD_KEY)
     if std is not None:
+        before = int((depth > 0).sum())
         depth = drop_uncertain_depth(depth, std, opts.max_rel_std)  # dropped pixels: depth 0 = invalid
+        if before and (depth > 0).sum() < 0.1 * before:
+            log.warning(
+                "--max-rel-std %g dropped %.0f%% of the depth pixels (the model is unsure: a short training run?); "
+                "raise it, or 0 keeps every point", opts.max_rel_std, 100 * (1 - (depth > 0).sum() / before),
+            )  # fmt: skip
     k = resolve_intrinsics(opts, meta, depth.shape)
     drivable = drivable_ids(info.get("classes", []))
     pose = resolve_pose(opts, meta, backproject(depth, k), labels, drivable)
