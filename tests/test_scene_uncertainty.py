@@ -228,7 +228,7 @@ def test_max_rel_std_flag(command, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     argv = [command[0], "--checkpoint", "m.pt", *command[1:]]
     parser = build_parser()
-    assert parser.parse_args(argv).max_rel_std == DEFAULT_MAX_REL_STD == 0.15
+    assert parser.parse_args(argv).max_rel_std == DEFAULT_MAX_REL_STD == 0.4  # chosen by benchmarks/uncertainty.py
     args = parser.parse_args([*argv, "--max-rel-std", "0.3", "--hfov", "60"])
     assert scene_options(args).max_rel_std == 0.3
     assert scene_options(parser.parse_args([*argv, "--max-rel-std", "0", "--hfov", "60"])).max_rel_std == 0
