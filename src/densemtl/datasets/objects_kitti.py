@@ -95,6 +95,14 @@ def _floats(text: str, path: Path, lineno: int, what: str) -> list[float]:
     return values
 
 
+def _read_lines(path: Path, what: str, archive: str) -> list[str]:
+    """The lines of a KITTI text file; an unreadable one names the file and the archive it comes from."""
+    try:
+        return path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetFormatError(f"{path}: unreadable {what} ({e}); restore it from {archive}") from e
+
+
 def read_object_calib(path: str | Path) -> KittiCalib:
     """Parse a KITTI object ``calib/<id>.txt`` (``key: values`` lines); P0..P3 must be rectified (K [I | t]).
 
@@ -103,12 +111,7 @@ def read_object_calib(path: str | Path) -> KittiCalib:
             not an upper-triangular camera matrix.
     """
     path = Path(path)
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DatasetFormatError(
-            f"{path}: unreadable calibration ({e}); restore it from data_object_calib"
-        ) from e
+    lines = _read_lines(path, "calibration", "data_object_calib")
     mats: dict[str, np.ndarray] = {}
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
@@ -188,12 +191,7 @@ def read_object_labels(path: str | Path) -> list[KittiLabel]:
             message names the file and the line number.
     """
     path = Path(path)
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DatasetFormatError(
-            f"{path}: unreadable label file ({e}); restore it from data_object_label_2"
-        ) from e
+    lines = _read_lines(path, "label file", "data_object_label_2")
     return [_label(line, path, n) for n, line in enumerate(lines, start=1) if line.strip()]
 
 
