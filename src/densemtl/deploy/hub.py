@@ -63,7 +63,7 @@ def _reachable(host: str, port: int, timeout: float = PROBE_SECONDS) -> bool:
         try:
             with socket.create_connection((host, port), timeout=timeout):
                 opened.append(True)
-        except OSError:
+        except Exception:  # noqa: BLE001 (OSError, or anything a patched socket raises: never a thread traceback)
             opened.append(False)
 
     thread = threading.Thread(target=probe, daemon=True)  # a stuck getaddrinfo ignores socket timeouts
