@@ -15,14 +15,10 @@ from typing import Any
 
 import torch
 
-from densemtl.config import replace
-from densemtl.runtime import forward_at_scale, resolve_device, to_device
+from densemtl.runtime import forward_at_scale, to_device
 from densemtl.tasks import TASKS
 from densemtl.train.checkpoint import (
-    config_from_checkpoint,
     input_scale,
-    load_checkpoint,
-    model_from_checkpoint,
     save_checkpoint,
 )
 from densemtl.train.runlog import Progress
@@ -68,28 +64,15 @@ def calibrate_checkpoint(
 ) -> dict[str, Any]:
     """Calibrate ``checkpoint`` on ``split`` and save it to ``out`` (default: the checkpoint itself, replaced
     atomically). Returns ``{"calibration": {task: figures}, "checkpoint": path, ...}``."""
-    from densemtl.data.loaders import build_dataset, make_loader
+    from densemtl.evaluation import checkpoint_on_split
 
-    ckpt = load_checkpoint(checkpoint)
-    cfg = config_from_checkpoint(ckpt)
-    if data_root is not None:
-        cfg = replace(cfg, data=replace(cfg.data, root=str(data_root)))
-    cfg = replace(cfg, data=replace(cfg.data, max_samples=0))
+    run = checkpoint_on_split(checkpoint, data_root, split, device, batch_size, verb="calibrate")
+    ckpt, cfg, model, dataset = run.ckpt, run.cfg, run.model, run.dataset
     if split == cfg.data.train_split:
         raise ValueError(
             f"--split {split} is the split the model was trained on: calibrate on held-out data (e.g. --split val)"
         )
-    dev = resolve_device(device)
-    model = model_from_checkpoint(ckpt, checkpoint).to(dev)
-    dataset = build_dataset(cfg, split, train=False)
-    names = list(ckpt["dataset"].get("classes", []))
-    if any(TASKS[t].uses_classes for t in cfg.model.tasks) and list(dataset.class_names) != names:
-        raise ValueError(
-            f"{cfg.data.root} has classes {dataset.class_names} but {checkpoint} was trained on {names}; "
-            "calibrate on a dataset with the same class list"
-        )
-    loader = make_loader(dataset, batch_size, False, cfg.data.num_workers, 0, dev)
-    figures = calibrate_model(model, loader, cfg, dev, input_scale(ckpt))
+    figures = calibrate_model(model, run.loader, cfg, run.device, input_scale(ckpt))
     record = {"split": split, "data_root": str(cfg.data.root), "images": len(dataset), "tasks": figures}
     payload = {**ckpt, "model": {k: v.cpu() for k, v in model.state_dict().items()}, "calibration": record}
     payload.pop("uncalibrated", None)

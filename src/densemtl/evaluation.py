@@ -119,17 +119,32 @@ def run_evaluation(
     return result
 
 
-def evaluate_checkpoint(
+@dataclass
+class CheckpointOnSplit:
+    """A checkpoint's model, ready on ``device``, and a loader over one split of a dataset with its classes."""
+
+    ckpt: dict[str, Any]
+    cfg: Config
+    model: Any
+    dataset: Any
+    loader: Any
+    device: torch.device
+
+
+def checkpoint_on_split(
     checkpoint: str | Path,
-    data_root: str | Path | None = None,
-    split: str = "val",
-    out_dir: str | Path | None = None,
+    data_root: str | Path | None,
+    split: str,
     device: str = "auto",
     batch_size: int = 4,
-) -> dict[str, Any]:
-    """Evaluate ``checkpoint`` on ``split`` and write metrics.json, metrics.md and plots into ``out_dir``."""
+    verb: str = "evaluate",
+) -> CheckpointOnSplit:
+    """Load ``checkpoint`` and a (whole, untransformed) ``split`` of its dataset, or of ``data_root``.
+
+    A dataset whose class list differs from the checkpoint's is refused when a task depends on it; ``verb``
+    names the command in that message.
+    """
     from densemtl.data.loaders import build_dataset, make_loader
-    from densemtl.metrics import summarize
 
     ckpt = load_checkpoint(checkpoint)
     cfg = config_from_checkpoint(ckpt)
@@ -139,14 +154,30 @@ def evaluate_checkpoint(
     dev = resolve_device(device)
     model = model_from_checkpoint(ckpt, checkpoint).to(dev)
     dataset = build_dataset(cfg, split, train=False)
-    info = {**dataset.info, **ckpt["dataset"]}  # the checkpoint's classes and palette are the model's
     names = list(ckpt["dataset"].get("classes", []))
     if any(TASKS[t].uses_classes for t in cfg.model.tasks) and list(dataset.class_names) != names:
         raise ValueError(
             f"{cfg.data.root} has classes {dataset.class_names} but {checkpoint} was trained on "
-            f"{names}; evaluate on a dataset with the same class list"
+            f"{names}; {verb} on a dataset with the same class list"
         )
     loader = make_loader(dataset, batch_size, False, cfg.data.num_workers, 0, dev)
+    return CheckpointOnSplit(ckpt, cfg, model, dataset, loader, dev)
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    data_root: str | Path | None = None,
+    split: str = "val",
+    out_dir: str | Path | None = None,
+    device: str = "auto",
+    batch_size: int = 4,
+) -> dict[str, Any]:
+    """Evaluate ``checkpoint`` on ``split`` and write metrics.json, metrics.md and plots into ``out_dir``."""
+    from densemtl.metrics import summarize
+
+    run = checkpoint_on_split(checkpoint, data_root, split, device, batch_size)
+    ckpt, cfg, model, loader, dev = run.ckpt, run.cfg, run.model, run.loader, run.device
+    info = {**run.dataset.info, **ckpt["dataset"]}  # the checkpoint's classes and palette are the model's
     stats = training_statistics(cfg) if split != cfg.data.train_split else {}
     scale = input_scale(ckpt)
     result = run_evaluation(model, loader, cfg, info, dev, stats, scale)
