@@ -76,17 +76,14 @@ def _evaluate(model, dataset, cfg, device, scale: float) -> dict[str, Any]:
     return {"summary": summarize(results), "results": results}
 
 
-def _area(curve: dict[str, Any], key: str) -> float:
+def random_ause(spars: dict[str, Any], metric: str) -> float:
+    """AUSE of the random ordering: the area between the random and the oracle curves (the metric's own area)."""
     import numpy as np
 
-    y, x = np.asarray(curve[key], dtype=float), np.asarray(curve["fractions"], dtype=float)
-    return float(np.sum((y[1:] + y[:-1]) * np.diff(x)) / 2)
+    from densemtl.tasks.uncertainty_metrics import curve_area
 
-
-def random_ause(spars: dict[str, Any], metric: str) -> float:
-    """AUSE of the random ordering: the area between the random and the oracle curves."""
-    curve = {"fractions": spars["fractions"], **spars[metric]}
-    return _area(curve, "random") - _area(curve, "oracle")
+    x, curves = np.asarray(spars["fractions"], dtype=float), spars[metric]
+    return curve_area(np.asarray(curves["random"], float), x) - curve_area(np.asarray(curves["oracle"], float), x)
 
 
 @torch.inference_mode()

@@ -44,7 +44,7 @@ def _remaining_means(count: np.ndarray, sums: np.ndarray, fractions: np.ndarray)
     return np.interp(kept, cum_n, cum_s) / kept
 
 
-def _area(y: np.ndarray, x: np.ndarray) -> float:
+def curve_area(y: np.ndarray, x: np.ndarray) -> float:
     """Trapezoidal area under ``y(x)`` (what mono-uncertainty's ``np.trapz`` computes)."""
     return float(((y[1:] + y[:-1]) * np.diff(x)).sum() / 2)
 
@@ -164,8 +164,8 @@ class Sparsification(Accumulator):
         for m, (model, oracle, full) in curves.items():
             model, oracle = np.append(model, 0.0), np.append(oracle, 0.0)
             random = np.append(np.full(len(f), full), 0.0)
-            out[f"ause_{m}"] = _area(model, x) - _area(oracle, x)
-            out[f"aurg_{m}"] = _area(random, x) - _area(model, x)
+            out[f"ause_{m}"] = curve_area(model, x) - curve_area(oracle, x)
+            out[f"aurg_{m}"] = curve_area(random, x) - curve_area(model, x)
             nested[m] = {"model": model.tolist(), "oracle": oracle.tolist(), "random": random.tolist()}
         out["sparsification"] = nested
         return out

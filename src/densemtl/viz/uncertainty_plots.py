@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from densemtl.fileio import atomic_write  # noqa: E402
+from densemtl.tasks.uncertainty_metrics import curve_area  # noqa: E402
 
 _TITLES = {"abs_rel": "AbsRel", "rmse": "RMSE (m)", "delta1": "δ1 error (1 - δ1)"}
 
@@ -28,10 +29,6 @@ def _save(fig, path: str | Path) -> Path:
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return atomic_write(path, buf.getvalue())
-
-
-def _area(y: np.ndarray, x: np.ndarray) -> float:
-    return float(((y[1:] + y[:-1]) * np.diff(x)).sum() / 2)
 
 
 def plot_sparsification(curves: dict, out: str | Path) -> Path:
@@ -49,8 +46,8 @@ def plot_sparsification(curves: dict, out: str | Path) -> Path:
         ax.plot(x, ys["oracle"], "--", label="oracle")
         ax.plot(x, ys["random"], ":", color="grey", label="random")
         ause, aurg = (
-            _area(ys["model"], x) - _area(ys["oracle"], x),
-            _area(ys["random"], x) - _area(ys["model"], x),
+            curve_area(ys["model"], x) - curve_area(ys["oracle"], x),
+            curve_area(ys["random"], x) - curve_area(ys["model"], x),
         )
         ax.set_title(f"{_TITLES.get(m, m)}: AUSE {ause:.3g}, AURG {aurg:.3g}", fontsize=9)
         ax.set_xlabel("fraction of pixels removed (most uncertain first)")
