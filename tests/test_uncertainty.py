@@ -148,7 +148,6 @@ def test_flip_tta_merges_the_mirrored_pass() -> None:
     flipped_normals = TASKS["normals"].flip_output(b["normals"])  # mirrored x component undone
     assert torch.allclose(flipped_normals[:, 0], -b["normals"].flip(-1)[:, 0])
     assert not np.allclose(got["depth_std"], plain.predict(rgb)["depth_std"])  # the spread adds to the std
-    assert (got["depth_std"] >= plain.predict(rgb)["depth_std"] * 0).all()
 
 
 def test_mc_dropout_samples_differ_and_leave_batchnorm_alone() -> None:
