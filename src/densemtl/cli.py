@@ -124,6 +124,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from densemtl.datasets.convert import convert_dataset
 
     opts: dict = {"image_format": args.image_format, "max_per_split": args.max_per_split}
+    if args.objects:
+        if args.dataset == "nyuv2":
+            raise ValueError("--objects: NYUv2 has no object boxes; use it with cityscapes or kitti")
+        opts["objects"] = True
     if args.dataset == "nyuv2":
         opts.update(meta_dir=args.meta, classes=args.classes or 40, crop_valid=args.crop_valid)
         if args.normals is not None:
@@ -169,6 +173,8 @@ def _add_convert_parser(data) -> None:
     s.add_argument("--smooth", type=int, default=0, help="cityscapes: median kernel 3|5 (0 = off)")
     s.add_argument("--clip", type=float, default=0.0, help="cityscapes: clamp depth to M metres (0 = off)")
     s.add_argument("--eval-crop", choices=("none", "garg", "eigen"), default="none", help="kitti: val crop")
+    s.add_argument("--objects", action="store_true", help="cityscapes: also boxes + instance masks from "
+                   "gtFine_instanceIds (+ gtBbox3d/); kitti: also SRC/data_object/training boxes")  # fmt: skip
     s.set_defaults(func=_cmd_convert)
 
 

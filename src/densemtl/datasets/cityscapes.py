@@ -29,9 +29,11 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from densemtl.data.format import DEPTH_MAX_ENCODABLE, DatasetFormatError, write_dataset_json
+from densemtl.data.objects import OBJECT_CLASSES_KEY
 from densemtl.data.progress import track
 from densemtl.datasets.common import crop_fractions, read_raw, read_rgb, write_converted
 from densemtl.datasets.labels import LABELS, class_names, label_lut, palette  # noqa: F401 (re-exported)
+from densemtl.datasets.objects_cityscapes import load_objects, object_classes
 from densemtl.tasks import IGNORE_INDEX, TASKS
 
 SPLIT_COUNTS = {"train": 2975, "val": 500, "test": 1525}
@@ -129,9 +131,19 @@ def list_frames(src: str | Path, split: str) -> list[tuple[str, str]]:
 
 
 def load_frame(
-    src: str | Path, split: str, city: str, stem: str, classes: int = 19, prep: DepthPrep | None = None
+    src: str | Path,
+    split: str,
+    city: str,
+    stem: str,
+    classes: int = 19,
+    prep: DepthPrep | None = None,
+    objects: bool = False,
 ) -> dict[str, Any]:
-    """One frame as numpy: image, semseg (or None), depth metres (or None), intrinsics; ``prep`` applied."""
+    """One frame as numpy: image, semseg (or None), depth metres (or None), intrinsics; ``prep`` applied.
+
+    With ``objects``, also ``objects`` and ``instances`` from the frame's gtFine_instanceIds.png and gtBbox3d
+    JSON (None when it has neither; see :mod:`densemtl.datasets.objects_cityscapes`), cropped like the image.
+    """
     src, prep = Path(src), prep or DepthPrep()
     if prep.max_depth > DEPTH_MAX_ENCODABLE:
         raise ValueError(
@@ -156,11 +168,27 @@ def load_frame(
             )
         raw = read_raw(disp_path, "Cityscapes disparity")
         sample["depth"] = disparity_to_depth(raw, cam["baseline"], cam["fx"], prep.max_depth)
+    if objects:
+        sample["instances"], sample["objects"] = _frame_objects(src, split, city, stem, image.shape[:2])
     sample = crop_fractions(sample, prep.crop_top, prep.crop_bottom, prep.crop_left, prep.crop_right)
     if sample["depth"] is not None:
         sky = class_names(classes).index("sky")
         sample["depth"] = prepare_depth(sample["depth"], prep, sample["semseg"], sky)
     return sample
+
+
+def _frame_objects(
+    src: Path, split: str, city: str, stem: str, size: tuple[int, int]
+) -> tuple[np.ndarray | None, list[dict[str, Any]] | None]:
+    """(instances, objects) of one frame (both None without instanceIds / gtBbox3d); the mask must fit the image."""
+    instances, objects = load_objects(src, split, city, stem)
+    if instances is not None and instances.shape != tuple(size):
+        path = src / "gtFine" / split / city / f"{stem}_gtFine_instanceIds.png"
+        raise DatasetFormatError(
+            f"{path}: {instances.shape[0]}x{instances.shape[1]} but its image is {size[0]}x{size[1]}; restore it "
+            "from gtFine_trainvaltest (it must belong to the same frame)"
+        )
+    return instances, objects
 
 
 def to_tensors(sample: dict[str, Any], tasks: tuple[str, ...], sample_id: str) -> dict[str, Any]:
@@ -225,25 +253,34 @@ def convert_cityscapes(
     image_format: str = "png",
     max_per_split: int = 0,
     progress: bool = False,
+    objects: bool = False,
 ) -> dict[str, Any]:
     """Official layout -> folder format (ids ``<city>_<seq>_<frame>``); returns per-split counts.
 
     Frames without a label or disparity file are written without that task (the folder format allows it).
-    ``progress`` reports the frames written on stderr.
+    ``progress`` reports the frames written on stderr. ``objects`` also writes ``objects/`` boxes and
+    ``instances/`` masks of the 8 instance classes (``object_frames`` in the result counts the frames that had
+    an instanceIds or gtBbox3d file) and lists the classes in dataset.json ``object_classes``.
     """
     dst, prep = Path(dst), prep or DepthPrep()
     counts: dict[str, int] = {}
+    object_frames: dict[str, int] = {}
+    obj_classes = object_classes() if objects else None
     for split in splits:
         frames = list_frames(src, split)
         frames = frames[:max_per_split] if max_per_split > 0 else frames
+        object_frames[split] = 0
         for city, stem in track(frames, f"convert cityscapes {split}", enabled=progress, unit="frame"):
-            sample = load_frame(src, split, city, stem, classes, prep)
-            write_converted(dst, split, stem, sample, size, image_format, {"city": city})
+            sample = load_frame(src, split, city, stem, classes, prep, objects)
+            write_converted(dst, split, stem, sample, size, image_format, {"city": city}, obj_classes)
+            object_frames[split] += sample.get("objects") is not None
         counts[split] = len(frames)
+    extra_objects = {OBJECT_CLASSES_KEY: obj_classes} if objects and any(object_frames.values()) else {}
     write_dataset_json(
         dst, name=f"cityscapes{classes}", tasks=["semseg", "depth"], classes=class_names(classes),
         palette=palette(classes), splits=list(splits), depth_max=DEPTH_MAX,
         extra={"source": "cityscapes", "depth_source": "stereo disparity: baseline * fx / ((p - 1) / 256)",
-               "depth_prep": {k: v for k, v in vars(prep).items()}},
+               "depth_prep": {k: v for k, v in vars(prep).items()}, **extra_objects},
     )  # fmt: skip
-    return {"name": f"cityscapes{classes}", "root": str(dst), "counts": counts}
+    result = {"name": f"cityscapes{classes}", "root": str(dst), "counts": counts}
+    return {**result, "object_frames": object_frames} if objects else result

@@ -44,8 +44,9 @@ def convert_dataset(
     """Convert dataset ``kind`` from its official layout at ``src`` to the folder format at ``dst``.
 
     Returns per-split sample counts and the dataset name. ``options`` go to the dataset's converter
-    (see ``convert_nyuv2``, ``convert_cityscapes``, ``convert_kitti``); ``progress`` reports the frames
-    written on stderr (a bar on a terminal, a line every 1000 frames or 30 s in a log).
+    (see ``convert_nyuv2``, ``convert_cityscapes``, ``convert_kitti``; ``objects=True`` adds object boxes for
+    cityscapes and kitti); ``progress`` reports the frames written on stderr (a bar on a terminal, a line
+    every 1000 frames or 30 s in a log).
     """
     if kind not in CONVERTERS:
         raise ValueError(f"unknown dataset {kind!r}; convertible datasets: {sorted(CONVERTERS)}")

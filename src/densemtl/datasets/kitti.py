@@ -7,13 +7,17 @@ Layouts read under ``<src>`` (any subset)::
     raw/<date>/calib_cam_to_cam.txt                                         P_rect_02 / P_rect_03 intrinsics
     depth_selection/val_selection_cropped/{image,groundtruth_depth,intrinsics}/  1000 cropped val frames
     data_semantics/training/{image_2,semantic}/<id>_10.png            200 frames, Cityscapes label ids
+    data_object/training/{image_2,label_2,calib}/<id>.{png,txt}       object benchmark (``objects=True``)
+    data_object/ImageSets/val.txt                                      optional: object frame ids for ``val``
 
 Depth PNGs: metres = value / 256, 0 = no LiDAR return. Depth stays sparse (about 5 % of pixels after
 projection); nothing is interpolated, and metrics only count valid pixels up to the standard 80 m cap
 (``data.eval_depth_max``). The Garg or Eigen evaluation crop can be baked into validation depth
 (``eval_crop``): pixels outside the crop become invalid so every metric is computed inside it.
 Semantic frames carry no depth and are written as segmentation-only samples of ``train`` (ids ``sem_*``):
-an asymmetric dataset, which training supports.
+an asymmetric dataset, which training supports. Object-benchmark frames (opt-in) likewise become samples
+``obj_<id>`` with only boxes (``objects/``, no instance masks: KITTI has none) and camera-2 intrinsics, in
+``train``, or in ``val`` when ``data_object/ImageSets/val.txt`` lists them (the common 3712 / 3769 split).
 """
 
 from __future__ import annotations
@@ -24,9 +28,16 @@ from typing import Any
 import numpy as np
 
 from densemtl.data.format import DatasetFormatError, write_dataset_json
+from densemtl.data.objects import OBJECT_CLASSES_KEY
 from densemtl.data.progress import track
 from densemtl.datasets.common import Intrinsics, read_raw, read_rgb, write_converted
 from densemtl.datasets.labels import class_names, label_lut, palette
+from densemtl.datasets.objects_kitti import (
+    DEFAULT_CLASSES,
+    list_object_frames,
+    load_object_frame,
+    object_classes,
+)
 
 DEPTH_MAX = 80.0  # metres, the standard evaluation cap
 # Evaluation crops as fractions (top, bottom, left, right) of the frame (Garg et al. 2016; Eigen et al. 2014).
@@ -137,6 +148,59 @@ def _selection(src: Path, max_n: int) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+def _convert_semantics(
+    src: Path, dst: Path, size: tuple[int, int] | None, image_format: str, max_n: int, progress: bool
+) -> int:
+    """Write the semantic benchmark's frames as segmentation-only ``train`` samples ``sem_<id>``; their count."""
+    sem_dir = src / "data_semantics" / "training"
+    labels = sorted((sem_dir / "semantic").glob("*.png"))[: max_n or None]
+    lut = label_lut(19)
+    for path in track(labels, "convert kitti semantics", enabled=progress, unit="frame"):
+        sample = {
+            "image": read_rgb(sem_dir / "image_2" / path.name),
+            "semseg": lut[read_raw(path, "KITTI semantic label")],
+        }
+        write_converted(dst, "train", f"sem_{path.stem}", sample, size, image_format)
+    return len(labels)
+
+
+def _object_splits(src: Path, max_n: int) -> dict[str, list[str]]:
+    """Object-benchmark frame ids by split: those ``data_object/ImageSets/val.txt`` lists go to val."""
+    base = src / "data_object" / "training"
+    if not (base / "label_2").is_dir():
+        raise FileNotFoundError(
+            f"{base / 'label_2'} not found: KITTI objects are read from SRC/data_object/training/{{image_2,"
+            "label_2,calib}/ (data_object_image_2, data_object_label_2 and data_object_calib unpacked there)"
+        )
+    ids = list_object_frames(base)
+    val_file = src / "data_object" / "ImageSets" / "val.txt"
+    try:
+        val = set(val_file.read_text().split()) if val_file.is_file() else set()
+    except UnicodeDecodeError as e:
+        raise DatasetFormatError(f"{val_file}: not a text list of frame ids ({e}); fix or remove it") from e
+    unknown = sorted(val - set(ids))
+    if unknown:
+        raise DatasetFormatError(
+            f"{val_file}: ids {unknown[:5]} have no {base / 'label_2'}/<id>.txt; list only labelled training frames"
+        )
+    splits = {"train": [i for i in ids if i not in val], "val": [i for i in ids if i in val]}
+    return {split: frames[: max_n or None] for split, frames in splits.items() if frames}
+
+
+def _convert_objects(
+    src: Path, dst: Path, size: tuple[int, int] | None, image_format: str, max_n: int, progress: bool,
+    types: tuple[str, ...],
+) -> dict[str, int]:  # fmt: skip
+    """Write the object benchmark's frames as ``obj_<id>`` samples; returns ``{"<split>_object": count}``."""
+    base, classes, counts = src / "data_object" / "training", object_classes(types), {}
+    for split, ids in _object_splits(src, max_n).items():
+        for fid in track(ids, f"convert kitti objects {split}", enabled=progress, unit="frame"):
+            sample = load_object_frame(base, fid, types)
+            write_converted(dst, split, f"obj_{fid}", sample, size, image_format, object_classes=classes)
+        counts[f"{split}_object"] = len(ids)
+    return counts
+
+
 def convert_kitti(
     src: str | Path,
     dst: str | Path,
@@ -146,6 +210,8 @@ def convert_kitti(
     image_format: str = "png",
     max_per_split: int = 0,
     progress: bool = False,
+    objects: bool = False,
+    object_types: tuple[str, ...] = DEFAULT_CLASSES,
 ) -> dict[str, Any]:
     """Write every KITTI layout found under ``src`` to the folder format (19 Cityscapes classes).
 
@@ -155,6 +221,9 @@ def convert_kitti(
         semantics: also write the semantic benchmark frames as segmentation-only ``train`` samples.
         max_per_split: at most N samples per source split (0 = all).
         progress: report the frames written on stderr.
+        objects: also write the object benchmark ``data_object/training`` as box-only samples ``obj_<id>``
+            (dataset.json gets ``object_classes``); it must exist then.
+        object_types: the KITTI types kept as objects (default Car, Pedestrian, Cyclist; lower-cased).
     """
     src, dst = Path(src), Path(dst)
     eval_crop_mask(1, 1, eval_crop)  # validate early
@@ -167,28 +236,21 @@ def convert_kitti(
             write_converted(dst, split, sid, _load(entry, crop), size, image_format)
         if entries:
             counts[split] = len(entries)
-    sem_dir = src / "data_semantics" / "training"
-    if semantics and (sem_dir / "semantic").is_dir():
-        labels = sorted((sem_dir / "semantic").glob("*.png"))[: max_per_split or None]
-        lut = label_lut(19)
-        for path in track(labels, "convert kitti semantics", enabled=progress, unit="frame"):
-            sample = {
-                "image": read_rgb(sem_dir / "image_2" / path.name),
-                "semseg": lut[read_raw(path, "KITTI semantic label")],
-            }
-            write_converted(dst, "train", f"sem_{path.stem}", sample, size, image_format)
-        counts["train_semantic"] = len(labels)
+    if semantics and (src / "data_semantics" / "training" / "semantic").is_dir():
+        counts["train_semantic"] = _convert_semantics(src, dst, size, image_format, max_per_split, progress)
+    if objects:
+        counts.update(_convert_objects(src, dst, size, image_format, max_per_split, progress, object_types))
     if not counts:
         raise FileNotFoundError(
             f"{src}: no KITTI data found (data_depth_annotated/, depth_selection/val_selection_cropped/ "
             "or data_semantics/training/); see docs/datasets.md"
         )
-    splits = sorted(
-        {s for s in counts if s != "train_semantic"} | ({"train"} if "train_semantic" in counts else set())
-    )
+    splits = sorted({s.removesuffix("_semantic").removesuffix("_object") for s in counts})
+    extra = {"source": "kitti", "depth_sparse": True, "eval_crop": eval_crop}
+    if objects:
+        extra[OBJECT_CLASSES_KEY] = object_classes(object_types)
     write_dataset_json(
         dst, name="kitti", tasks=["semseg", "depth"], classes=class_names(19), palette=palette(19),
-        splits=splits, depth_max=DEPTH_MAX,
-        extra={"source": "kitti", "depth_sparse": True, "eval_crop": eval_crop},
+        splits=splits, depth_max=DEPTH_MAX, extra=extra,
     )  # fmt: skip
     return {"name": "kitti", "root": str(dst), "counts": counts}

@@ -42,11 +42,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from densemtl.data.format import DatasetFormatError, open_image
+from densemtl.data.format import DatasetFormatError
+from densemtl.datasets.common import (  # crop/resize_objects: generic, re-exported here
+    Objects,
+    border_flag,
+    crop_objects,  # noqa: F401
+    read_raw,
+    resize_objects,  # noqa: F401
+)
 from densemtl.datasets.labels import LABELS
 
 OBJECT_CLASSES: tuple[str, ...] = ("person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle")
@@ -54,8 +60,6 @@ _LABEL_ID = {lab.name: lab.id for lab in LABELS}
 CLASS_OF_LABEL_ID: dict[int, str] = {_LABEL_ID[n]: n for n in OBJECT_CLASSES}  # 24 person ... 33 bicycle
 _MAX_LABEL_ID = max(lab.id for lab in LABELS)  # 33
 _S_FROM_C = np.array([[0.0, -1.0, 0.0], [0.0, 0.0, -1.0], [1.0, 0.0, 0.0]])  # ISO 8855 axes -> OpenCV axes
-
-Objects = list[dict[str, Any]]
 
 
 def object_classes() -> list[str]:
@@ -75,12 +79,6 @@ def make_object(
     """One object in the folder format's schema (see docs/datasets.md, "Objects")."""
     return {"id": int(obj_id), "class": cls, "box": [float(v) for v in box], "visible_fraction": visible_fraction,
             "truncated": truncated, "occluded": int(occluded), "box3d": box3d}  # fmt: skip
-
-
-def border_flag(box: list[float], size: tuple[int, int]) -> float:
-    """1.0 when ``box`` (corners) touches the border of an (H, W) image, else 0.0."""
-    h, w = size
-    return float(box[0] <= 0 or box[1] <= 0 or box[2] >= w or box[3] >= h)
 
 
 def instances_from_ids(raw: np.ndarray, path: Path | str = "instanceIds") -> tuple[np.ndarray, Objects, dict]:
@@ -213,9 +211,7 @@ def cityscapes_objects(
     """
     mask, objects, by_raw = None, [], {}
     if instance_path is not None:
-        raw = np.asarray(
-            open_image(Path(instance_path), "Cityscapes instanceIds")
-        )  # not via common: no cycle
+        raw = read_raw(Path(instance_path), "Cityscapes instanceIds")
         mask, objects, by_raw = instances_from_ids(raw, instance_path)
     if bbox3d_path is None:
         return mask, objects
@@ -252,64 +248,3 @@ def load_objects(
     if inst_path is None and box3d_path is None:
         return None, None
     return cityscapes_objects(inst_path, box3d_path)
-
-
-def resize_objects(
-    objects: Objects, instances: np.ndarray | None, from_size: tuple[int, int], to_size: tuple[int, int]
-) -> tuple[Objects, np.ndarray | None]:
-    """Scale boxes from an (H, W) image to ``to_size``; the mask resizes by nearest neighbour.
-
-    Corner boxes scale exactly (x * W'/W, y * H'/H); box3d, truncation and occlusion do not change (the camera
-    frame is metric: only the intrinsics change, which ``resize_sample`` handles). A tiny object may lose all
-    its mask pixels when shrinking; it keeps its (scaled) box and id.
-    """
-    sx, sy = to_size[1] / from_size[1], to_size[0] / from_size[0]
-    out = []
-    for obj in objects:
-        x0, y0, x1, y1 = obj["box"]
-        out.append({**obj, "box": [x0 * sx, y0 * sy, x1 * sx, y1 * sy]})
-    if instances is not None:
-        instances = np.asarray(Image.fromarray(instances).resize((to_size[1], to_size[0]), Image.NEAREST))
-    return out, instances
-
-
-def crop_objects(
-    objects: Objects, instances: np.ndarray | None, size: tuple[int, int], top: int, bottom: int, left: int,
-    right: int,
-) -> tuple[Objects, np.ndarray | None]:  # fmt: skip
-    """Keep rows ``top:bottom`` and columns ``left:right`` of an (H, W) image (as ``crop_box``).
-
-    Mask objects get their box from the cropped mask and are renumbered 1..K'; objects without a mask (id 0)
-    are clipped to the window. An object left with no pixels is dropped. ``truncated`` becomes 1.0 when the new
-    box touches the new border (the border rule above). box3d is unchanged (same camera, shifted principal point).
-    """
-    if not (0 <= top < bottom <= size[0] and 0 <= left < right <= size[1]):
-        raise ValueError(
-            f"crop rows {top}:{bottom}, columns {left}:{right} does not fit a {size[0]}x{size[1]} frame"
-        )
-    h, w = bottom - top, right - left
-    lut = None
-    if instances is not None:
-        n = max(int(instances.max(initial=0)), max((o["id"] for o in objects), default=0))
-        instances = np.ascontiguousarray(instances[top:bottom, left:right])
-        present = np.unique(instances[instances > 0])
-        lut = np.zeros(n + 1, np.uint16)  # old id -> new id, 0 = gone
-        lut[present] = np.arange(1, len(present) + 1)
-        instances = lut[instances]
-        boxes = mask_boxes(instances)
-    out = []
-    for obj in objects:
-        if obj["id"] > 0 and lut is not None:
-            new_id = int(lut[obj["id"]])
-            if new_id == 0:
-                continue
-            box = boxes[new_id - 1]
-        else:
-            new_id = obj["id"]
-            x0, y0, x1, y1 = obj["box"]
-            box = [max(x0 - left, 0.0), max(y0 - top, 0.0), min(x1 - left, float(w)), min(y1 - top, float(h))]
-            if box[2] <= box[0] or box[3] <= box[1]:
-                continue
-        trunc = 1.0 if border_flag(box, (h, w)) else obj["truncated"]
-        out.append({**obj, "id": new_id, "box": box, "truncated": trunc})
-    return out, instances

@@ -250,10 +250,20 @@ def list_object_frames(base: str | Path) -> list[str]:
 def load_object_frame(
     base: str | Path, frame_id: str, classes: tuple[str, ...] = DEFAULT_CLASSES
 ) -> dict[str, Any]:
-    """One KITTI object frame as a sample: image (H, W, 3) uint8, camera-2 intrinsics and objects."""
+    """One KITTI object frame as a sample: image (H, W, 3) uint8, camera-2 intrinsics and objects.
+
+    Raises:
+        FileNotFoundError: the label's image or calibration file is missing (both named).
+    """
     base = Path(base)
-    image = read_rgb(base / "image_2" / f"{frame_id}.png")
-    calib = read_object_calib(base / "calib" / f"{frame_id}.txt")
+    image_path, calib_path = base / "image_2" / f"{frame_id}.png", base / "calib" / f"{frame_id}.txt"
+    for path, archive in ((image_path, "data_object_image_2"), (calib_path, "data_object_calib")):
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} not found: label_2/{frame_id}.txt needs it; unpack {archive} into {base.parent}"
+            )
+    image = read_rgb(image_path)
+    calib = read_object_calib(calib_path)
     labels = read_object_labels(base / "label_2" / f"{frame_id}.txt")
     objects = kitti_objects(labels, calib, image.shape[:2], classes)
     return {"image": image, "intrinsics": calib.intrinsics(2), "objects": objects, "instances": None}
