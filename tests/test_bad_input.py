@@ -191,7 +191,7 @@ def test_statistics_match_what_was_written(tmp_path: Path) -> None:
         labels = np.stack([v["semseg"] for (s, _), v in written.items() if s == split])
         depth = np.stack([v["depth"] for (s, _), v in written.items() if s == split])
         valid = depth[depth > 0]
-        assert stats.samples == 3 and stats.with_task == {"semseg": 3, "depth": 3, "normals": 3}
+        assert stats.samples == 3 and stats.with_task == {"semseg": 3, "depth": 3, "normals": 3, "objects": 0}
         seg = stats.tasks["semseg"]
         assert seg["class_pixels"] == np.bincount(labels[labels != 255], minlength=3).tolist()
         assert seg["class_images"] == [3, 3, 0] and seg["ignore_pixels"] == int((labels == 255).sum())

@@ -264,6 +264,7 @@ def test_toy_task_files_load_check_and_fill(toy: Brightness, tmp_path: Path) -> 
         "semseg": N_VAL + 1,
         "depth": 0,
         "normals": 0,
+        "objects": 0,
         "brightness": N_VAL,
     }
     ds = FolderDataset(tmp_path, "val", tasks=("semseg", "brightness"))

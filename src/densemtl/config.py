@@ -50,6 +50,8 @@ class ModelConfig:
 
     tasks: tuple[str, ...] = ("semseg", "depth")
     num_classes: int = 0  # 0 = take it from the dataset's dataset.json
+    object_classes: tuple[str, ...] = ()  # objects task: () = take them from dataset.json object_classes
+    objects_trunks: int = 1  # objects head: 1 = heatmaps and boxes share a trunk, 2 = one each (docs/objects.md)
     backbone: str = "mobilenet_v3_large"
     pretrained: str = "none"  # none | imagenet (torchvision weights, downloads when online)
     backbone_weights: str = ""  # local state-dict file; loaded with weights_only=True

@@ -85,8 +85,9 @@ def training_statistics(cfg: Config, max_samples: int = 200) -> dict[str, dict[s
         s = ds[int(i)]
         for t in cfg.model.tasks:
             if s["valid_tasks"][t]:
-                targets[t].append(s[t].as_subclass(torch.Tensor))
-    return {t: TASKS[t].fit_baseline(v, cfg) for t, v in targets.items() if v}
+                targets[t].append(TASKS[t].pack(s[t], s))
+    stats = {t: TASKS[t].fit_baseline(v, cfg) for t, v in targets.items() if v}
+    return {t: s for t, s in stats.items() if s is not None}  # None: the task has no trivial predictor
 
 
 def run_evaluation(
@@ -101,7 +102,8 @@ def run_evaluation(
     """Model metrics (and baseline metrics) in one pass of :func:`evaluate`, at the training precision."""
     from densemtl.metrics import build_metrics
 
-    baseline = Baseline(baseline_stats, build_metrics(cfg, info)) if baseline_stats else None
+    # Tasks without a trivial predictor (objects) have no baseline statistics and no baseline metrics.
+    baseline = Baseline(baseline_stats, build_metrics(cfg, info, baseline_stats)) if baseline_stats else None
     results = evaluate(
         model,
         loader,

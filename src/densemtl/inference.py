@@ -6,6 +6,7 @@ input with ``size`` changes that focal length, so keep the training resolution u
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import Counter
@@ -257,7 +258,8 @@ def write_prediction(
     tasks: tuple[str, ...],
 ) -> dict[str, Path]:
     """Write every task's files for one prediction (``Task.files``: e.g. class ids, uint16 depth as the folder
-    format stores it, normals) as ``<stem>_<name>.png``, and the ``<stem>_panel.png`` picture."""
+    format stores it, normals) as ``<stem>_<name>.png``, its documents (``Task.documents``: the detected objects)
+    as ``<stem>_<name>.json``, and the ``<stem>_panel.png`` picture."""
     arrays: dict[str, np.ndarray] = {}
     for t in tasks:
         arrays.update(TASKS[t].files(pred, rgb, info))
@@ -266,6 +268,10 @@ def write_prediction(
     for name, array in arrays.items():
         files[name] = out_dir / f"{stem}_{name}.png"
         atomic_write(files[name], _png(array))
+    for t in tasks:
+        for name, doc in TASKS[t].documents(pred, info).items():
+            files[name] = out_dir / f"{stem}_{name}.json"
+            atomic_write(files[name], (json.dumps(doc, indent=1) + "\n").encode())
     return files
 
 

@@ -78,9 +78,10 @@ class MultiTaskMetrics:
         return summarize(results)
 
 
-def build_metrics(cfg: Any, info: dict[str, Any]) -> MultiTaskMetrics:
-    """Metrics for ``cfg.model.tasks`` on a dataset described by ``info`` (its dataset.json)."""
-    return MultiTaskMetrics({t: TASKS[t].make_metrics(cfg, info) for t in check_tasks(cfg.model.tasks)})
+def build_metrics(cfg: Any, info: dict[str, Any], tasks: Iterable[str] | None = None) -> MultiTaskMetrics:
+    """Metrics for ``tasks`` (default ``cfg.model.tasks``) on a dataset described by ``info`` (its dataset.json)."""
+    names = check_tasks(tuple(tasks) if tasks is not None else cfg.model.tasks)
+    return MultiTaskMetrics({t: TASKS[t].make_metrics(cfg, info) for t in names})
 
 
 def check_best_metric(cfg: Any, info: dict[str, Any]) -> None:

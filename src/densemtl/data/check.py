@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from densemtl.data.folder import read_sample
+from densemtl.data.folder import read_sample, task_path
 from densemtl.data.format import DEPTH_SCALE, IMAGE_EXTS, DatasetFormatError, open_image, read_dataset_json
 from densemtl.data.objects import (
     INSTANCES_DIR,
@@ -337,7 +337,10 @@ def _check_objects(
 def _check_sample(img: Path, info: dict[str, Any], stats: _Stats, problems: list[Problem]) -> None:
     """Load every file of one sample, recording problems and feeding the statistics."""
     found: list[tuple[Path, str, str]] = []
-    arrays = read_sample(img, info, tuple(TASKS), found)
+    start = len(problems)
+    # Every task's files, also of tasks dataset.json does not list; objects files need its object_classes.
+    tasks = tuple(t for t, task in TASKS.items() if task.suffix == ".png" or task.available(info))
+    arrays = read_sample(img, info, tasks, found)
     problems += [Problem(str(path), what, message) for path, what, message in found]
     if arrays["image"] is None:
         return
@@ -352,12 +355,16 @@ def _check_sample(img: Path, info: dict[str, Any], stats: _Stats, problems: list
                 "warning",
             )
         )
-    for task, spec in TASKS.items():
+    for task in tasks:
         if arrays[task] is not None:
-            path = img.parent.parent / spec.folder / f"{img.stem}.png"
+            path = task_path(img, task)
             for message in stats.add(task, arrays[task], path, info):
                 problems.append(Problem(str(path), task, message, "warning"))
     _check_objects(img, size, info, stats, problems)
+    # The objects file is read by its task's loader and by _check_objects (which also checks the instance mask).
+    seen: set[tuple[str, str]] = set()
+    fresh = [p for p in problems[start:] if not ((p.path, p.message) in seen or seen.add((p.path, p.message)))]
+    problems[start:] = fresh
 
 
 def check_dataset(

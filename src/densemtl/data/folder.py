@@ -83,8 +83,10 @@ def check_meta(meta: Any, path: Path) -> np.ndarray | None:
 
 
 def task_path(image_path: Path, task: str) -> Path:
-    """``<split>/<task folder>/<id>.png`` for the sample whose image is ``image_path``."""
-    return image_path.parent.parent / get_task(task).folder / f"{image_path.stem}.png"
+    """``<split>/<task folder>/<id><suffix>`` (``.png``; objects ``.json``) for the sample whose image is
+    ``image_path``."""
+    t = get_task(task)
+    return image_path.parent.parent / t.folder / f"{image_path.stem}{t.suffix}"
 
 
 def meta_path(image_path: Path) -> Path:
@@ -137,8 +139,9 @@ def validate_sample(
 
 
 def dataset_tasks(info: dict[str, Any]) -> tuple[str, ...]:
-    """The tasks a dataset.json lists that densemtl knows, in the order of :data:`densemtl.tasks.TASKS`."""
-    return tuple(t for t in TASKS if t in info.get("tasks", []))
+    """The tasks dataset.json ``info`` has data for (``Task.available``: those it lists; objects when it has
+    ``object_classes``), in the order of :data:`densemtl.tasks.TASKS`."""
+    return tuple(t for t, task in TASKS.items() if task.available(info))
 
 
 def list_images(split_dir: Path) -> list[Path]:
@@ -223,7 +226,7 @@ class FolderDataset(Dataset):
         valid: dict[str, bool] = {}
         for task in self.tasks:
             valid[task] = raw[task] is not None
-            sample[task] = tv_tensors.Mask(TASKS[task].to_tensor(raw[task], (h, w)).contiguous())
+            sample[task] = TASKS[task].to_sample(raw[task], (h, w))  # a tv_tensor (or a dict of them)
         sample["valid_tasks"] = valid
         k = raw["intrinsics"]
         sample["intrinsics"] = torch.from_numpy(k) if k is not None else torch.zeros(4)

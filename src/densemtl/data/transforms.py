@@ -1,9 +1,10 @@
 """Joint transforms over the whole sample dict, built on torchvision ``transforms.v2.functional``.
 
-Every geometric transform draws its parameters once and applies them to every dense key, each resampled its
-own way: the image bilinearly with antialiasing, every task's target as its task says (``Task.interpolation``:
-nearest neighbour for labels, depth and normals, so that no label or depth value is ever invented between two
-objects). Padding uses each task's ``fill`` (its "no label" value: 255 for labels, 0 for depth and normals). The camera intrinsics follow the geometry, in the
+Every geometric transform draws its parameters once and applies them to the image and every target, each its
+own way: the image bilinearly with antialiasing, every task's target as its task says (``Task.resize_target``,
+``crop_target``, ``flip_target``: dense targets resample with ``Task.interpolation``, nearest neighbour for
+labels, depth and normals, so that no label or depth value is ever invented between two objects, and pad with
+the task's ``fill``, 255 for labels, 0 for depth and normals; boxes go through torchvision's box kernels). The camera intrinsics follow the geometry, in the
 pixel-centre convention (pixel ``u`` covers ``[u - 0.5, u + 0.5]``), so ``u = fx * X / Z + cx`` keeps holding
 after the transform. Keys the transforms do not know (``id``, ``valid_tasks``, ...) pass through untouched.
 """
@@ -25,11 +26,9 @@ from densemtl.tasks import TASKS
 Sample = dict[str, Any]
 
 
-def resampling(sample: Sample) -> dict[str, tuple[InterpolationMode, float]]:
-    """``{key: (interpolation, fill used when padding)}`` for the image and every task target in ``sample``."""
-    modes = {"image": (InterpolationMode.BILINEAR, 0.0)}
-    modes.update({k: (t.interpolation, float(t.fill)) for k, t in TASKS.items() if k in sample})
-    return modes
+def _tasks_in(sample: Sample) -> list[str]:
+    """The task targets ``sample`` carries."""
+    return [k for k in TASKS if k in sample]
 
 
 def _image_size(sample: Sample) -> tuple[int, int]:
@@ -37,11 +36,9 @@ def _image_size(sample: Sample) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def _tv(key: str, t: torch.Tensor) -> torch.Tensor:
-    """Wrap a plain tensor as a tv_tensor so v2 kernels treat labels as masks (any H, W layout)."""
-    if isinstance(t, tv_tensors.TVTensor):
-        return t
-    return tv_tensors.Image(t) if key == "image" else tv_tensors.Mask(t)
+def _image(t: torch.Tensor) -> torch.Tensor:
+    """The RGB as a ``tv_tensors.Image`` so v2 kernels resample it as an image."""
+    return t if isinstance(t, tv_tensors.TVTensor) else tv_tensors.Image(t)
 
 
 def _update_intrinsics(sample: Sample, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -51,7 +48,7 @@ def _update_intrinsics(sample: Sample, fn: Callable[[torch.Tensor], torch.Tensor
 
 
 def resize_sample(sample: Sample, size: tuple[int, int]) -> Sample:
-    """Resize every dense key to ``size`` (H, W) and rescale the intrinsics.
+    """Resize the image and every target to ``size`` (H, W) and rescale the intrinsics.
 
     Resizing is a zoom about the camera: the scene is unchanged, only the focal length changes, so depth
     stays metric and keeps its values while fx, fy, cx, cy scale with the image.
@@ -60,8 +57,9 @@ def resize_sample(sample: Sample, size: tuple[int, int]) -> Sample:
     if (h, w) == tuple(size):
         return sample
     out = dict(sample)
-    for key, (mode, _) in resampling(out).items():
-        out[key] = F.resize(_tv(key, out[key]), list(size), interpolation=mode, antialias=True)
+    out["image"] = F.resize(_image(out["image"]), list(size), interpolation=InterpolationMode.BILINEAR, antialias=True)
+    for key in _tasks_in(out):
+        out[key] = TASKS[key].resize_target(out[key], size)
     sx, sy = size[1] / w, size[0] / h
 
     def scale(k: torch.Tensor) -> torch.Tensor:
@@ -72,31 +70,32 @@ def resize_sample(sample: Sample, size: tuple[int, int]) -> Sample:
 
 
 def crop_sample(sample: Sample, top: int, left: int, height: int, width: int) -> Sample:
-    """Crop every dense key to the window (top, left, height, width), padding with each key's fill.
+    """Crop the image and every target to the window (top, left, height, width).
 
     The window may extend past the image (negative ``top``/``left`` or beyond the far edge): those pixels
-    are filled (image 0, semseg 255, depth 0, normals 0). The principal point shifts by the window origin.
+    are filled (image 0, semseg 255, depth 0, normals 0; boxes are clamped, see ``Task.crop_target``). The
+    principal point shifts by the window origin.
     """
     h, w = _image_size(sample)
     pad = [max(0, -left), max(0, -top), max(0, left + width - w), max(0, top + height - h)]  # l, t, r, b
     out = dict(sample)
-    for key, (_, fill) in resampling(out).items():
-        t = _tv(key, out[key])
-        t = F.pad(t, pad, fill=fill) if any(pad) else t
-        out[key] = F.crop(t, top + pad[1], left + pad[0], height, width)
+    image = _image(out["image"])
+    image = F.pad(image, pad, fill=0.0) if any(pad) else image
+    out["image"] = F.crop(image, top + pad[1], left + pad[0], height, width)
+    for key in _tasks_in(out):
+        out[key] = TASKS[key].crop_target(out[key], top, left, height, width)
     _update_intrinsics(out, lambda k: torch.stack([k[0], k[1], k[2] - left, k[3] - top]))
     return out
 
 
 def hflip_sample(sample: Sample) -> Sample:
-    """Mirror every dense key left-right, then let each task fix mirrored values (``Task.flip``: normals negate
-    x); cx -> W - 1 - cx."""
+    """Mirror the image and every target left-right (each task fixes mirrored values: ``Task.flip_target``,
+    e.g. normals negate x, 3-D boxes mirror); cx -> W - 1 - cx."""
     w = _image_size(sample)[1]
     out = dict(sample)
-    for key in resampling(out):
-        out[key] = F.horizontal_flip(_tv(key, out[key]))
-        if key in TASKS:
-            out[key] = TASKS[key].flip(out[key])
+    out["image"] = F.horizontal_flip(_image(out["image"]))
+    for key in _tasks_in(out):
+        out[key] = TASKS[key].flip_target(out[key])
     _update_intrinsics(out, lambda k: torch.stack([k[0], k[1], (w - 1) - k[2], k[3]]))
     return out
 
@@ -183,12 +182,14 @@ class ImageOnly:
 
 
 class ToPlainTensors:
-    """Unwrap tv_tensors into plain tensors for collation and the model (which normalises the RGB itself)."""
+    """Unwrap tv_tensors into plain tensors for collation and the model (which normalises the RGB itself); each
+    task makes its target one fixed-shape tensor (``Task.pack``: e.g. boxes padded to a fixed count)."""
 
     def __call__(self, sample: Sample) -> Sample:
         out = dict(sample)
-        for key in resampling(out):
-            out[key] = out[key].as_subclass(torch.Tensor)
+        out["image"] = out["image"].as_subclass(torch.Tensor)
+        for key in _tasks_in(out):
+            out[key] = TASKS[key].pack(out[key], out)
         return out
 
     def __repr__(self) -> str:

@@ -20,7 +20,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torchvision import tv_tensors
 from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
 from densemtl.models.decoders import resize
 
@@ -140,6 +142,7 @@ class Task:
         uses_classes: the task depends on the dataset's class list (a model can only be evaluated on, or
             pseudo-label, a dataset with the same classes).
         hub_pipeline_tag: the Hugging Face Hub ``pipeline_tag`` for a model card ('' for none).
+        suffix: the file name ending of the task's files in :attr:`folder`.
     """
 
     name: str = ""
@@ -152,8 +155,18 @@ class Task:
     console: tuple[str, ...] = ()
     uses_classes: bool = False
     hub_pipeline_tag: str = ""  # the Hugging Face Hub pipeline tag a model card may carry for this task
+    suffix: str = ".png"
 
     # ------------------------------------------------------------------------------------------------ data
+    def available(self, info: Info) -> bool:
+        """Whether dataset ``info`` (a dataset.json) can train this task: by default, it lists the task."""
+        return self.name in info.get("tasks", [])
+
+    def resolve_model_config(self, cfg: ModelConfig, info: Info) -> ModelConfig:
+        """``cfg`` with what the dataset decides for this task filled in (e.g. its class names); raises
+        ``ValueError`` naming the key when ``cfg`` contradicts the dataset."""
+        return cfg
+
     def load(self, path: Path, size: tuple[int, int], info: Info) -> np.ndarray:
         """Read and check the task's file for an image of ``size`` (H, W); raise ``DatasetFormatError``."""
         raise NotImplementedError
@@ -176,6 +189,33 @@ class Task:
     def flip(self, target: Tensor) -> Tensor:
         """Fix a mirrored target's values (after the pixels were flipped left-right); most need nothing."""
         return target
+
+    # A sample's target between loading and collation: what :meth:`to_sample` makes, moved by the joint
+    # transforms (densemtl.data.transforms) through the three geometric methods, and made one fixed-shape tensor
+    # by :meth:`pack`. Dense targets are ``tv_tensors.Mask`` resampled by torchvision's kernels.
+    def to_sample(self, array: np.ndarray | None, size: tuple[int, int]) -> Any:
+        """The target as a sample carries it through the transforms (a ``tv_tensors.Mask`` for dense tasks)."""
+        return tv_tensors.Mask(self.to_tensor(array, size).contiguous())
+
+    def resize_target(self, target: Any, size: tuple[int, int]) -> Any:
+        """The target of an image zoomed to ``size`` (H, W), resampled with :attr:`interpolation`."""
+        return TF.resize(_as_mask(target), list(size), interpolation=self.interpolation, antialias=True)
+
+    def crop_target(self, target: Any, top: int, left: int, height: int, width: int) -> Any:
+        """The target inside a window that may reach past the image (that part filled with :attr:`fill`)."""
+        t = _as_mask(target)
+        h, w = t.shape[-2:]
+        pad = [max(0, -left), max(0, -top), max(0, left + width - w), max(0, top + height - h)]  # l, t, r, b
+        t = TF.pad(t, pad, fill=float(self.fill)) if any(pad) else t
+        return TF.crop(t, top + pad[1], left + pad[0], height, width)
+
+    def flip_target(self, target: Any) -> Any:
+        """The target of the left-right mirrored image (pixels mirrored, then :meth:`flip` fixes values)."""
+        return self.flip(TF.horizontal_flip(_as_mask(target)))
+
+    def pack(self, target: Any, sample: dict[str, Any]) -> Tensor:
+        """The transformed target as the plain fixed-shape tensor that collates (``sample``: its other keys)."""
+        return target.as_subclass(Tensor)
 
     def new_stats(self, info: Info) -> TaskStats | None:
         """An accumulator of dataset statistics for ``densemtl data check`` (None: only count files)."""
@@ -246,6 +286,10 @@ class Task:
         """A dataset target as :meth:`to_numpy` results (for pictures of ground truth)."""
         raise NotImplementedError
 
+    def documents(self, pred: dict[str, np.ndarray], info: Info) -> dict[str, Any]:
+        """``{suffix: JSON-able}`` written by ``predict`` as ``<id>_<suffix>.json`` (e.g. detections)."""
+        return {}
+
     def files(self, pred: dict[str, np.ndarray], rgb: np.ndarray, info: Info) -> dict[str, np.ndarray]:
         """``{suffix: array}`` written by ``predict`` as ``<id>_<suffix>.png``."""
         return {
@@ -307,6 +351,11 @@ class Task:
         """Compare PyTorch's and ONNX Runtime's outputs on the same images: (figures, passed)."""
         err = float((ref - got).abs().max()) if ref.numel() else 0.0
         return {f"{self.name}_max_abs_err": err}, err <= 1e-3
+
+
+def _as_mask(t: Tensor) -> Tensor:
+    """A plain tensor as a ``tv_tensors.Mask`` so torchvision's kernels resample it as a dense target."""
+    return t if isinstance(t, tv_tensors.TVTensor) else tv_tensors.Mask(t)
 
 
 class TaskStats:

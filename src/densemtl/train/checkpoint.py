@@ -157,7 +157,7 @@ def make_payload(
     model = getattr(model, "module", model)  # unwrap DDP
     info = {
         k: dataset_info[k]
-        for k in ("name", "classes", "palette", "ignore_index", "depth")
+        for k in ("name", "classes", "palette", "ignore_index", "depth", "object_classes")
         if k in dataset_info
     }
     return {

@@ -36,6 +36,7 @@ from densemtl.runtime import (
     seed_everything,
     to_device,
 )
+from densemtl.tasks import TASKS
 from densemtl.train.checkpoint import (
     RunCheckpoints,
     load_checkpoint,
@@ -163,11 +164,13 @@ def train_one_epoch(
 
 
 def resolve_config(cfg: Config, info: dict[str, Any]) -> Config:
-    """Fill what the dataset decides (number of classes) and check the tasks exist in it."""
-    missing = [t for t in cfg.model.tasks if t not in info["tasks"]]
+    """Fill what the dataset decides (number of classes, each task's own: ``Task.resolve_model_config``) and
+    check the tasks exist in it."""
+    missing = [t for t in cfg.model.tasks if not TASKS[t].available(info)]
     if missing:
+        have = [t for t in TASKS if TASKS[t].available(info)]
         raise ValueError(
-            f"{cfg.data.root}/dataset.json lists tasks {info['tasks']} but model.tasks asks for "
+            f"{cfg.data.root}/dataset.json has data for tasks {have} but model.tasks asks for "
             f"{missing}; set model.tasks to a subset of the dataset's tasks"
         )
     n = len(info["classes"])
@@ -176,7 +179,10 @@ def resolve_config(cfg: Config, info: dict[str, Any]) -> Config:
             f"model.num_classes={cfg.model.num_classes} but {cfg.data.root} has {n} classes; "
             "leave model.num_classes at 0 to take it from the dataset"
         )
-    return replace(cfg, model=replace(cfg.model, num_classes=n))
+    model = replace(cfg.model, num_classes=n)
+    for t in cfg.model.tasks:
+        model = TASKS[t].resolve_model_config(model, info)
+    return replace(cfg, model=model)
 
 
 def build_optimizer(model, loss_fn, cfg: Config) -> torch.optim.Optimizer:

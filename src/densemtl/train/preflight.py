@@ -18,7 +18,7 @@ from PIL import Image
 
 from densemtl.data.folder import load_intrinsics, meta_path, task_path, validate_sample
 from densemtl.data.format import DatasetFormatError
-from densemtl.tasks import IGNORE_INDEX
+from densemtl.tasks import IGNORE_INDEX, TASKS
 
 log = logging.getLogger("densemtl")
 
@@ -47,8 +47,11 @@ def _decoded_size(path: Path) -> tuple[int, int]:
     return h, w
 
 
-def quick_problems(image_path: Path, tasks: tuple[str, ...]) -> list[str]:
-    """Problems of one sample found without decoding its targets fully: unreadable files, mismatched sizes."""
+def quick_problems(image_path: Path, tasks: tuple[str, ...], info: dict[str, Any] | None = None) -> list[str]:
+    """Problems of one sample found without decoding its targets fully: unreadable files, mismatched sizes.
+
+    A task whose files are not images (objects' JSON) is read in full: that is as cheap as a decode check.
+    """
     try:
         size = _decoded_size(image_path)
     except Exception as e:  # noqa: BLE001 - PIL raises many kinds (OSError, SyntaxError, DecompressionBomb...)
@@ -59,6 +62,12 @@ def quick_problems(image_path: Path, tasks: tuple[str, ...]) -> list[str]:
     for task in tasks:
         path = task_path(image_path, task)
         if not path.is_file():
+            continue
+        if TASKS[task].suffix != ".png":
+            try:
+                TASKS[task].load(path, size, info or {})
+            except DatasetFormatError as e:
+                problems.append(str(e))
             continue
         try:
             found = _decoded_size(path)
@@ -85,7 +94,7 @@ def check_split_files(dataset: Any, full: bool) -> None:
         if full:
             problems += validate_sample(path, dataset.info, dataset.tasks)
         else:
-            problems += quick_problems(path, dataset.tasks)
+            problems += quick_problems(path, dataset.tasks, dataset.info)
     seconds = time.perf_counter() - start
     log.info("checked %d %s samples in %.1f s", len(dataset.image_paths), dataset.split, seconds)
     if problems:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from densemtl.data.folder import FolderDataset, dataset_tasks
@@ -69,7 +68,7 @@ def write_preview(root: str | Path, split: str = "val", n: int = 8, out: str | P
         row = [_fit(rgb, size, smooth=True)]
         for t in tasks:
             row.append(
-                _fit(TASKS[t].colorize_target(s[t].as_subclass(torch.Tensor), rgb, info), size, smooth=False)
+                _fit(TASKS[t].colorize_target(TASKS[t].pack(s[t], s), rgb, info), size, smooth=False)
             )
         rows.append(row)
     grid = make_grid(rows, titles=["RGB", *tasks])
