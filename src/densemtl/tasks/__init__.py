@@ -10,9 +10,10 @@ from __future__ import annotations
 from densemtl.tasks.base import IGNORE_INDEX, INVALID_DEPTH, Task
 from densemtl.tasks.depth import DEPTH
 from densemtl.tasks.normals import NORMALS
+from densemtl.tasks.objects import OBJECTS
 from densemtl.tasks.semseg import SEMSEG
 
-TASKS: dict[str, Task] = {SEMSEG.name: SEMSEG, DEPTH.name: DEPTH, NORMALS.name: NORMALS}
+TASKS: dict[str, Task] = {SEMSEG.name: SEMSEG, DEPTH.name: DEPTH, NORMALS.name: NORMALS, OBJECTS.name: OBJECTS}
 
 __all__ = ["IGNORE_INDEX", "INVALID_DEPTH", "TASKS", "Task", "check_tasks", "get_task"]
 

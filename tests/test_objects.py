@@ -1,0 +1,316 @@
+"""The objects task: target encoding, decoding, losses, box transforms, metrics on hand-made cases."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from densemtl.data.objects import boxes_from_instances
+from densemtl.data.transforms import crop_sample, hflip_sample, resize_sample
+from densemtl.tasks.objects import OBJECTS
+from densemtl.tasks.objects_codec import (
+    COL,
+    EXTRA_CHANNELS,
+    FIELDS,
+    MAX_OBJECTS,
+    STRIDE,
+    YAW_BINS,
+    decode,
+    encode_heatmap,
+    grid_size,
+)
+from densemtl.tasks.objects_head import ObjectsHead, ObjectsLoss, focal_loss
+from densemtl.tasks.objects_metrics import ObjectsMetrics, nuscenes_ap
+
+K = 2  # car, person
+
+
+def row(cls: int, box, distance: float = 0.0, box3d=None) -> np.ndarray:
+    """One target row; box3d = (centre xyz, size lwh, yaw)."""
+    r = np.zeros(len(FIELDS), np.float32)
+    r[COL["class"]] = cls
+    r[COL["x0"] : COL["y1"] + 1] = box
+    r[COL["distance"]] = distance
+    r[COL["visible"]] = 1.0
+    if box3d is not None:
+        centre, size, yaw = box3d
+        r[COL["cx3"] : COL["cz3"] + 1] = centre
+        r[COL["l"] : COL["h"] + 1] = size
+        r[COL["yaw"]], r[COL["has3d"]] = yaw, 1.0
+        r[COL["distance"]] = centre[2]
+    return r
+
+
+def padded(*rows: np.ndarray) -> torch.Tensor:
+    out = torch.zeros(MAX_OBJECTS, len(FIELDS))
+    out[:, COL["class"]] = -1
+    for i, r in enumerate(rows):
+        out[i] = torch.from_numpy(r)
+    return out
+
+
+def perfect_raw(target: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The raw output that a perfect head would give for padded targets (B, N, FIELDS): the heatmaps, and at every
+    cell inside a box (the smaller box where two overlap) that box's edges and attributes."""
+    b = target.shape[0]
+    heat = encode_heatmap(target, K, grid).clamp(1e-6, 1 - 1e-6)
+    raw = torch.zeros(b, K + EXTRA_CHANNELS, *grid)
+    raw[:, :K] = torch.log(heat / (1 - heat))
+    raw[:, K + 11 : K + 14 : 2] = 1.0  # residual (sin 0, cos 0)
+    cy = (torch.arange(grid[0]) + 0.5) * STRIDE
+    cx = (torch.arange(grid[1]) + 0.5) * STRIDE
+    for i in range(b):
+        rows = target[i][target[i, :, 0] >= 0]
+        area = (rows[:, 3] - rows[:, 1]) * (rows[:, 4] - rows[:, 2])
+        for r in rows[area.argsort(descending=True)]:
+            ys = torch.nonzero((cy > r[2]) & (cy < r[4])).flatten()
+            xs = torch.nonzero((cx > r[1]) & (cx < r[3])).flatten()
+            iy = int(((r[2] + r[4]) / (2 * STRIDE)).floor())
+            ix = int(((r[1] + r[3]) / (2 * STRIDE)).floor())
+            ys = torch.unique(torch.cat([ys, torch.tensor([iy])]))
+            xs = torch.unique(torch.cat([xs, torch.tensor([ix])]))
+            yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+            reg = raw[i, K:]
+            for y, x in zip(yy.flatten().tolist(), xx.flatten().tolist(), strict=True):
+                edges = torch.stack([cx[x] - r[1], cy[y] - r[2], r[3] - cx[x], r[4] - cy[y]]) / STRIDE
+                reg[0:4, y, x] = edges.clamp_min(1e-3).log()
+                reg[4, y, x] = r[COL["distance"]].clamp_min(1e-3).log()
+                reg[5:8, y, x] = r[COL["l"] : COL["h"] + 1].clamp_min(1e-3).log()
+                yaw = float(r[COL["yaw"]])
+                bin_ = int(yaw >= 0)
+                reg[8:10, y, x] = torch.tensor([5.0, 0.0] if bin_ == 0 else [0.0, 5.0])
+                res = yaw - YAW_BINS[bin_]
+                reg[10 + 2 * bin_, y, x], reg[11 + 2 * bin_, y, x] = math.sin(res), math.cos(res)
+    return raw
+
+
+def test_a_box_splats_its_peak_at_its_centre_on_its_class_map() -> None:
+    target = padded(row(1, [40, 20, 60, 52]))  # person, centre (50, 36) px -> cell (12, 9)
+    heat = encode_heatmap(target[None], K, (16, 24))
+    assert heat.shape == (1, K, 16, 24)
+    assert heat[0, 1, 9, 12] == 1.0
+    assert int(heat[0, 1].argmax()) == 9 * 24 + 12
+    assert float(heat[0, 1].max()) == 1.0 and int((heat[0, 1] == 1.0).sum()) == 1
+    assert float(heat[0, 0].max()) == 0.0  # the car map stays empty
+    assert 0 < float(heat[0, 1, 9, 13]) < 1 and float(heat[0, 1, 0, 0]) < 1e-3  # a Gaussian around it
+
+
+def test_encode_then_decode_returns_the_boxes_distance_and_3d_box() -> None:
+    a = row(0, [10.5, 30.0, 70.25, 61.0], box3d=((1.0, 1.2, 12.5), (4.2, 1.8, 1.5), -1.3))
+    b = row(1, [100.0, 8.0, 113.0, 48.0], box3d=((-2.0, 0.9, 7.0), (0.6, 0.5, 1.7), 2.0))
+    target = padded(a, b)[None]
+    grid = grid_size(64, 128)
+    det = decode(perfect_raw(target, grid), K, threshold=0.5)
+    assert int(det["count"][0]) == 2
+    order = det["classes"][0, :2].argsort()
+    boxes = det["boxes"][0, :2][order]
+    assert torch.allclose(boxes, torch.from_numpy(np.stack([a[1:5], b[1:5]])), atol=1e-3)
+    assert torch.allclose(det["distance"][0, :2][order], torch.tensor([12.5, 7.0]), rtol=1e-5)
+    assert torch.allclose(det["size3d"][0, :2][order], torch.tensor([[4.2, 1.8, 1.5], [0.6, 0.5, 1.7]]), rtol=1e-5)
+    assert torch.allclose(det["yaw"][0, :2][order], torch.tensor([-1.3, 2.0]), atol=1e-5)
+
+
+def test_focal_loss_is_lowest_for_the_target_and_normalised_by_objects() -> None:
+    target = padded(row(0, [0, 0, 16, 16]), row(1, [20, 20, 36, 36]))[None]
+    heat = encode_heatmap(target, K, (16, 16))
+    good = torch.log(heat.clamp(1e-4, 1 - 1e-4) / (1 - heat.clamp(1e-4, 1 - 1e-4)))
+    assert focal_loss(good, heat) < 0.05 < focal_loss(torch.zeros_like(good), heat)
+    # Two copies of the image: the same per-object loss (the sum doubles, the object count too).
+    assert torch.isclose(focal_loss(torch.cat([good, good]), torch.cat([heat, heat])), focal_loss(good, heat))
+
+
+def test_objects_loss_masks_samples_and_a_sample_without_objects_has_only_negatives() -> None:
+    loss = ObjectsLoss(K)
+    target = torch.stack([padded(row(0, [8, 8, 40, 30], 9.0)), padded()])
+    raw = torch.zeros(2, K + EXTRA_CHANNELS, 16, 16, requires_grad=True)
+    none = loss(raw, target, torch.tensor([False, False]))
+    none.backward()
+    assert float(none.detach()) == 0.0 and float(raw.grad.abs().sum()) == 0.0
+    empty = loss(raw, target, torch.tensor([False, True]))  # the file says: no objects here
+    assert float(empty) > 0 and set(loss.last) == {"heat"}
+    both = loss(raw, target, torch.tensor([True, True]))
+    assert {"heat", "box", "distance", "box3d"} <= set(loss.last)
+    assert float(both) > float(empty)
+    perfect = perfect_raw(target[:1], (16, 16))
+    assert float(loss(perfect, target[:1], torch.tensor([True]))) < 0.3 * float(loss(raw[:1].detach(), target[:1], torch.tensor([True])))
+
+
+@pytest.mark.parametrize("trunks", [1, 2])
+def test_head_output_is_the_raw_layout_on_the_stride4_grid(trunks: int) -> None:
+    head = ObjectsHead(16, K, "separable", 8, trunks=trunks).eval()
+    assert (head.reg_trunk is None) == (trunks == 1)
+    out = head(torch.randn(2, 16, 16, 24), (62, 94))  # grid ceil(62/4) x ceil(94/4) = 16 x 24
+    assert out.shape == (2, K + EXTRA_CHANNELS, 16, 24)
+    boxes = decode(out, K)["boxes"]
+    assert bool((boxes[..., 2] > boxes[..., 0]).all() and (boxes[..., 3] > boxes[..., 1]).all())  # proper boxes
+    assert torch.allclose(torch.sigmoid(out[:, :K]).mean(), torch.tensor(0.1), atol=0.05)  # the heat prior
+    with pytest.raises(ValueError, match="objects_trunks"):
+        ObjectsHead(16, K, trunks=3)
+
+
+def _sample_with_mask() -> tuple[dict, torch.Tensor]:
+    """A sample with one object's instance mask (an irregular blob) and its box from the mask."""
+    h, w = 48, 80
+    mask = torch.zeros(1, h, w, dtype=torch.int64)
+    mask[0, 10:30, 12:40] = 1
+    mask[0, 30:37, 20:26] = 1
+    box = boxes_from_instances(mask[0].numpy().astype(np.uint16))[1]
+    rows = row(0, box, box3d=((2.0, 1.0, 10.0), (4.0, 1.8, 1.5), -1.0))[None]
+    sample = {
+        "image": torch.rand(3, h, w),
+        "objects": OBJECTS.to_sample(rows, (h, w)),
+        "intrinsics": torch.tensor([100.0, 100.0, 40.0, 24.0]),
+        "has_intrinsics": True,
+    }
+    return sample, mask
+
+
+def _box_of(mask: torch.Tensor) -> list[float]:
+    return boxes_from_instances(mask[0].numpy().astype(np.uint16))[1]
+
+
+def test_flipped_and_cropped_boxes_match_the_transformed_instance_mask() -> None:
+    sample, mask = _sample_with_mask()
+    flipped = hflip_sample(sample)
+    got = OBJECTS.pack(flipped["objects"], flipped)
+    assert got[0, 1:5].tolist() == _box_of(TF.horizontal_flip(mask))
+    assert got[0, COL["cx3"]] == -2.0  # the mirrored world
+    assert math.isclose(float(got[0, COL["yaw"]]), math.pi - (-1.0) - 2 * math.pi, abs_tol=1e-6)
+    cropped = crop_sample(sample, 15, 20, 30, 50)  # cuts the blob's top-left
+    got = OBJECTS.pack(cropped["objects"], cropped)
+    assert got[0, 1:5].tolist() == _box_of(TF.crop(mask, 15, 20, 30, 50))
+    assert got[0, COL["truncated"]] > 0  # part of the box was cropped away
+    assert got[0, COL["cx"]] == 40.0 - 20  # the principal point moved with the window
+    zoomed = resize_sample(sample, (96, 160))
+    got = OBJECTS.pack(zoomed["objects"], zoomed)
+    assert got[0, 1:5].tolist() == [2 * v for v in _box_of(mask)]
+    assert got[0, COL["distance"]] == 10.0  # a zoom keeps metric distances
+
+
+def test_boxes_cropped_away_or_too_small_are_dropped() -> None:
+    sample, _ = _sample_with_mask()
+    away = crop_sample(sample, 0, 45, 48, 35)  # the window right of the blob
+    assert int((OBJECTS.pack(away["objects"], away)[:, 0] >= 0).sum()) == 0
+    sliver = crop_sample(sample, 0, 38, 48, 42)  # keeps a 2-pixel-wide sliver of a 28-pixel-wide box
+    assert int((OBJECTS.pack(sliver["objects"], sliver)[:, 0] >= 0).sum()) == 0
+
+
+def test_flip_output_maps_a_mirrored_prediction_back() -> None:
+    target = padded(row(0, [10.0, 12.0, 31.0, 40.0], box3d=((1.0, 1.0, 9.0), (4.0, 1.8, 1.5), -1.2)))[None]
+    grid = (16, 16)
+    sample = {"image": torch.rand(3, 64, 64), "objects": OBJECTS.to_sample(target[0, :1].numpy(), (64, 64))}
+    mirrored = OBJECTS.pack(hflip_sample(sample)["objects"], {})[None]
+    back = decode(OBJECTS.flip_output(perfect_raw(mirrored, grid)), K, threshold=0.5)
+    assert torch.allclose(back["boxes"][0, 0], target[0, 0, 1:5], atol=1e-4)
+    assert math.isclose(float(back["yaw"][0, 0]), -1.2, abs_tol=1e-5)
+
+
+def test_upsample_keeps_boxes_in_image_pixels() -> None:
+    target = padded(row(0, [16.0, 12.0, 48.0, 36.0], 20.0))[None]  # in a 64 x 128 image
+    small = perfect_raw(target, grid_size(64, 128))
+    big = OBJECTS.upsample(small, (128, 256))  # the same scene seen at twice the resolution
+    det = decode(big, K, threshold=0.3)
+    assert int(det["count"][0]) == 1
+    # the same detections as on the source grid, down to the faintest peak
+    assert int(decode(big, K, threshold=1e-4)["count"][0]) == int(decode(small, K, threshold=1e-4)["count"][0])
+    assert torch.allclose(det["boxes"][0, 0], 2 * target[0, 0, 1:5], atol=2.0)
+    assert math.isclose(float(det["distance"][0, 0]), 20.0, rel_tol=1e-4)
+
+
+def test_nuscenes_ap_by_hand() -> None:
+    # 2 ground truths, detections by score: hit, miss, hit -> precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1.
+    ap = nuscenes_ap(np.array([True, False, True]), np.array([0.9, 0.8, 0.7]), 2)
+    points = np.linspace(0, 1, 101)
+    interp = np.where(points <= 0.5, 1.0, 2 / 3)
+    expected = np.clip(interp[points > 0.1 + 1e-9] - 0.1, 0, None).mean() / 0.9
+    assert math.isclose(ap, expected, rel_tol=1e-9)
+    assert math.isnan(nuscenes_ap(np.array([], bool), np.array([]), 0))
+
+
+def _det(boxes, scores, classes, distance) -> torch.Tensor:
+    """A raw map whose decoding gives exactly these detections (each in its own cell)."""
+    target = padded(*[row(c, b, d) for b, c, d in zip(boxes, classes, distance, strict=True)])[None]
+    raw = perfect_raw(target, (32, 32))
+    raw[:, :K] = -20.0
+    for b, s, c in zip(boxes, scores, classes, strict=True):
+        cx, cy = (b[0] + b[2]) / (2 * STRIDE), (b[1] + b[3]) / (2 * STRIDE)
+        raw[0, c, int(cy), int(cx)] = math.log(s / (1 - s))
+    return raw
+
+
+def test_metrics_on_a_hand_made_case() -> None:
+    """Two cars and one person; detections: car hit (IoU 1), car duplicate-ish miss (IoU < .5), person hit.
+
+    COCO AP50 for cars: detections by score hit (P=1, R=.5), miss; the second car is never found: precision 1
+    at the 51 recall points 0, 0.01, ..., 0.5 of COCO's 101 and 0 above, AP = 51/101. Person AP50 = 1.
+    Distances of matched objects: car 11 m for 10 m, person 4.5 m for 5 m -> rel. errors 0.1 and 0.1.
+    """
+    gt = padded(row(0, [0, 0, 40, 40], 10.0), row(0, [64, 64, 104, 100], 20.0), row(1, [120, 8, 128, 40], 5.0))
+    pred = _det(
+        [[0, 0, 40, 40], [60, 0, 100, 30], [120, 8, 128, 40]], [0.9, 0.8, 0.7], [0, 0, 1], [11.0, 30.0, 4.5]
+    )
+    m = ObjectsMetrics(["car", "person"], score_threshold=0.3)
+    m.update(pred, gt[None])
+    r = m.compute()
+    assert math.isclose(r["ap50_car"], 51 / 101, abs_tol=1e-6)
+    assert math.isclose(r["ap50_person"], 1.0, abs_tol=1e-6)
+    assert math.isclose(r["ap50"], (51 / 101 + 1) / 2, abs_tol=1e-6)
+    assert r["matched"] == 2
+    assert math.isclose(r["distance_relerr"], 0.1, rel_tol=1e-4)
+    assert r["distance_delta1"] == 1.0
+    assert r["gt_objects"] == 3 and len(r["pr_car"]) == 101
+    # merge: the same case twice gives the same AP and twice the matches
+    other = ObjectsMetrics(["car", "person"])
+    other.update(pred, gt[None])
+    m.merge(other)
+    r2 = m.compute()
+    assert math.isclose(r2["ap50"], r["ap50"], abs_tol=1e-6) and r2["matched"] == 4
+
+
+def test_empty_metrics_have_every_key() -> None:
+    r = ObjectsMetrics(["car", "person"]).compute()
+    assert {"map", "ap50", "ap75", "ap50_car", "ap50_person", "distance_relerr", "bev_ap"} <= set(r)
+    assert math.isnan(r["ap50"])
+
+
+@pytest.mark.parametrize("bad", ["not json", '{"objects": [{"id": 1}]}'])
+def test_a_bad_objects_file_is_an_error_naming_it(tmp_path, bad: str) -> None:
+    from densemtl.data.format import DatasetFormatError
+
+    path = tmp_path / "000001.json"
+    path.write_text(bad)
+    with pytest.raises(DatasetFormatError, match="000001.json"):
+        OBJECTS.load(path, (32, 32), {"object_classes": ["car"]})
+    with pytest.raises(DatasetFormatError, match="object_classes"):
+        OBJECTS.load(path, (32, 32), {})
+
+
+@pytest.mark.parametrize(("distance", "expected"), [(10.3, 1.0), (11.5, 0.5)])
+def test_bev_centre_ap_by_hand(distance: float, expected: float) -> None:
+    """One car at X = 1 m, Z = 10 m (fx 100, cx 64): a detection whose box centre ray is x = 1 / 10 at ``distance``
+    is 0.3 m off (within all four thresholds: AP 1) or 1.5 m off (within 2 and 4 m only: mean 0.5)."""
+    gt = padded(row(0, [64.5, 40, 84.5, 60], box3d=((1.0, 1.0, 10.0), (4.0, 1.8, 1.5), 0.0)))
+    gt[:, COL["fx"]], gt[:, COL["cx"]] = 100.0, 64.0
+    pred = _det([[64.5, 40, 84.5, 60]], [0.9], [0], [distance])  # u = 74.5 edges -> 74 in pixel centres
+    m = ObjectsMetrics(["car", "person"])
+    m.update(pred, gt[None])
+    r = m.compute()
+    x = (74.0 - 64.0) * distance / 100.0
+    off = math.hypot(x - 1.0, distance - 10.0)
+    assert (off < 0.5) == (expected == 1.0)
+    assert math.isclose(r["bev_ap_car"], expected, abs_tol=1e-9)
+    assert math.isnan(r["bev_ap_person"]) and math.isclose(r["bev_ap"], expected, abs_tol=1e-9)
+
+
+def test_a_plateau_of_equal_scores_is_one_detection_and_upsampling_keeps_it_one() -> None:
+    raw = torch.zeros(1, K + EXTRA_CHANNELS, 16, 16)
+    raw[:, :K] = -10.0
+    raw[0, 0, 4:7, 5:9] = 2.0  # a flat 3 x 4 patch: every cell is its 3x3 maximum
+    raw[0, 1, 12, 12] = 1.0  # and a single peak on the other class
+    assert int(decode(raw, K, threshold=0.5)["count"][0]) == 2
+    for size in ((128, 128), (256, 256)):  # x2 and x4: an upsampled peak stays one peak
+        assert int(decode(OBJECTS.upsample(raw, size), K, threshold=0.5)["count"][0]) == 2

@@ -1,0 +1,64 @@
+"""Objects in ONNX: the graph decodes boxes itself (fixed top-k, padded, with a count) and matches PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+
+from densemtl.config import ModelConfig  # noqa: E402
+from densemtl.models import build_model  # noqa: E402
+from densemtl.tasks.objects import OBJECTS, SCORE_THRESHOLD  # noqa: E402
+from densemtl.tasks.objects_codec import TOP_K, decode  # noqa: E402
+
+pytestmark = pytest.mark.export
+SIZE = (96, 128)
+INFO = {"classes": ["a", "b"], "palette": [[0, 0, 0], [255, 0, 0]], "object_classes": ["car", "person"]}
+
+
+def tiny_objects_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        tasks=("semseg", "depth", OBJECTS.name), num_classes=2, object_classes=("car", "person"),
+        backbone="mobilenet_v3_small", decoder_channels=16, pretrained="none",
+    )  # fmt: skip
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # varied scores and boxes: an untrained head is almost constant
+        head = model.heads[OBJECTS.name]
+        head.heat.weight.normal_(std=0.5)
+        head.reg.weight.normal_(std=0.2)
+    return model
+
+
+def test_the_graph_outputs_decoded_boxes_that_match_pytorch(tmp_path) -> None:
+    import onnxruntime as ort
+
+    from densemtl.deploy.export import ExportWrapper, build_metadata, check_parity, export_model
+
+    model = tiny_objects_model()
+    path = tmp_path / "objects.onnx"
+    export_model(model, path, SIZE, dynamic=True, metadata=build_metadata(ExportWrapper(model), SIZE, True, INFO))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    assert {"objects_boxes", "objects_scores", "objects_classes", "objects_distance", "objects_count"} <= set(names)
+    x = torch.rand(2, 3, 112, 160)  # another size than the traced one: the axes are dynamic
+    out = dict(zip(names, session.run(None, {"image": x.numpy()}), strict=True))
+    with torch.no_grad():
+        ref = decode(model(x)[OBJECTS.name], 2, threshold=SCORE_THRESHOLD)
+    assert out["objects_boxes"].shape == (2, TOP_K, 4) and out["objects_scores"].shape == (2, TOP_K)
+    assert np.array_equal(out["objects_count"], ref["count"].numpy())
+    keep = ref["scores"].numpy() >= 0.05
+    assert keep.sum() >= 5  # the comparison covers real detections
+    assert np.array_equal(out["objects_classes"][keep], ref["classes"].numpy()[keep])
+    assert np.abs(out["objects_boxes"][keep] - ref["boxes"].numpy()[keep]).max() <= 0.5
+    assert np.abs(out["objects_scores"][keep] - ref["scores"].numpy()[keep]).max() <= 1e-4
+    assert np.abs(out["objects_distance"][keep] / ref["distance"].numpy()[keep] - 1).max() <= 1e-3
+    report = check_parity(model, path, torch.rand(2, 3, *SIZE))
+    assert report["passed"], report
+    assert report["objects_box_max_err_px"] <= 0.5 and report["objects_score_max_err"] <= 1e-4
+    with torch.no_grad():
+        model.heads[OBJECTS.name].reg.bias[2:4] += 0.3  # boxes 35 % larger: the graph no longer matches
+    report = check_parity(model, path, torch.rand(1, 3, *SIZE))
+    assert not report["passed"] and report["objects_box_max_err_px"] > 0.5
