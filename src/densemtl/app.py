@@ -131,7 +131,7 @@ def _scene_views(
     out_dir: str | Path | None, colour_by: str,
 ) -> dict[str, Any]:  # fmt: skip
     """The 3-D part of :func:`predict_views`: BEV picture, ``.glb`` cloud, or the message saying why there are none."""
-    from densemtl.scene3d.bev import DEPTH_STD_KEY, colorize_bev, scene_bev, scene_of
+    from densemtl.scene3d.bev import DEPTH_STD_KEY, scene_bev, scene_bev_picture, scene_of
 
     views: dict[str, Any] = {"intrinsics": None, "pose": None, "bev": None, "cloud": None, "points": 0}
     dropped = ""
@@ -147,7 +147,7 @@ def _scene_views(
     if scene is None:
         return views | {"message": "No bird's-eye view or 3-D view: this model predicts no depth."}
     views |= {"intrinsics": scene.intrinsics, "pose": scene.pose, "message": ""}
-    views["bev"] = colorize_bev(scene_bev(scene, opts.grid), predictor.palette, opts.grid)
+    views["bev"] = scene_bev_picture(scene, scene_bev(scene, opts.grid), pred, predictor.info, opts.grid)
     cloud = _display_cloud(scene.cloud, opts.voxel, predictor.palette, colour_by)
     views["points"] = len(cloud)
     if len(cloud) == 0:

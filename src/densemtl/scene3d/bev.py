@@ -42,6 +42,7 @@ from densemtl.scene3d.scene import (
     resolve_pose,
     sample_meta,
     scene_bev,
+    scene_bev_picture,
     scene_of,
     write_scene_outputs,
 )
@@ -75,6 +76,7 @@ __all__ = [
     "sample_meta",
     "save_bev",
     "scene_bev",
+    "scene_bev_picture",
     "scene_of",
     "write_scene_outputs",
 ]

@@ -274,7 +274,7 @@ def colorize_bev(
     both = bev["free"] & bev["drivable"]
     out[both] = BEV_COLORS["drivable"]
     out[bev["occupancy"]] = cls_rgb[bev["occupancy"]]
-    return _mark_camera(out.astype(np.uint8), grid)
+    return mark_camera(out.astype(np.uint8), grid)
 
 
 def colorize_confidence(confidence: np.ndarray, grid: BevGrid = BevGrid()) -> np.ndarray:
@@ -291,10 +291,10 @@ def colorize_confidence(confidence: np.ndarray, grid: BevGrid = BevGrid()) -> np
     seen = np.isfinite(conf)
     rgba = matplotlib.colormaps["viridis"](np.clip(conf[seen], 0.0, 1.0))  # (M, 4) in [0, 1]
     out[seen] = np.round(rgba[:, :3] * 255).astype(np.uint8)
-    return _mark_camera(out, grid)
+    return mark_camera(out, grid)
 
 
-def _mark_camera(out: np.ndarray, grid: BevGrid) -> np.ndarray:
+def mark_camera(out: np.ndarray, grid: BevGrid) -> np.ndarray:
     """Draw the camera as a small red square at the bottom centre of a BEV picture (rows, cols, 3), in place."""
     row, col, inside = grid.cell_of(np.array([0.0]), np.array([grid.z_range[0] + 0.5 * grid.cell]))
     if inside[0]:
@@ -304,10 +304,17 @@ def _mark_camera(out: np.ndarray, grid: BevGrid) -> np.ndarray:
 
 
 def save_bev(
-    stem: str | Path, bev: dict[str, np.ndarray], palette: np.ndarray | Sequence[Sequence[int]], grid: BevGrid
+    stem: str | Path,
+    bev: dict[str, np.ndarray],
+    palette: np.ndarray | Sequence[Sequence[int]],
+    grid: BevGrid,
+    picture: np.ndarray | None = None,
 ) -> dict[str, Path]:
     """Write ``<stem>_bev.png`` (colour map) and ``<stem>_bev.npy``; with a ``confidence`` layer also
     ``<stem>_bev_confidence.png`` (``colorize_confidence``).
+
+    ``picture`` uint8 (rows, cols, 3) is the PNG to write, default ``colorize_bev(bev, palette, grid)``: callers
+    that draw more on the map (detected objects, ``scene3d.bev_objects``) pass theirs.
 
     The NPY is float32 (5, rows, cols) in ``LAYERS`` order, or (6, rows, cols) with ``confidence`` (nan = no
     point) appended as the last layer when the map has it (models with depth uncertainty).
@@ -318,9 +325,15 @@ def save_bev(
     names = (*LAYERS, CONFIDENCE_LAYER) if CONFIDENCE_LAYER in bev else LAYERS
     stack = np.stack([bev[k].astype(np.float32) for k in names])  # class 255 = unseen, height nan = unseen
     npy = atomic_write(stem.with_name(stem.name + "_bev.npy"), lambda f: np.save(f, stack))
-    png = atomic_write(stem.with_name(stem.name + "_bev.png"), png_bytes(colorize_bev(bev, palette, grid)))
+    if picture is None:
+        picture = colorize_bev(bev, palette, grid)
+    elif picture.shape != (*grid.shape, 3):
+        raise ValueError(f"save_bev: the BEV picture is {picture.shape}, the grid needs {(*grid.shape, 3)}")
+    png = atomic_write(stem.with_name(stem.name + "_bev.png"), png_bytes(picture))
     files = {"bev": png, "bev_npy": npy}
     if CONFIDENCE_LAYER in bev:
-        picture = png_bytes(colorize_confidence(bev[CONFIDENCE_LAYER], grid))
-        files["bev_confidence"] = atomic_write(stem.with_name(stem.name + "_bev_confidence.png"), picture)
+        confidence_png = png_bytes(colorize_confidence(bev[CONFIDENCE_LAYER], grid))
+        files["bev_confidence"] = atomic_write(
+            stem.with_name(stem.name + "_bev_confidence.png"), confidence_png
+        )
     return files

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from densemtl.scene3d.bev_layers import BevGrid, bev_map, check_positive, drivable_ids, save_bev
+from densemtl.scene3d.bev_layers import BevGrid, bev_map, check_positive, colorize_bev, drivable_ids, save_bev
+from densemtl.scene3d.bev_objects import BevObjects, bev_objects, draw_bev_objects, save_bev_objects
 from densemtl.scene3d.defaults import DEFAULT_MAX_REL_STD
 from densemtl.scene3d.geometry import (
     CameraPose,
@@ -34,6 +35,7 @@ from densemtl.scene3d.geometry import (
     write_ply,
 )
 from densemtl.tasks.depth import DEPTH
+from densemtl.tasks.objects import object_classes
 from densemtl.tasks.semseg import SEMSEG
 
 log = logging.getLogger("densemtl")
@@ -172,6 +174,27 @@ def scene_bev(scene: Scene, grid: BevGrid) -> dict[str, np.ndarray]:
     return bev_map(scene.cloud, grid, scene.drivable, pose=scene.pose)
 
 
+def scene_bev_picture(
+    scene: Scene, bev: dict[str, np.ndarray], pred: dict[str, np.ndarray], info: dict, grid: BevGrid
+) -> np.ndarray:
+    """The BEV picture uint8 (rows, cols, 3) of a scene: ``colorize_bev`` plus, when ``pred`` has the objects
+    task's detections, their oriented footprints (``bev_objects.draw_bev_objects``); without them the plain map.
+    """
+    return _bev_picture(
+        bev, info, grid, bev_objects(pred, scene.intrinsics, scene.pose, object_classes(info))
+    )
+
+
+def _bev_picture(
+    bev: dict[str, np.ndarray], info: dict, grid: BevGrid, objects: BevObjects | None
+) -> np.ndarray:
+    """``colorize_bev`` with ``objects``' footprints drawn over it when there are detections (not None)."""
+    picture = colorize_bev(bev, info.get("palette", []), grid)
+    if objects is None:
+        return picture
+    return draw_bev_objects(picture, objects.corners_xz, objects.classes, grid, objects.class_names)
+
+
 def write_scene_outputs(
     out_dir: Path,
     stem: str,
@@ -186,6 +209,8 @@ def write_scene_outputs(
     ``info`` is the dataset dict (``classes``, ``palette``: ``Predictor.info``); nothing is written when the
     model predicts no depth. With depth uncertainty the PLY and NPZ carry ``depth_std`` (the NPZ also the
     ``max_rel_std`` used) and the BEV adds ``<stem>_bev_confidence.png`` and a 6th NPY layer (``save_bev``).
+    With the objects task's detections in ``pred`` the BEV PNG shows their footprints and
+    ``<stem>_bev_objects.json`` lists them in the ground frame (``scene3d.bev_objects``).
     """
     if not (opts.pointcloud or opts.bev):
         return {}
@@ -210,5 +235,9 @@ def write_scene_outputs(
         )
     if opts.bev:
         bev = scene_bev(scene, opts.grid)
-        files.update(save_bev(out_dir / stem, bev, info.get("palette", []), opts.grid))
+        objects = bev_objects(pred, scene.intrinsics, scene.pose, object_classes(info))
+        picture = _bev_picture(bev, info, opts.grid, objects)
+        if objects is not None:
+            files["bev_objects"] = save_bev_objects(out_dir / f"{stem}_bev_objects.json", objects, opts.grid)
+        files.update(save_bev(out_dir / stem, bev, info.get("palette", []), opts.grid, picture=picture))
     return files

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from densemtl.scene3d.bev import SceneOptions, colorize_bev, scene_bev, scene_of
+from densemtl.scene3d.bev import SceneOptions, scene_bev, scene_bev_picture, scene_of
 
 CODECS = ("avc1", "mp4v")  # preferred first
 
@@ -177,11 +177,11 @@ def video_panel(
 def frame_bev(
     rgb: np.ndarray, pred: dict[str, np.ndarray], info: dict[str, Any], opts: SceneOptions, meta: dict
 ) -> np.ndarray | None:
-    """Coloured BEV of one predicted frame, or None when the model predicts no depth."""
+    """Coloured BEV of one predicted frame (with its detected objects, if any), or None without depth."""
     scene = scene_of(rgb, pred, info, opts, meta)
     if scene is None:
         return None
-    return colorize_bev(scene_bev(scene, opts.grid), info.get("palette", []), opts.grid)
+    return scene_bev_picture(scene, scene_bev(scene, opts.grid), pred, info, opts.grid)
 
 
 def run_video(
