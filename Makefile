@@ -6,7 +6,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 DATA ?= data/synthetic
 RUN ?= runs/demo
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo demo-objects test test-fast lint bench clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,18 @@ demo: install
 	$(PY) -m densemtl predict --checkpoint $(RUN)/best.pt --out $(RUN)/predictions $$(ls $(DATA)/val/images/* | head -n 6)
 	$(PY) -m densemtl report $(RUN)
 	@echo "demo finished: open $(RUN)/report.md"
+
+# The demo with the objects head too (docs/objects.md); synthetic data rendered before objects files existed
+# (dataset.json without object_classes) is rendered again.
+OBJ_RUN ?= runs/demo_objects
+demo-objects: install
+	grep -q object_classes $(DATA)/dataset.json 2>/dev/null || $(PY) -m densemtl data synth --out $(DATA) --overwrite --train 2000 --val 400 --size 256x512 --seed 0
+	$(PY) -m densemtl data preview $(DATA) --split val -n 8 --out $(OBJ_RUN)/preview.png
+	$(PY) -m densemtl train --config configs/synthetic_objects.yaml --set data.root=$(DATA) --set train.out_dir=$(OBJ_RUN) --overwrite
+	$(PY) -m densemtl evaluate --checkpoint $(OBJ_RUN)/best.pt --split val --out $(OBJ_RUN)/eval_val
+	$(PY) -m densemtl predict --checkpoint $(OBJ_RUN)/best.pt --out $(OBJ_RUN)/predictions --bev $$(ls $(DATA)/val/images/* | head -n 6)
+	$(PY) -m densemtl report $(OBJ_RUN)
+	@echo "objects demo finished: open $(OBJ_RUN)/report.md"
 
 test: install
 	$(PY) -m pytest -q

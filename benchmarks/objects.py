@@ -1,0 +1,254 @@
+"""Objects at the demo budget: detection and distance quality, what the head costs the other tasks, its latency.
+
+Stages (each reads what the previous ones wrote under ``--work``):
+
+* ``train``: the demo (configs/synthetic.yaml: same seed, same budget) twice: ``base`` (semseg, depth, normals)
+  and ``objects`` (the same plus the objects head: what ``make demo`` trains);
+* ``evaluate``: every metric of both on the synthetic validation split, and for ``objects`` the distance of each
+  matched detection two ways: the head's own regression and the median of the predicted depth map over the
+  box's pixels predicted as the object's class (all of the box's pixels when the class is no semseg class);
+* ``latency``: ONNX Runtime at 480x640, batch 1, 2 threads, both models as ``densemtl export`` writes them,
+  timed interleaved;
+* ``synth``: ``densemtl data synth`` of 96 images at 256x512 as a fresh process (start-up included);
+* ``report``: ``results/objects.json`` and ``results/objects.md`` with the targets of issue #15.
+
+    python benchmarks/objects.py                      # everything (about 40 minutes on 2 idle CPU cores)
+    python benchmarks/objects.py --stages evaluate,report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+BASE_TASKS = ("semseg", "depth", "normals")
+VARIANTS = {"base": BASE_TASKS, "objects": (*BASE_TASKS, "objects")}
+
+
+def train_variants(work: Path, data: Path, names: list[str]) -> dict[str, float]:
+    """Train each variant at the demo budget (finished runs are reused); returns the seconds each took."""
+    from densemtl.config import load_config
+    from densemtl.train.engine import train
+
+    seconds: dict[str, float] = {}
+    for name in names:
+        run = work / name
+        sets = [f"model.tasks=[{','.join(VARIANTS[name])}]", f"data.root={data}", f"train.out_dir={run}"]
+        cfg = load_config(ROOT / "configs" / "synthetic.yaml", sets)
+        log = run / "metrics.jsonl"
+        done = len(log.read_text().splitlines()) if log.is_file() else 0
+        if (run / "best.pt").is_file() and done == sum(p.epochs for p in cfg.train.phases):
+            continue
+        t0 = time.perf_counter()
+        train(cfg, overwrite=True)
+        seconds[name] = time.perf_counter() - t0
+        print(f"trained {name} in {seconds[name]:.0f} s", flush=True)
+    return seconds
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+def evaluate_variant(work: Path, name: str) -> dict[str, Any]:
+    """``densemtl evaluate``'s numbers for one run's best checkpoint on the validation split."""
+    from densemtl.evaluation import evaluate_checkpoint
+    from densemtl.metrics import summarize
+
+    out = evaluate_checkpoint(work / name / "best.pt", split="val", out_dir=work / name / "eval_val")
+    return {"summary": summarize(out["results"]), "objects": out["results"].get("objects", {})}
+
+
+def _depth_distance(pred: dict[str, np.ndarray], box: np.ndarray, class_id: int | None) -> float:
+    """Median predicted depth over the box's pixels of the object's semseg class (all of them without one)."""
+    h, w = pred["depth"].shape
+    x0, y0 = max(0, int(math.floor(box[0]))), max(0, int(math.floor(box[1])))
+    x1, y1 = min(w, int(math.ceil(box[2]))), min(h, int(math.ceil(box[3])))
+    depth = pred["depth"][y0:y1, x0:x1]
+    if class_id is not None:
+        mine = pred["semseg"][y0:y1, x0:x1] == class_id
+        if mine.any():
+            depth = depth[mine]
+    return float(np.median(depth)) if depth.size else math.nan
+
+
+def distance_sources(work: Path, data: Path, limit: int = 0) -> dict[str, Any]:
+    """Relative error and delta1 of matched detections' distances: the head's vs the depth map's median."""
+    from torchvision.ops import box_iou
+
+    from densemtl.data.folder import FolderDataset
+    from densemtl.inference import Predictor
+    from densemtl.tasks.objects import OBJECTS, SCORE_THRESHOLD
+    from densemtl.tasks.objects_codec import COL, STRIDE
+    from densemtl.tasks.objects_metrics import IOU_MATCH, ignored
+
+    predictor = Predictor.from_checkpoint(work / "objects" / "best.pt")
+    ds = FolderDataset(data, "val", tasks=("objects",), max_samples=limit)
+    names = list(predictor.info.get("object_classes", []))
+    seg_id = {n: predictor.class_names.index(n) for n in names if n in predictor.class_names}
+    rows: list[tuple[str, float, float, float]] = []  # class, true, head, depth map
+    for i in range(len(ds)):
+        s = ds[i]
+        rgb = (s["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        pred = predictor.predict(rgb)
+        gt = OBJECTS.pack(s["objects"], s)
+        gt = gt[gt[:, COL["class"]] >= 0]
+        gt = gt[~ignored(gt, rgb.shape[0] // STRIDE * STRIDE)]
+        keep = pred["objects_scores"] >= SCORE_THRESHOLD
+        boxes = torch.from_numpy(pred["objects_boxes"][keep])
+        if not len(gt) or not len(boxes):
+            continue
+        iou = box_iou(boxes, gt[:, COL["x0"] : COL["y1"] + 1])
+        taken = torch.zeros(len(gt), dtype=torch.bool)
+        for j in range(len(boxes)):
+            same = gt[:, COL["class"]] == int(pred["objects_classes"][keep][j])
+            row = iou[j].masked_fill(taken | ~same, -1)
+            m = int(row.argmax())
+            if row[m] >= IOU_MATCH and gt[m, COL["distance"]] > 0:
+                taken[m] = True
+                name = names[int(gt[m, COL["class"]])]
+                via_map = _depth_distance(pred, pred["objects_boxes"][keep][j], seg_id.get(name))
+                rows.append((name, float(gt[m, COL["distance"]]), float(pred["objects_distance"][keep][j]), via_map))
+    return {"matched": len(rows), **_compare(rows, names)}
+
+
+def _compare(rows: list[tuple[str, float, float, float]], names: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in ["all", *names]:
+        sel = [r for r in rows if name in ("all", r[0])]
+        true = np.array([r[1] for r in sel])
+        for k, src in (("head", 2), ("depth_map", 3)):
+            est = np.array([r[src] for r in sel])
+            ok = np.isfinite(est) & (est > 0)
+            if not ok.any():
+                continue
+            ratio = np.maximum(est[ok] / true[ok], true[ok] / est[ok])
+            out[f"{name}/{k}/relerr"] = float(np.mean(np.abs(est[ok] - true[ok]) / true[ok]))
+            out[f"{name}/{k}/delta1"] = float(np.mean(ratio < 1.25))
+        out[f"{name}/n"] = len(sel)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- latency
+def measure_latency(work: Path, size: tuple[int, int], threads: int, runs: int) -> dict[str, Any]:
+    """ORT latency of both trained models as ``densemtl export`` writes them, timed interleaved."""
+    from densemtl.deploy.benchmark import time_interleaved
+    from densemtl.deploy.export import export_model
+    from densemtl.deploy.ort import create_session
+    from densemtl.train.checkpoint import load_checkpoint, model_from_checkpoint
+
+    torch.set_num_threads(threads)
+    x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0)).numpy()
+    fns = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in VARIANTS:
+            model = model_from_checkpoint(load_checkpoint(work / name / "best.pt")).eval()
+            session = create_session(export_model(model, Path(tmp) / f"{name}.onnx", size), threads)
+            fns[name] = lambda s=session: s.run(None, {"image": x})
+        stats = time_interleaved(fns, runs, warmup=3)
+    out: dict[str, Any] = {k: {"ort_ms": v["median_ms"], "ort_p90_ms": v["p90_ms"]} for k, v in stats.items()}
+    out["overhead"] = out["objects"]["ort_ms"] / out["base"]["ort_ms"] - 1
+    return out
+
+
+def synth_speed(n: int = 96) -> dict[str, Any]:
+    """Images/s of ``densemtl data synth`` at 256x512 in a fresh process, start-up included."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "densemtl", "data", "synth", "--out", f"{tmp}/d", "--train", str(n),
+               "--val", "0", "--size", "256x512", "--seed", "0"]  # fmt: skip
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True)
+        seconds = time.perf_counter() - t0
+    return {"images": n, "seconds": seconds, "images_per_s": n / seconds}
+
+
+# -------------------------------------------------------------------------------------------------- report
+def targets(result: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets, each with its figure and whether it is met."""
+    t: dict[str, Any] = {}
+    ev = result.get("evaluate", {})
+    if "objects" in ev:
+        o = ev["objects"]["objects"]
+        t["car AP50 >= 0.6"] = {"value": o.get("ap50_car"), "met": (o.get("ap50_car") or 0) >= 0.6}
+        t["person AP50 >= 0.3"] = {"value": o.get("ap50_person"), "met": (o.get("ap50_person") or 0) >= 0.3}
+        d1 = o.get("distance_delta1_car")
+        t["matched-car distance delta1 >= 0.9"] = {"value": d1, "met": (d1 or 0) >= 0.9}
+    if {"base", "objects"} <= set(ev):
+        for key in ("semseg/miou", "depth/delta1"):
+            move = ev["objects"]["summary"][key] - ev["base"]["summary"][key]
+            t[f"{key} moves by <= 1 point"] = {"value": move, "met": abs(move) <= 0.01}
+    if "latency" in result:
+        v = result["latency"]["overhead"]
+        t["objects head <= 10 % of ORT latency (480x640, 2 threads)"] = {"value": v, "met": v <= 0.10}
+    if "synth" in result:
+        v = result["synth"]["images_per_s"]
+        t["data synth >= 20 images/s (256x512, start-up included)"] = {"value": v, "met": v >= 20}
+    return t
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = ["# Objects at the demo budget (benchmarks/objects.py)", "", "| target | value | met |", "|---|---|---|"]
+    for k, v in result.get("targets", {}).items():
+        val = v["value"]
+        lines.append(f"| {k} | {'n/a' if val is None else f'{val:.4f}'} | {'yes' if v['met'] else 'NO'} |")
+    ev = result.get("evaluate", {})
+    keys = ("semseg/miou", "depth/abs_rel", "depth/delta1", "normals/mean_deg", "objects/ap50", "objects/map",
+            "objects/ap50_car", "objects/ap50_person", "objects/distance_delta1_car", "objects/bev_ap")  # fmt: skip
+    lines += ["", "| run | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+    for name, e in ev.items():
+        lines.append(f"| {name} | " + " | ".join(f"{e['summary'].get(k, float('nan')):.4f}" for k in keys) + " |")
+    src = result.get("distance_sources", {})
+    if src:
+        lines += ["", "Distance of matched detections (IoU >= 0.5, score >= 0.3):", "",
+                  "| class | n | head rel. err | head δ1 | depth-map median rel. err | depth-map median δ1 |",
+                  "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for name in [k.split("/")[0] for k in src if k.endswith("/n")]:
+            cells = [src.get(f"{name}/{s}/{m}", float("nan")) for s in ("head", "depth_map") for m in ("relerr", "delta1")]
+            lines.append(f"| {name} | {src[f'{name}/n']} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stages", default="train,evaluate,latency,synth,report")
+    p.add_argument("--data", type=Path, default=ROOT / "data" / "synthetic", help="the demo's synthetic data")
+    p.add_argument("--work", type=Path, default=ROOT / "runs" / "objects_bench")
+    p.add_argument("--runs", type=int, default=30, help="latency: timed runs per model")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    stages = args.stages.split(",")
+    path = RESULTS / "objects.json"
+    result: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    if "train" in stages:
+        result["train_seconds"] = {**result.get("train_seconds", {}), **train_variants(args.work, args.data, list(VARIANTS))}
+    if "evaluate" in stages:
+        result["evaluate"] = {name: evaluate_variant(args.work, name) for name in VARIANTS}
+        result["distance_sources"] = distance_sources(args.work, args.data)
+    if "latency" in stages:
+        result["latency"] = measure_latency(args.work, (480, 640), 2, args.runs)
+    if "synth" in stages:
+        result["synth"] = synth_speed()
+    if "report" in stages:
+        result["targets"] = targets(result)
+        (RESULTS / "objects.md").write_text(markdown(result))
+    RESULTS.mkdir(exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=float) + "\n")
+    print(json.dumps(result.get("targets", {}), indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
