@@ -51,10 +51,15 @@ def test_the_graph_outputs_decoded_boxes_that_match_pytorch(tmp_path) -> None:
     assert np.array_equal(out["objects_count"], ref["count"].numpy())
     keep = ref["scores"].numpy() >= 0.05
     assert keep.sum() >= 5  # the comparison covers real detections
-    assert np.array_equal(out["objects_classes"][keep], ref["classes"].numpy()[keep])
-    assert np.abs(out["objects_boxes"][keep] - ref["boxes"].numpy()[keep]).max() <= 0.5
-    assert np.abs(out["objects_scores"][keep] - ref["scores"].numpy()[keep]).max() <= 1e-4
-    assert np.abs(out["objects_distance"][keep] / ref["distance"].numpy()[keep] - 1).max() <= 1e-3
+    # Each PyTorch detection against the graph's of the same class nearest to it (near-equal scores may rank
+    # differently in the two top-k's).
+    for i, j in zip(*np.nonzero(keep), strict=True):
+        same = out["objects_classes"][i] == int(ref["classes"][i, j])
+        err = np.where(same, np.abs(out["objects_boxes"][i] - ref["boxes"][i, j].numpy()).max(1), np.inf)
+        m = int(err.argmin())
+        assert err[m] <= 0.5
+        assert abs(out["objects_scores"][i, m] - float(ref["scores"][i, j])) <= 1e-4
+        assert abs(out["objects_distance"][i, m] / float(ref["distance"][i, j]) - 1) <= 1e-3
     report = check_parity(model, path, torch.rand(2, 3, *SIZE))
     assert report["passed"], report
     assert report["objects_box_max_err_px"] <= 0.5 and report["objects_score_max_err"] <= 1e-4

@@ -182,7 +182,7 @@ BOUNDS: dict[type, dict[str, Bound]] = {
     },
     ModelConfig: {
         "num_classes": NON_NEGATIVE, "freeze_stages": NON_NEGATIVE, "decoder_channels": AT_LEAST_1,
-        "crp_stages": NON_NEGATIVE, "head_channels": NON_NEGATIVE, "bn_momentum": UNIT,
+        "objects_trunks": Bound(1, 2), "crp_stages": NON_NEGATIVE, "head_channels": NON_NEGATIVE, "bn_momentum": UNIT,
         "min_depth": POSITIVE, "max_depth": POSITIVE, "dropout": Bound(0, 1, hi_open=True),
     },
     LossConfig: {
