@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -40,23 +39,9 @@ VARIANTS: dict[str, list[str]] = {
 
 def train_variants(work: Path, data: Path, names: list[str]) -> dict[str, float]:
     """Train each variant at the demo budget (finished runs are reused); returns the seconds each took."""
-    from densemtl.config import load_config
-    from densemtl.train.engine import train
+    from demo_runs import train_demo_runs
 
-    seconds: dict[str, float] = {}
-    for name in names:
-        run = work / name
-        sets = [*VARIANTS[name], f"data.root={data}", f"train.out_dir={run}"]
-        cfg = load_config(ROOT / "configs" / "synthetic.yaml", sets)
-        log = run / "metrics.jsonl"
-        done = len(log.read_text().splitlines()) if log.is_file() else 0
-        if (run / "best.pt").is_file() and done == sum(p.epochs for p in cfg.train.phases):
-            continue
-        t0 = time.perf_counter()
-        train(cfg, overwrite=True)
-        seconds[name] = time.perf_counter() - t0
-        print(f"trained {name} in {seconds[name]:.0f} s", flush=True)
-    return seconds
+    return train_demo_runs(work, data, {name: VARIANTS[name] for name in names})
 
 
 # ------------------------------------------------------------------------------------------------ evaluate
