@@ -27,3 +27,18 @@ def train_demo_runs(work: Path, data: Path, variants: dict[str, list[str]]) -> d
         seconds[name] = time.perf_counter() - t0
         print(f"trained {name} in {seconds[name]:.0f} s", flush=True)
     return seconds
+
+
+def write_results(result: dict, name: str, report: bool, targets, markdown) -> dict:
+    """With ``report``, add ``targets(result)`` and write ``results/<name>.md``; always write
+    ``results/<name>.json``; print the targets."""
+    import json
+
+    results = Path(__file__).resolve().parent / "results"
+    results.mkdir(exist_ok=True)
+    if report:
+        result["targets"] = targets(result)
+        (results / f"{name}.md").write_text(markdown(result))
+    (results / f"{name}.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    print(json.dumps(result.get("targets", {}), indent=2))
+    return result

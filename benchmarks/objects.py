@@ -227,13 +227,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["latency"] = measure_latency(args.work, (480, 640), 2, args.runs)
     if "synth" in stages:
         result["synth"] = synth_speed()
-    if "report" in stages:
-        result["targets"] = targets(result)
-        (RESULTS / "objects.md").write_text(markdown(result))
-    RESULTS.mkdir(exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, default=float) + "\n")
-    print(json.dumps(result.get("targets", {}), indent=2))
-    return result
+    from demo_runs import write_results
+
+    return write_results(result, "objects", "report" in stages, targets, markdown)
 
 
 if __name__ == "__main__":

@@ -273,13 +273,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"evaluated {name}", flush=True)
     if "latency" in stages:
         result["latency"] = measure_latency((480, 640), 2, args.runs)
-    if "report" in stages:
-        result["targets"] = targets(result)
-        (RESULTS / "uncertainty.md").write_text(markdown(result))
-    RESULTS.mkdir(exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, default=float) + "\n")
-    print(json.dumps(result.get("targets", {}), indent=2))
-    return result
+    from demo_runs import write_results
+
+    return write_results(result, "uncertainty", "report" in stages, targets, markdown)
 
 
 if __name__ == "__main__":
