@@ -70,13 +70,11 @@ def _depth_distance(pred: dict[str, np.ndarray], box: np.ndarray, class_id: int 
 
 def distance_sources(work: Path, data: Path, limit: int = 0) -> dict[str, Any]:
     """Relative error and delta1 of matched detections' distances: the head's vs the depth map's median."""
-    from torchvision.ops import box_iou
-
     from densemtl.data.folder import FolderDataset
     from densemtl.inference import Predictor
     from densemtl.tasks.objects import OBJECTS, SCORE_THRESHOLD
     from densemtl.tasks.objects_codec import COL, STRIDE
-    from densemtl.tasks.objects_metrics import IOU_MATCH, ignored
+    from densemtl.tasks.objects_metrics import ignored, match_boxes
 
     predictor = Predictor.from_checkpoint(work / "objects" / "best.pt")
     ds = FolderDataset(data, "val", tasks=("objects",), max_samples=limit)
@@ -92,18 +90,11 @@ def distance_sources(work: Path, data: Path, limit: int = 0) -> dict[str, Any]:
         gt = gt[~ignored(gt, rgb.shape[0] // STRIDE * STRIDE)]
         keep = pred["objects_scores"] >= SCORE_THRESHOLD
         boxes = torch.from_numpy(pred["objects_boxes"][keep])
-        if not len(gt) or not len(boxes):
-            continue
-        iou = box_iou(boxes, gt[:, COL["x0"] : COL["y1"] + 1])
-        taken = torch.zeros(len(gt), dtype=torch.bool)
-        for j in range(len(boxes)):
-            same = gt[:, COL["class"]] == int(pred["objects_classes"][keep][j])
-            row = iou[j].masked_fill(taken | ~same, -1)
-            m = int(row.argmax())
-            if row[m] >= IOU_MATCH and gt[m, COL["distance"]] > 0:
-                taken[m] = True
+        classes = torch.from_numpy(pred["objects_classes"][keep]).long()
+        for j, m in match_boxes(boxes, classes, gt):  # the metric's matching, on the scored objects
+            if gt[m, COL["distance"]] > 0:
                 name = names[int(gt[m, COL["class"]])]
-                via_map = _depth_distance(pred, pred["objects_boxes"][keep][j], seg_id.get(name))
+                via_map = _depth_distance(pred, boxes[j].numpy(), seg_id.get(name))
                 rows.append((name, float(gt[m, COL["distance"]]), float(pred["objects_distance"][keep][j]), via_map))
     return {"matched": len(rows), **_compare(rows, names)}
 

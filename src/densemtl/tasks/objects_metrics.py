@@ -160,20 +160,9 @@ class ObjectsMetrics(Accumulator):
         for p, t, skip in zip(self.preds, self.targets, self.ignored, strict=True):
             above = p["scores"] >= self.score_threshold
             boxes, classes, dist_ = p["boxes"][above], p["classes"][above], p["distance"][above]
-            for c in classes.unique().tolist():
-                gt, gt_skip = t[t[:, COL["class"]] == c], skip[t[:, COL["class"]] == c]
-                mine = classes == c
-                if not len(gt):
-                    continue
-                iou = box_iou(boxes[mine], gt[:, COL["x0"] : COL["y1"] + 1])  # detections already best first
-                taken = torch.zeros(len(gt), dtype=torch.bool)
-                for i, d in enumerate(dist_[mine].tolist()):
-                    row = iou[i].masked_fill(taken, -1)
-                    j = int(row.argmax())
-                    if row[j] >= IOU_MATCH:
-                        taken[j] = True
-                        if gt[j, COL["distance"]] > 0 and not bool(gt_skip[j]):
-                            pairs.append((int(c), d, float(gt[j, COL["distance"]])))
+            for i, j in match_boxes(boxes, classes, t):
+                if t[j, COL["distance"]] > 0 and not bool(skip[j]):
+                    pairs.append((int(classes[i]), float(dist_[i]), float(t[j, COL["distance"]])))
         return pairs
 
     def _distance(self) -> dict[str, Any]:
@@ -243,6 +232,27 @@ def _greedy_centres(
             free[j] = False
             hit[i], counted[i] = not gt_skip[j], not gt_skip[j]
     return hit, counted
+
+
+def match_boxes(boxes: Tensor, classes: Tensor, gt: Tensor) -> list[tuple[int, int]]:
+    """COCO's greedy matching in one image: detections ``boxes`` (n, 4) of ``classes`` (n,), best first, each take
+    the free ground-truth row of ``gt`` (m, FIELDS) of their class with the highest IoU, if it is >= 0.5.
+    Returns (detection index, ground-truth row index) pairs."""
+    pairs = []
+    for c in classes.unique().tolist():
+        det = torch.nonzero(classes == c).flatten()
+        rows = torch.nonzero(gt[:, COL["class"]] == c).flatten()
+        if not len(rows):
+            continue
+        iou = box_iou(boxes[det], gt[rows, COL["x0"] : COL["y1"] + 1])
+        taken = torch.zeros(len(rows), dtype=torch.bool)
+        for i in range(len(det)):
+            row = iou[i].masked_fill(taken, -1)
+            j = int(row.argmax())
+            if row[j] >= IOU_MATCH:
+                taken[j] = True
+                pairs.append((int(det[i]), int(rows[j])))
+    return pairs
 
 
 def ignored(rows: Tensor, image_height: float) -> Tensor:
