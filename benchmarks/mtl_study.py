@@ -177,7 +177,7 @@ def base_overrides(p: Preset, root: Path, seed: int, out_dir: Path) -> list[str]
 def ensure_data(p: Preset, root: Path, tasks: Sequence[str] = DEFAULT_TASKS) -> Path:
     """Render the preset's synthetic dataset once (reused by later runs); it must hold every task."""
     if not (root / "dataset.json").is_file():
-        from densemtl.synth.render import generate_dataset
+        from densemtl.synth.generate import generate_dataset
 
         generate_dataset(root, n_train=p.n_train, n_val=p.n_val, size=p.size, seed=0, progress=False)
     missing = set(tasks) - set(json.loads((root / "dataset.json").read_text()).get("tasks", []))

@@ -1,7 +1,7 @@
 """Speed of the synthetic street renderer: images/s of ``generate_dataset`` with worker processes.
 
 Also times one process's stages (scene sampling, ray casting + shading, file writing) so a regression can be
-located; these run in this process, without the workers' malloc settings (see ``synthetic._WORKER_ENV``). The
+located; these run in this process, without the workers' malloc settings (see ``densemtl.synth.generate._WORKER_ENV``). The
 machine may be shared: the 1-minute load average before and after is recorded with the result.
 
     .venv/bin/python benchmarks/synth_speed.py --n 64 --size 256x512 --workers 0
@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from densemtl.data.folder import write_sample
-from densemtl.synth.render import _cpu_count, generate_dataset, render, sample_camera, sample_rng
+from densemtl.synth.generate import _cpu_count, generate_dataset
+from densemtl.synth.render import render, sample_camera, sample_rng
 from densemtl.synth.streets import sample_scene
 
 

@@ -28,7 +28,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """96 training and 32 validation synthetic street scenes at 64x128."""
-    from densemtl.synth.render import generate_dataset
+    from densemtl.synth.generate import generate_dataset
 
     root = tmp_path_factory.mktemp("synthetic")
     generate_dataset(root, n_train=96, n_val=32, size=TINY_SIZE, seed=0, workers=1, progress=False)

@@ -184,7 +184,7 @@ def test_cli_check_reports_a_bomb_instead_of_a_traceback(
 
 # --------------------------------------------------------------------- item 6: data synth over a dataset
 def _synth(out: Path, **kw) -> dict:
-    from densemtl.synth.render import generate_dataset
+    from densemtl.synth.generate import generate_dataset
 
     return generate_dataset(out, n_train=1, n_val=1, size=(32, 64), workers=1, progress=False, **kw)
 

@@ -208,3 +208,56 @@ def test_split_errors(tmp_path: Path) -> None:
     (tmp_path / "train/images/s000.jpg").unlink()
     with pytest.raises(DatasetFormatError, match="s000.jpg: image file not found"):
         ds[0]
+
+
+# ------------------------------------------------------------------------------------- encoders and durability
+@pytest.mark.parametrize(
+    "shape,dtype,mode",
+    [((7, 9), np.uint8, "L"), ((7, 9, 3), np.uint8, "RGB"), ((7, 9, 4), np.uint8, "RGBA"), ((7, 9), np.uint16, "I;16")],
+)
+def test_png_bytes_reads_back_exactly_in_pillow(shape, dtype, mode) -> None:
+    """The OpenCV fast path stores RGB as RGB (not BGR) and 16 bits as 16 bits, pixel for pixel."""
+    import io
+
+    from densemtl.data.format import png_bytes
+
+    arr = np.random.default_rng(0).integers(0, np.iinfo(dtype).max + 1, size=shape, dtype=dtype)
+    img = Image.open(io.BytesIO(png_bytes(arr)))
+    assert img.mode == mode
+    np.testing.assert_array_equal(np.asarray(img), arr)
+    view = arr[:, ::-1]  # not contiguous
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png_bytes(view)))), view)
+
+
+def test_encode_normals_normalises_directions_and_keeps_zeros_invalid() -> None:
+    from densemtl.data.format import decode_normals, encode_normals
+
+    n = np.zeros((1, 5, 3), np.float32)
+    n[0, 0] = (0, 0, -1)
+    n[0, 1] = (0, 0, -3)  # same direction, length 3: must not clip to another direction
+    n[0, 2] = (0.6, 0, 0)  # length > 0.5: a direction
+    n[0, 3] = (0.4, 0, 0)  # length < 0.5: no normal
+    n[0, 4] = (1e20, 0, 1e20)  # x*x overflows float32: still the direction (1, 0, 1) / sqrt(2)
+    out = encode_normals(n)
+    assert (out[0, 1] == out[0, 0]).all() and (out[0, 3] == 0).all()
+    back = decode_normals(out)
+    np.testing.assert_allclose(back[0, 2], (1, 0, 0), atol=0.01)
+    np.testing.assert_allclose(back[0, 4], (2**-0.5, 0, 2**-0.5), atol=0.01)
+
+
+def test_dataset_json_is_written_after_the_sample_files_are_synced(tmp_path: Path, monkeypatch) -> None:
+    """Dataset writers skip the per-file fsync; write_dataset_json syncs everything before it marks the
+    dataset complete, so a crash never leaves a dataset.json beside files that were not on disk yet."""
+    import os
+
+    from densemtl.data.format import write_dataset_json
+
+    events = []
+    monkeypatch.setattr(os, "sync", lambda: events.append(("sync", (tmp_path / "dataset.json").exists())))
+    write_sample(tmp_path, "train", "a", np.zeros((H, W, 3), np.uint8), semseg=np.zeros((H, W), np.uint8),
+                 fsync=False)  # fmt: skip
+    assert not (tmp_path / "dataset.json").exists()
+    write_dataset_json(tmp_path, name="t", tasks=["semseg"], classes=CLASSES, palette=PALETTE, splits=["train"],
+                       depth_max=10.0)  # fmt: skip
+    assert events == [("sync", False)]  # synced once, before dataset.json existed
+    assert len(FolderDataset(tmp_path, "train", tasks=("semseg",))) == 1

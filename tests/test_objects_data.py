@@ -25,8 +25,9 @@ from densemtl.data.objects import (
     write_objects,
 )
 from densemtl.synth import scene as sc
+from densemtl.synth.generate import generate_dataset
 from densemtl.synth.raycast import Camera, cast, coverage
-from densemtl.synth.render import generate_dataset, render, render_sample, sample_camera, sample_rng
+from densemtl.synth.render import render, render_sample, sample_camera, sample_rng
 from densemtl.synth.streets import sample_scene
 
 SIZE = (64, 128)

@@ -11,8 +11,9 @@ from PIL import Image
 
 from densemtl.data.format import decode_depth, decode_normals, read_dataset_json
 from densemtl.synth import scene as sc
+from densemtl.synth.generate import generate_dataset
 from densemtl.synth.raycast import Camera
-from densemtl.synth.render import generate_dataset, render, render_sample
+from densemtl.synth.render import render, render_sample
 
 SIZE = (64, 128)
 

@@ -23,7 +23,7 @@ from densemtl.argtypes import (
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from densemtl.synth.render import generate_dataset
+    from densemtl.synth.generate import generate_dataset
 
     stats = generate_dataset(
         args.out,

@@ -247,6 +247,7 @@ def write_sample(
     image: np.ndarray,
     meta: dict[str, Any] | None = None,
     image_format: str = "png",
+    fsync: bool = True,
     **targets: np.ndarray | None,
 ) -> None:
     """Write one sample: the image and any task targets by name, e.g. ``semseg=`` (H, W) class ids,
@@ -259,7 +260,9 @@ def write_sample(
     within its classes) and must have the image's size; ``meta`` must be JSON with valid intrinsics. Errors
     are :class:`DatasetFormatError` naming the file and the fix. ``image_format`` is "png" (lossless) or "jpg"
     (quality 95: ~20x faster to encode and ~4x smaller for noisy images). Targets are always lossless PNG.
-    The image is written last: a sample exists once its image does.
+    The image is written last: a sample exists once its image does. Each file is flushed to disk (fsync)
+    unless ``fsync=False``: bulk writers pass that and finish with ``write_dataset_json``, which syncs them all
+    at once before it marks the dataset complete.
     """
     base = Path(root) / check_name(split, "split")
     check_name(sample_id, "sample id")
@@ -280,7 +283,7 @@ def write_sample(
     _refuse_second_image(image_file)
     files[image_file] = png_bytes(rgb) if ext == "png" else jpeg_bytes(rgb)
     for path, data in files.items():
-        atomic_write(path, data)
+        atomic_write(path, data, fsync=fsync)
 
 
 def _encode_target(

@@ -18,6 +18,7 @@ live here too: :func:`open_image` (every file densemtl reads), :func:`rgb_array`
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -177,7 +178,27 @@ def check_size(arr: np.ndarray, path: Path, size: tuple[int, int], what: str) ->
 
 
 def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
-    """``array`` as PNG file bytes (fast compression: dataset writers are CPU-bound)."""
+    """``array`` as PNG file bytes: uint8 (H, W), (H, W, 3) RGB or (H, W, 4) RGBA, or uint16 (H, W).
+
+    Dataset writers are CPU-bound, so this is OpenCV's libpng at zlib level 1 with the "up" row filter only:
+    2-3x faster than Pillow's adaptive filtering at about the same size (synthetic 256x512 depth: 5 against
+    9 ms). Other arrays, or an explicit Pillow ``mode``, go through Pillow. Either way the pixels read back
+    exactly.
+    """
+    arr = np.asarray(array)
+    channels = 1 if arr.ndim == 2 else arr.shape[2] if arr.ndim == 3 else 0
+    fast = mode is None and (
+        (arr.dtype == np.uint8 and channels in (1, 3, 4)) or (arr.dtype == np.uint16 and channels == 1)
+    )
+    if fast and 0 not in arr.shape:
+        import cv2
+
+        if channels in (3, 4):  # OpenCV stores BGR(A)
+            arr = arr[..., [2, 1, 0, 3][:channels]]
+        params = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP]
+        ok, buf = cv2.imencode(".png", np.ascontiguousarray(arr), params)
+        if ok:
+            return buf.tobytes()
     import io
 
     buf = io.BytesIO()
@@ -222,11 +243,26 @@ def decode_depth(raw: np.ndarray, scale: float = DEPTH_SCALE) -> np.ndarray:
 
 
 def encode_normals(normals: np.ndarray) -> np.ndarray:
-    """(H, W, 3) unit vectors in camera frame -> uint8 RGB; zero vectors (invalid) -> (0, 0, 0)."""
+    """(H, W, 3) camera-frame normals -> uint8 RGB, value = rint((n + 1) * 127.5) clipped to 1..255.
+
+    A vector longer than 0.5 is a direction: it is normalised first (so a vector of length 3 cannot clip to
+    another direction). Shorter ones, zero vectors included, mean "no normal" and are stored as (0, 0, 0).
+    """
     n = np.asarray(normals, dtype=np.float32)
-    valid = np.einsum("...c,...c->...", n, n) > 0.25  # |n| > 0.5: unit vectors vs zeros, cheaper than norm()
-    scaled = (n + np.float32(1.0)) * np.float32(127.5)
-    out = np.clip(np.rint(scaled, out=scaled), 1, 255).astype(np.uint8)
+    x, y, z = n[..., 0], n[..., 1], n[..., 2]
+    with np.errstate(over="ignore", invalid="ignore"):
+        length = np.sqrt(x * x + y * y + z * z)  # the sum order of np.linalg.norm, written out: 4x faster
+    overflow = np.isinf(length)  # |n| > 1.8e19: the float32 squares overflow
+    if overflow.any():
+        length[overflow] = np.linalg.norm(n[overflow].astype(np.float64), axis=-1)  # inf stays inf
+    valid = length > np.float32(0.5)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        scaled = n / length[..., None]
+        scaled += np.float32(1.0)
+        scaled *= np.float32(127.5)
+        out = np.clip(np.rint(scaled, out=scaled), 1, 255).astype(
+            np.uint8
+        )  # NaN at zero vectors: reset below
     out[~valid] = 0
     return out
 
@@ -251,7 +287,13 @@ def write_dataset_json(
     depth_max: float,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``<root>/dataset.json`` describing the dataset; returns its path."""
+    """Write ``<root>/dataset.json`` describing the dataset; returns its path.
+
+    dataset.json marks a dataset complete, so everything written before it is flushed to disk first (one
+    ``os.sync``): dataset writers can then skip the per-file fsync (``write_sample(..., fsync=False)``), which
+    cost the synthetic generator a third of its speed, and a crash still never leaves a dataset.json beside
+    missing files.
+    """
     if len(palette) != len(classes):
         raise ValueError(f"palette has {len(palette)} colours for {len(classes)} classes")
     info = {
@@ -272,6 +314,10 @@ def write_dataset_json(
         **(extra or {}),
     }
     path = Path(root) / "dataset.json"
+    if hasattr(
+        os, "sync"
+    ):  # POSIX; Windows has no os.sync (its dataset writes are then left to the OS cache)
+        os.sync()
     atomic_write(path, (json.dumps(info, indent=2) + "\n").encode())
     return path
 

@@ -289,17 +289,19 @@ def write_objects(
     *,
     size: tuple[int, int] | None = None,
     object_classes: Sequence[str] | None = None,
+    fsync: bool = True,
 ) -> Path:
     """Validate ``objects`` (a list, or ``{"objects": [...]}``) as a reader would (:func:`validate_objects`)
     and write them atomically.
 
     NumPy numbers are accepted and stored as plain JSON numbers; pass the image ``size`` and the dataset's
-    ``object_classes`` to check the boxes and class names too.
+    ``object_classes`` to check the boxes and class names too. ``fsync=False``: see
+    :func:`densemtl.data.folder.write_sample`.
     """
     path = Path(path)
     data = objects if isinstance(objects, dict) else {"objects": list(objects)}
     clean = validate_objects(data, path, size, object_classes)
-    return atomic_write_text(path, objects_text(clean, path))
+    return atomic_write_text(path, objects_text(clean, path), fsync=fsync)
 
 
 def encode_instances(instance_ids: Any, path: Path | str = "instance mask") -> np.ndarray:

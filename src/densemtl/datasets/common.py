@@ -178,8 +178,8 @@ def write_converted(
         info["intrinsics"] = [round(float(v), 4) for v in sample["intrinsics"]]
     write_sample(
         root, split, sample_id, sample["image"], semseg=sample.get("semseg"), depth=sample.get("depth"),
-        normals=sample.get("normals"), meta=info or None, image_format=image_format,
-    )  # fmt: skip
+        normals=sample.get("normals"), meta=info or None, image_format=image_format, fsync=False,
+    )  # fmt: skip  (no fsync per file: the converter's closing write_dataset_json syncs them all)
     return sample
 
 
@@ -202,9 +202,9 @@ def _write_object_files(
         png = instances_png_bytes(ids, inst_path)
     if sample.get("objects") is not None:
         write_objects(base / OBJECTS_DIR / f"{sample_id}.json", list(sample["objects"]), size=size,
-                      object_classes=object_classes)  # fmt: skip
+                      object_classes=object_classes, fsync=False)  # fmt: skip
     if png is not None:
-        atomic_write(base / INSTANCES_DIR / f"{sample_id}.png", png)
+        atomic_write(base / INSTANCES_DIR / f"{sample_id}.png", png, fsync=False)
 
 
 # --------------------------------------------------------------------------------------------------- objects

@@ -1,8 +1,8 @@
 """The built-in synthetic street-scene dataset: exact ray-cast RGB, labels, z-depth and normals.
 
 ``render(scene, camera, size)`` turns a ``Scene`` (``scene.py``) seen from a ``Camera`` (``raycast.py``) into
-numpy arrays; ``generate_dataset`` samples scenes and cameras from per-sample seeds and writes the densemtl
-folder format with worker processes. Conventions:
+numpy arrays; ``render_sample`` samples a scene and a camera from a per-sample seed and renders it
+(``synth.generate.generate_dataset`` writes many of them as a dataset). Conventions:
 
 * world frame: x right, y up, z forward along the road, ground y = 0, metres;
 * camera frame (OpenCV): x right, y down, z forward; depth is the z coordinate (not the ray length), 0 where
@@ -18,32 +18,16 @@ folder format with worker processes. Conventions:
 
 from __future__ import annotations
 
-import os
-import time
 import zlib
-from multiprocessing import get_context
-from pathlib import Path
 from statistics import NormalDist
 from typing import Any
 
 import numpy as np
 
-from densemtl.data.clear import prepare_dataset_folder
-from densemtl.data.folder import write_sample
-from densemtl.data.format import write_dataset_json
-from densemtl.data.objects import (
-    INSTANCES_DIR,
-    OBJECT_CLASSES_KEY,
-    OBJECTS_DIR,
-    instances_png_bytes,
-    write_objects,
-)
-from densemtl.data.progress import track
-from densemtl.fileio import atomic_write
 from densemtl.synth import scene as sc
-from densemtl.synth.objects import OBJECT_CLASSES, annotate
+from densemtl.synth.objects import annotate
 from densemtl.synth.raycast import GROUND, NOTHING, Camera, Hits, cast, gather, scatter, sun_visibility
-from densemtl.synth.scene import CLASSES, PALETTE, Scene
+from densemtl.synth.scene import Scene
 from densemtl.synth.streets import sample_scene
 
 DEPTH_MAX = 80.0
@@ -332,130 +316,3 @@ def render_sample(seed: int, split: str, index: int, size: tuple[int, int]) -> d
     out = render(scene, sample_camera(rng, scene, size), size, noise_rng=rng)
     out["meta"].update(seed=seed, split=split, index=index)
     return out
-
-
-def _write_one(job: tuple[Path, int, str, int, tuple[int, int], str]) -> np.ndarray:
-    """Worker: render and write one sample; returns its label histogram (256,)."""
-    root, seed, split, index, size, image_format = job
-    s = render_sample(seed, split, index, size)
-    base, name = root / split, f"{index:06d}"  # object files first: a sample exists once its image does
-    write_objects(base / OBJECTS_DIR / f"{name}.json", s["objects"], size=size, object_classes=OBJECT_CLASSES)
-    atomic_write(base / INSTANCES_DIR / f"{name}.png", instances_png_bytes(s["instances"]))
-    write_sample(
-        root,
-        split,
-        f"{index:06d}",
-        s["image"],
-        s["meta"],
-        semseg=s["semseg"],
-        depth=s["depth"],
-        normals=s["normals"],
-        image_format=image_format,
-    )
-    return np.bincount(s["semseg"].ravel(), minlength=256)
-
-
-# Worker environment: one BLAS/OpenMP thread each (workers = cores, no oversubscription), and glibc malloc kept
-# from returning every large temporary array to the OS (re-faulting its pages for each image costs ~20%).
-_WORKER_ENV = {
-    **dict.fromkeys(
-        ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"), "1"
-    ),
-    "MALLOC_MMAP_THRESHOLD_": str(64 << 20),
-    "MALLOC_TRIM_THRESHOLD_": str(256 << 20),
-}
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def generate_dataset(
-    out: str | Path,
-    n_train: int = 2000,
-    n_val: int = 400,
-    size: tuple[int, int] = (256, 512),
-    seed: int = 0,
-    workers: int = 0,
-    progress: bool = True,
-    image_format: str = "jpg",
-    overwrite: bool = False,
-) -> dict[str, Any]:
-    """Render ``n_train`` + ``n_val`` samples into ``out`` (densemtl folder format) and return stats.
-
-    ``workers`` = 0 uses one process per CPU core, 1 renders in this process. The output does not depend on
-    ``workers``. RGB is written as ``image_format`` ("jpg" quality 95 by default: fast and small; "png" for
-    lossless); labels, depth and normals are always lossless PNG. ``out`` must be absent or empty; with
-    ``overwrite`` an existing dataset there is deleted first (only its own files, see
-    ``densemtl.data.clear.prepare_dataset_folder``). dataset.json is written last, so a folder with a
-    dataset.json is complete. The returned dict (JSON-serialisable) holds counts, seconds, images/s and class
-    pixel shares.
-    """
-    root = Path(out)
-    h, w = (int(v) for v in size)
-    splits = {"train": int(n_train), "val": int(n_val)}
-    workers = _cpu_count() if workers <= 0 else int(workers)
-    generator = {
-        "seed": int(seed),
-        "size": [h, w],
-        "counts": splits,
-        "renderer": "densemtl.synth.render (exact ray casting)",
-        "world_frame": "x right, y up, z forward along the road, ground plane y = 0, metres",
-        "camera_frame": "OpenCV: x right, y down, z forward; depth = z coordinate in metres, 0 = sky/invalid",
-        "normals": "unit vectors in the camera frame, (0, 0, 0) for sky",
-        "image_format": image_format,
-        "labels": "traffic-sign panels and lamp arms are labelled pole; no pixel is 255",
-        "objects": "every car and person: instances/<id>.png ids, objects/<id>.json boxes (densemtl.synth.objects)",
-    }
-    prepare_dataset_folder(
-        root, overwrite
-    )  # also: no old dataset.json, so an interrupted run looks incomplete
-    jobs = [
-        (root, int(seed), split, i, (h, w), image_format) for split, n in splits.items() for i in range(n)
-    ]
-    hist = np.zeros(256, dtype=np.int64)
-    start = time.perf_counter()
-    if workers == 1 or len(jobs) <= 1:
-        for job in track(jobs, "synth", enabled=progress, unit="img"):
-            hist += _write_one(job)
-    else:
-        saved = {k: os.environ.get(k) for k in _WORKER_ENV}
-        os.environ.update(_WORKER_ENV)  # inherited by the spawned workers
-        try:
-            with get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-                chunk = max(1, min(8, len(jobs) // (4 * workers)))
-                done = pool.imap_unordered(_write_one, jobs, chunksize=chunk)
-                for hh in track(done, "synth", total=len(jobs), enabled=progress, unit="img"):
-                    hist += hh
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-    write_dataset_json(
-        root,
-        name="synthetic-streets",
-        tasks=["semseg", "depth", "normals"],
-        classes=list(CLASSES),
-        palette=[list(c) for c in PALETTE],
-        splits=list(splits),
-        depth_max=DEPTH_MAX,
-        extra={OBJECT_CLASSES_KEY: list(OBJECT_CLASSES), "generator": generator},
-    )
-    seconds = time.perf_counter() - start
-    total = max(int(hist.sum()), 1)
-    return {
-        "out": str(root),
-        "images": len(jobs),
-        "splits": splits,
-        "size": [h, w],
-        "seed": int(seed),
-        "workers": workers,
-        "seconds": round(seconds, 3),
-        "images_per_s": round(len(jobs) / max(seconds, 1e-9), 3),
-        "class_pixel_share": {name: round(float(hist[i]) / total, 5) for i, name in enumerate(CLASSES)},
-    }

@@ -286,9 +286,7 @@ class Normals(Task):
             raise ValueError(f"normals must be an (H, W, 3) array of unit vectors, got shape {arr.shape}")
         if not np.isfinite(arr).all():
             raise ValueError("normals contain NaN or inf; write (0, 0, 0) for pixels without a normal")
-        length = np.linalg.norm(arr, axis=-1, keepdims=True)
-        # store directions: a vector of length 3 would otherwise clip to another direction
-        return encode_normals(np.where(length > _VALID_NORM, arr / np.maximum(length, 1e-6), 0.0))
+        return encode_normals(arr)  # normalised there: a vector of length 3 would clip to another direction
 
     def flip(self, target: Tensor) -> Tensor:
         n = target.clone()  # (3, H, W) or (B, 3, H, W); mirroring the scene left-right mirrors the normals' x
