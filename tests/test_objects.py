@@ -314,3 +314,24 @@ def test_a_plateau_of_equal_scores_is_one_detection_and_upsampling_keeps_it_one(
     assert int(decode(raw, K, threshold=0.5)["count"][0]) == 2
     for size in ((128, 128), (256, 256)):  # x2 and x4: an upsampled peak stays one peak
         assert int(decode(OBJECTS.upsample(raw, size), K, threshold=0.5)["count"][0]) == 2
+
+
+def test_baseline_statistics_do_not_read_objects_files(tmp_path) -> None:
+    """Objects has no trivial baseline, so evaluation's baseline pass never opens its training files (a broken
+    one would otherwise stop every evaluation, and 200 JSON reads are wasted)."""
+    from dataclasses import replace
+
+    from densemtl.config import Config, DataConfig, ModelConfig
+    from densemtl.data.format import read_dataset_json
+    from densemtl.evaluation import training_statistics
+    from densemtl.synth.generate import generate_dataset
+    from densemtl.tasks import TASKS
+    from densemtl.train.engine import resolve_config
+
+    generate_dataset(tmp_path, n_train=3, n_val=1, size=(32, 64), seed=1, workers=1, progress=False)
+    for f in (tmp_path / "train" / OBJECTS.folder).iterdir():
+        f.write_text("not json")
+    semseg = next(t for t in TASKS if TASKS[t].uses_classes)
+    cfg = replace(Config(), data=DataConfig(root=str(tmp_path)), model=ModelConfig(tasks=(semseg, OBJECTS.name)))
+    stats = training_statistics(resolve_config(cfg, read_dataset_json(tmp_path)))
+    assert set(stats) == {semseg}

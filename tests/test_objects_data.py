@@ -372,6 +372,7 @@ def test_data_check_counts_objects_and_catches_broken_object_files(tmp_path: Pat
         stats = report.splits[split].objects
         assert stats["per_class"] == dict(sorted(expected[split].items()))
         assert stats["files"] == stats["instance_masks"] == (3 if split == "train" else 1)
+        assert report.splits[split].with_task["objects"] == stats["files"]
     assert f"objects per class: car {expected['train'].get('car', 0)}" in report.format()
 
     broken = tmp_path / "train/objects/000001.json"
@@ -395,6 +396,8 @@ def test_data_check_counts_objects_and_catches_broken_object_files(tmp_path: Pat
     assert "instance mask is 4x4" in by_file[("000000.png", "error")]
     assert len(report.errors) == 2 and not report.ok
     assert report.splits["train"].objects["files"] == 2  # the broken file is not counted
+    assert report.splits["train"].with_task["objects"] == 2
+    assert len(report.problems) == len({(p.path, p.message) for p in report.problems})  # each file read once
 
     info = json.loads((tmp_path / "dataset.json").read_text())
     del info[OBJECT_CLASSES_KEY]

@@ -78,12 +78,15 @@ def training_statistics(cfg: Config, max_samples: int = 200) -> dict[str, dict[s
     """Each task's trivial-baseline statistics over (an even subset of) the training split."""
     from densemtl.data.folder import FolderDataset
 
-    ds = FolderDataset(cfg.data.root, split=cfg.data.train_split, transform=None, tasks=cfg.model.tasks)
+    tasks = tuple(t for t in cfg.model.tasks if TASKS[t].has_baseline)  # only their files are read
+    if not tasks:
+        return {}
+    ds = FolderDataset(cfg.data.root, split=cfg.data.train_split, transform=None, tasks=tasks)
     picks = np.unique(np.linspace(0, len(ds) - 1, min(max_samples, len(ds))).astype(int))
-    targets: dict[str, list[torch.Tensor]] = {t: [] for t in cfg.model.tasks}
+    targets: dict[str, list[torch.Tensor]] = {t: [] for t in tasks}
     for i in picks:
         s = ds[int(i)]
-        for t in cfg.model.tasks:
+        for t in tasks:
             if s["valid_tasks"][t]:
                 targets[t].append(TASKS[t].pack(s[t], s))
     stats = {t: TASKS[t].fit_baseline(v, cfg) for t, v in targets.items() if v}

@@ -117,6 +117,7 @@ class _Stats:
     """Accumulates one split's statistics, task by task, as files are read."""
 
     def __init__(self, info: dict[str, Any]) -> None:
+        self.info = info
         self.s = SplitStats(with_task=dict.fromkeys(TASKS, 0))
         self.tasks: dict[str, TaskStats | None] = {name: t.new_stats(info) for name, t in TASKS.items()}
 
@@ -134,6 +135,9 @@ class _Stats:
         o["instance_masks"] += int(has_mask)
         if objects is not None:
             o["files"] += 1
+            for name, task in TASKS.items():  # the task that trains on these files
+                if task.folder == OBJECTS_DIR and task.available(self.info):
+                    self.s.with_task[name] += 1
             for obj in objects:
                 o["per_class"][obj["class"]] = o["per_class"].get(obj["class"], 0) + 1
 
@@ -269,12 +273,17 @@ def _raw_depth_problem(path: Path) -> str:
 
 def _stray_files(split_dir: Path, ids: set[str], problems: list[Problem]) -> None:
     """Files in task/meta folders that have no image, or that the format does not read."""
-    extra = [("meta", "meta"), ("objects", OBJECTS_DIR), ("instances", INSTANCES_DIR)]
-    for what, sub in [*((name, t.folder) for name, t in TASKS.items()), *extra]:
+    folders = {t.folder: (name, t.suffix) for name, t in TASKS.items()}  # each folder once
+    for sub, what, suffix in (
+        ("meta", "meta", ".json"),
+        (OBJECTS_DIR, "objects", ".json"),
+        (INSTANCES_DIR, "instances", ".png"),
+    ):
+        folders.setdefault(sub, (what, suffix))
+    for sub, (what, want) in folders.items():
         folder = split_dir / sub
         if not folder.is_dir():
             continue
-        want = ".json" if sub in ("meta", OBJECTS_DIR) else ".png"
         for p in sorted(folder.iterdir()):
             if p.name.startswith(".") or p.is_dir():
                 continue
@@ -337,9 +346,13 @@ def _check_objects(
 def _check_sample(img: Path, info: dict[str, Any], stats: _Stats, problems: list[Problem]) -> None:
     """Load every file of one sample, recording problems and feeding the statistics."""
     found: list[tuple[Path, str, str]] = []
-    start = len(problems)
-    # Every task's files, also of tasks dataset.json does not list; objects files need its object_classes.
-    tasks = tuple(t for t, task in TASKS.items() if task.suffix == ".png" or task.available(info))
+    # Every task's files, also of tasks dataset.json does not list; objects files need its object_classes and
+    # are read once, by _check_objects, which checks them against the instance mask too.
+    tasks = tuple(
+        t
+        for t, task in TASKS.items()
+        if task.folder != OBJECTS_DIR and (task.suffix == ".png" or task.available(info))
+    )
     arrays = read_sample(img, info, tasks, found)
     problems += [Problem(str(path), what, message) for path, what, message in found]
     if arrays["image"] is None:
@@ -361,10 +374,6 @@ def _check_sample(img: Path, info: dict[str, Any], stats: _Stats, problems: list
             for message in stats.add(task, arrays[task], path, info):
                 problems.append(Problem(str(path), task, message, "warning"))
     _check_objects(img, size, info, stats, problems)
-    # The objects file is read by its task's loader and by _check_objects (which also checks the instance mask).
-    seen: set[tuple[str, str]] = set()
-    fresh = [p for p in problems[start:] if not ((p.path, p.message) in seen or seen.add((p.path, p.message)))]
-    problems[start:] = fresh
 
 
 def check_dataset(

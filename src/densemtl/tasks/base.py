@@ -24,6 +24,7 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from densemtl.data.format import decoded_size
 from densemtl.models.decoders import resize
 
 if TYPE_CHECKING:
@@ -156,6 +157,7 @@ class Task:
     uses_classes: bool = False
     hub_pipeline_tag: str = ""  # the Hugging Face Hub pipeline tag a model card may carry for this task
     suffix: str = ".png"
+    has_baseline: bool = True  # False: fit_baseline is None, so evaluation reads no training targets for it
 
     # ------------------------------------------------------------------------------------------------ data
     def available(self, info: Info) -> bool:
@@ -170,6 +172,20 @@ class Task:
     def load(self, path: Path, size: tuple[int, int], info: Info) -> np.ndarray:
         """Read and check the task's file for an image of ``size`` (H, W); raise ``DatasetFormatError``."""
         raise NotImplementedError
+
+    def quick_check(self, path: Path, size: tuple[int, int], info: Info) -> list[str]:
+        """Problems of the task's file for an image of ``size`` found cheaply, before training (the loader
+        checks everything as it reads): by default, that the image file decodes and has the image's size."""
+        try:
+            found = decoded_size(path)
+        except Exception as e:  # noqa: BLE001 - PIL raises many kinds (OSError, SyntaxError, DecompressionBomb...)
+            return [f"{path}: cannot decode {self.name} file ({type(e).__name__}: {e}); re-export it"]
+        if found not in (size, size[::-1]):  # either way round: EXIF may rotate the image (the loader knows)
+            return [
+                f"{path}: {self.name} is {found[1]}x{found[0]} (WxH) but its image is {size[1]}x{size[0]}; "
+                "targets must match the image pixel for pixel"
+            ]
+        return []
 
     def to_tensor(self, array: np.ndarray | None, size: tuple[int, int]) -> Tensor:
         """The target tensor of one sample from :meth:`load`'s array, or all-``fill`` when it is None."""

@@ -81,6 +81,7 @@ class Objects(Task):
     name = "objects"
     folder = OBJECTS_DIR
     suffix = ".json"
+    has_baseline = False
     headline = "ap50"
     console = ("ap50", "distance_delta1")
     lower_is_better = frozenset({"distance_relerr", "distance_relerr_baseline"})
@@ -110,6 +111,13 @@ class Objects(Task):
                 f'mean nothing; add e.g. "{OBJECT_CLASSES_KEY}": ["car", "person"] to it'
             )
         return rows_from_objects(read_objects(path, size, classes, warn=[]), classes)
+
+    def quick_check(self, path: Path, size: tuple[int, int], info: Info) -> list[str]:
+        try:  # a small JSON file: reading it in full is as cheap as an image's decode check
+            self.load(path, size, info)
+        except DatasetFormatError as e:
+            return [str(e)]
+        return []
 
     def to_sample(self, array: np.ndarray | None, size: tuple[int, int]) -> dict[str, Tensor]:
         rows = torch.zeros(0, len(FIELDS)) if array is None else torch.from_numpy(np.array(array, np.float32))

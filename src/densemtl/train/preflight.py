@@ -14,10 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from densemtl.data.folder import load_intrinsics, meta_path, task_path, validate_sample
-from densemtl.data.format import DatasetFormatError
+from densemtl.data.format import DatasetFormatError, decoded_size
 from densemtl.tasks import IGNORE_INDEX, TASKS
 
 log = logging.getLogger("densemtl")
@@ -35,25 +33,11 @@ def check_ignore_index(info: dict[str, Any], root: str | Path) -> None:
         )
 
 
-def _decoded_size(path: Path) -> tuple[int, int]:
-    """(H, W) of ``path`` as stored, after reading all of its pixel data (so truncation shows)."""
-    with Image.open(path) as im:
-        w, h = im.size
-        if im.format == "PNG":
-            im.verify()  # every chunk and its CRC, without inflating the pixels
-        else:
-            im.draft(im.mode, (max(1, w // 8), max(1, h // 8)))  # JPEG: the whole stream at 1/8 scale
-            im.load()
-    return h, w
-
-
 def quick_problems(image_path: Path, tasks: tuple[str, ...], info: dict[str, Any] | None = None) -> list[str]:
-    """Problems of one sample found without decoding its targets fully: unreadable files, mismatched sizes.
-
-    A task whose files are not images (objects' JSON) is read in full: that is as cheap as a decode check.
-    """
+    """Problems of one sample found without decoding its targets fully: unreadable files, mismatched sizes
+    (each task's :meth:`~densemtl.tasks.base.Task.quick_check`)."""
     try:
-        size = _decoded_size(image_path)
+        size = decoded_size(image_path)
     except Exception as e:  # noqa: BLE001 - PIL raises many kinds (OSError, SyntaxError, DecompressionBomb...)
         return [
             f"{image_path}: cannot decode image ({type(e).__name__}: {e}); the file is corrupt or truncated"
@@ -61,24 +45,8 @@ def quick_problems(image_path: Path, tasks: tuple[str, ...], info: dict[str, Any
     problems = []
     for task in tasks:
         path = task_path(image_path, task)
-        if not path.is_file():
-            continue
-        if TASKS[task].suffix != ".png":
-            try:
-                TASKS[task].load(path, size, info or {})
-            except DatasetFormatError as e:
-                problems.append(str(e))
-            continue
-        try:
-            found = _decoded_size(path)
-        except Exception as e:  # noqa: BLE001
-            problems.append(f"{path}: cannot decode {task} file ({type(e).__name__}: {e}); re-export it")
-            continue
-        if found not in (size, size[::-1]):  # either way round: EXIF may rotate the image (the loader knows)
-            problems.append(
-                f"{path}: {task} is {found[1]}x{found[0]} (WxH) but its image is {size[1]}x{size[0]}; "
-                "targets must match the image pixel for pixel"
-            )
+        if path.is_file():
+            problems += TASKS[task].quick_check(path, size, info or {})
     try:
         load_intrinsics(meta_path(image_path))
     except DatasetFormatError as e:
