@@ -183,8 +183,9 @@ def test_dataset_is_deterministic_across_workers_and_round_trips(tmp_path: Path)
 
 def test_tile_culled_shadows_match_brute_force_shadow_rays():
     """Culling is exact: every caster tested against every pixel gives the same sun visibility."""
-    from densemtl.synth.raycast import _INTERSECT, cast, sun_visibility
+    from densemtl.synth.raycast import _INTERSECT, cast
     from densemtl.synth.render import sample_camera, sample_rng
+    from densemtl.synth.shadows import sun_visibility
     from densemtl.synth.streets import sample_scene
 
     rng = sample_rng(3, "train", 0)

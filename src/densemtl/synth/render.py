@@ -26,8 +26,9 @@ import numpy as np
 
 from densemtl.synth import scene as sc
 from densemtl.synth.objects import annotate
-from densemtl.synth.raycast import GROUND, NOTHING, Camera, Hits, cast, gather, scatter, sun_visibility
+from densemtl.synth.raycast import GROUND, NOTHING, Camera, Hits, cast, gather, scatter
 from densemtl.synth.scene import Scene
+from densemtl.synth.shadows import sun_visibility
 from densemtl.synth.streets import sample_scene
 
 DEPTH_MAX = 80.0
