@@ -1,4 +1,5 @@
-"""Training runs at the demo budget for the benchmarks: configs/synthetic.yaml plus each variant's overrides."""
+"""Training runs at the demo budget for the benchmarks: configs/synthetic.yaml (or a variant's own config) plus
+each variant's overrides."""
 
 from __future__ import annotations
 
@@ -8,19 +9,33 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def train_demo_runs(work: Path, data: Path, variants: dict[str, list[str]]) -> dict[str, float]:
-    """Train each variant (``{name: --set overrides}``) into ``work/<name>``, the demo's config, seed and budget;
-    finished runs (best.pt and every epoch logged) are reused. Returns the seconds each trained run took."""
+def _signature(cfg) -> tuple:
+    """What makes two demo runs the same experiment (the run folder and resolved class names aside)."""
+    from dataclasses import replace
+
+    m = cfg.model
+    loss = replace(cfg.loss, weights={t: float(cfg.loss.weights.get(t, 1.0)) for t in m.tasks})  # 1 = unset
+    return (m.tasks, m.backbone, m.decoder, m.objects_trunks, loss, cfg.train.phases, cfg.train.seed)
+
+
+def train_demo_runs(
+    work: Path, data: Path, variants: dict[str, list[str]], configs: dict[str, Path] | None = None
+) -> dict[str, float]:
+    """Train each variant (``{name: --set overrides}``) into ``work/<name>``, the demo's config (or
+    ``configs[name]``), seed and budget; a finished run (best.pt, every epoch logged, the same model, loss and
+    schedule in its config.yaml) is reused. Returns the seconds each trained run took."""
     from densemtl.config import load_config
     from densemtl.train.engine import train
 
     seconds: dict[str, float] = {}
     for name, sets in variants.items():
         run = work / name
-        cfg = load_config(ROOT / "configs" / "synthetic.yaml", [*sets, f"data.root={data}", f"train.out_dir={run}"])
+        path = (configs or {}).get(name, ROOT / "configs" / "synthetic.yaml")
+        cfg = load_config(path, [*sets, f"data.root={data}", f"train.out_dir={run}"])
         log = run / "metrics.jsonl"
         done = len(log.read_text().splitlines()) if log.is_file() else 0
-        if (run / "best.pt").is_file() and done == sum(p.epochs for p in cfg.train.phases):
+        same = (run / "config.yaml").is_file() and _signature(load_config(run / "config.yaml")) == _signature(cfg)
+        if (run / "best.pt").is_file() and done == sum(p.epochs for p in cfg.train.phases) and same:
             continue
         t0 = time.perf_counter()
         train(cfg, overwrite=True)

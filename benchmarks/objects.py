@@ -2,8 +2,9 @@
 
 Stages (each reads what the previous ones wrote under ``--work``):
 
-* ``train``: the demo (configs/synthetic.yaml: same seed, same budget) twice: ``base`` (semseg, depth, normals)
-  and ``objects`` (the same plus the objects head: what ``make demo`` trains);
+* ``train``: the demo at the same seed and budget twice: ``base`` (configs/synthetic.yaml: semseg, depth,
+  normals: what ``make demo`` trains) and ``objects`` (configs/synthetic_objects.yaml, the same plus the objects
+  head: what ``make demo-objects`` trains);
 * ``evaluate``: every metric of both on the synthetic validation split, and for ``objects`` the distance of each
   matched detection two ways: the head's own regression and the median of the predicted depth map over the
   box's pixels predicted as the object's class (all of the box's pixels when the class is no semseg class);
@@ -11,6 +12,8 @@ Stages (each reads what the previous ones wrote under ``--work``):
   timed interleaved;
 * ``synth``: ``densemtl data synth`` of the demo's 2400 images at 256x512 as a fresh process (start-up
   included);
+* ``weights``: the objects demo with the objects loss weight at 0.25, 0.5 and 1 (``objects_w*`` runs), each
+  evaluated as above: what the head's share of the shared gradient trades;
 * ``report``: ``results/objects.json`` and ``results/objects.md`` with the targets of issue #15.
 
     python benchmarks/objects.py                      # everything (about 40 minutes on 2 idle CPU cores)
@@ -37,14 +40,26 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
 BASE_TASKS = ("semseg", "depth", "normals")
-VARIANTS = {"base": BASE_TASKS, "objects": (*BASE_TASKS, "objects")}
+OBJECTS_CONFIG = ROOT / "configs" / "synthetic_objects.yaml"  # make demo-objects
+VARIANTS = {"base": [f"model.tasks=[{','.join(BASE_TASKS)}]"], "objects": []}
+CONFIGS = {"objects": OBJECTS_CONFIG}
+WEIGHTS = (0.25, 0.5, 1.0)  # the objects loss weight study (stage "weights")
 
 
 def train_variants(work: Path, data: Path, names: list[str]) -> dict[str, float]:
     """Train each variant at the demo budget (finished runs are reused); returns the seconds each took."""
     from demo_runs import train_demo_runs
 
-    return train_demo_runs(work, data, {n: [f"model.tasks=[{','.join(VARIANTS[n])}]"] for n in names})
+    return train_demo_runs(work, data, {n: VARIANTS[n] for n in names}, CONFIGS)
+
+
+def weight_study(work: Path, data: Path) -> dict[str, Any]:
+    """The objects demo with each loss weight of the objects head in ``WEIGHTS``: every metric of each."""
+    from demo_runs import train_demo_runs
+
+    runs = {f"objects_w{w:g}": [f"loss.weights.objects={w:g}"] for w in WEIGHTS}
+    seconds = train_demo_runs(work, data, runs, dict.fromkeys(runs, OBJECTS_CONFIG))
+    return {name: {**evaluate_variant(work, name), "train_seconds": seconds.get(name)} for name in runs}
 
 
 # ------------------------------------------------------------------------------------------------ evaluate
@@ -200,12 +215,21 @@ def markdown(result: dict[str, Any]) -> str:
         for name in [k.split("/")[0] for k in src if k.endswith("/n")]:
             cells = [src.get(f"{name}/{s}/{m}", float("nan")) for s in ("head", "depth_map") for m in ("relerr", "delta1")]
             lines.append(f"| {name} | {src[f'{name}/n']} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    study = result.get("weights", {})
+    if study:
+        study_keys = ("semseg/miou", "depth/delta1", "objects/ap50_car", "objects/ap50_person",
+                      "objects/distance_delta1_car")  # fmt: skip
+        lines += ["", "Objects loss weight (stage weights; base: " + ", ".join(
+            f"{k} {ev['base']['summary'][k]:.4f}" for k in study_keys[:2] if "base" in ev) + "):", "",
+            "| run | " + " | ".join(study_keys) + " |", "|---|" + "---:|" * len(study_keys)]  # fmt: skip
+        for name, e in study.items():
+            lines.append(f"| {name} | " + " | ".join(f"{e['summary'].get(k, float('nan')):.4f}" for k in study_keys) + " |")
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stages", default="train,evaluate,latency,synth,report")
+    p.add_argument("--stages", default="train,evaluate,latency,synth,weights,report")
     p.add_argument("--data", type=Path, default=ROOT / "data" / "synthetic", help="the demo's synthetic data")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "objects_bench")
     p.add_argument("--runs", type=int, default=30, help="latency: timed runs per model")
@@ -226,6 +250,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["latency"] = measure_latency(args.work, (480, 640), 2, args.runs)
     if "synth" in stages:
         result["synth"] = synth_speed()
+    if "weights" in stages:
+        result["weights"] = weight_study(args.work, args.data)
     from demo_runs import write_results
 
     return write_results(result, "objects", "report" in stages, targets, markdown)
