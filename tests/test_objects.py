@@ -131,10 +131,10 @@ def test_objects_loss_masks_samples_and_a_sample_without_objects_has_only_negati
     none.backward()
     assert float(none.detach()) == 0.0 and float(raw.grad.abs().sum()) == 0.0
     empty = loss(raw, target, torch.tensor([False, True]))  # the file says: no objects here
-    assert float(empty) > 0 and set(loss.last) == {"heat"}
+    assert float(empty.detach()) > 0 and set(loss.last) == {"heat"}
     both = loss(raw, target, torch.tensor([True, True]))
     assert {"heat", "box", "distance", "box3d"} <= set(loss.last)
-    assert float(both) > float(empty)
+    assert float(both.detach()) > float(empty.detach())
     perfect = perfect_raw(target[:1], (16, 16))
     assert float(loss(perfect, target[:1], torch.tensor([True]))) < 0.3 * float(loss(raw[:1].detach(), target[:1], torch.tensor([True])))
 
