@@ -18,8 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from densemtl.data.folder import write_sample
-from densemtl.synth.generate import _cpu_count, generate_dataset
+from densemtl.synth.generate import _cpu_count, generate_dataset, write_rendered
 from densemtl.synth.render import render, sample_camera, sample_rng
 from densemtl.synth.streets import sample_scene
 
@@ -34,17 +33,7 @@ def stage_times(n: int, size: tuple[int, int], out: Path) -> dict[str, float]:
         t1 = time.perf_counter()
         s = render(scene, sample_camera(rng, scene, size), size, noise_rng=rng)
         t2 = time.perf_counter()
-        write_sample(
-            out,
-            "bench",
-            f"{i:06d}",
-            s["image"],
-            s["meta"],
-            semseg=s["semseg"],
-            depth=s["depth"],
-            normals=s["normals"],
-            image_format="jpg",
-        )
+        write_rendered(out, "bench", i, s)  # what a generator worker writes, objects files included
         t3 = time.perf_counter()
         total["scene_ms"] += (t1 - t0) * 1e3
         total["render_ms"] += (t2 - t1) * 1e3

@@ -34,26 +34,24 @@ from densemtl.synth.render import DEPTH_MAX, render_sample
 from densemtl.synth.scene import CLASSES, PALETTE
 
 
+def write_rendered(root: Path, split: str, index: int, s: dict[str, Any], image_format: str = "jpg") -> None:
+    """Write one rendered sample ``s`` (``render.render``'s dict) as sample ``index`` of ``split``: the objects
+    files, then labels, depth, normals, meta and the image (a sample exists once its image does). No fsync per
+    file: the dataset.json written last syncs them all."""
+    base, name = root / split, f"{index:06d}"
+    size = s["semseg"].shape[:2]
+    write_objects(base / OBJECTS_DIR / f"{name}.json", s["objects"], size=size, object_classes=OBJECT_CLASSES,
+                  fsync=False)  # fmt: skip
+    atomic_write(base / INSTANCES_DIR / f"{name}.png", instances_png_bytes(s["instances"]), fsync=False)
+    write_sample(root, split, name, s["image"], s["meta"], semseg=s["semseg"], depth=s["depth"],
+                 normals=s["normals"], image_format=image_format, fsync=False)  # fmt: skip
+
+
 def _write_one(job: tuple[Path, int, str, int, tuple[int, int], str]) -> np.ndarray:
     """Worker: render and write one sample; returns its label histogram (256,)."""
     root, seed, split, index, size, image_format = job
     s = render_sample(seed, split, index, size)
-    base, name = root / split, f"{index:06d}"  # object files first: a sample exists once its image does
-    objects_file = base / OBJECTS_DIR / f"{name}.json"  # no fsync per file: dataset.json syncs them all
-    write_objects(objects_file, s["objects"], size=size, object_classes=OBJECT_CLASSES, fsync=False)
-    atomic_write(base / INSTANCES_DIR / f"{name}.png", instances_png_bytes(s["instances"]), fsync=False)
-    write_sample(
-        root,
-        split,
-        f"{index:06d}",
-        s["image"],
-        s["meta"],
-        semseg=s["semseg"],
-        depth=s["depth"],
-        normals=s["normals"],
-        image_format=image_format,
-        fsync=False,
-    )
+    write_rendered(root, split, index, s, image_format)
     return np.bincount(s["semseg"].ravel(), minlength=256)
 
 
