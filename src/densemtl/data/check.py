@@ -117,8 +117,11 @@ class _Stats:
     """Accumulates one split's statistics, task by task, as files are read."""
 
     def __init__(self, info: dict[str, Any]) -> None:
-        self.info = info
         self.s = SplitStats(with_task=dict.fromkeys(TASKS, 0))
+        # the task that trains on objects files, when this dataset can train it
+        self.objects_task = next(
+            (n for n, t in TASKS.items() if t.folder == OBJECTS_DIR and t.available(info)), None
+        )
         self.tasks: dict[str, TaskStats | None] = {name: t.new_stats(info) for name, t in TASKS.items()}
 
     def add(self, task: str, array: Any, path: Path, info: dict[str, Any]) -> list[str]:
@@ -135,9 +138,8 @@ class _Stats:
         o["instance_masks"] += int(has_mask)
         if objects is not None:
             o["files"] += 1
-            for name, task in TASKS.items():  # the task that trains on these files
-                if task.folder == OBJECTS_DIR and task.available(self.info):
-                    self.s.with_task[name] += 1
+            if self.objects_task is not None:
+                self.s.with_task[self.objects_task] += 1
             for obj in objects:
                 o["per_class"][obj["class"]] = o["per_class"].get(obj["class"], 0) + 1
 
