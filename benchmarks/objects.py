@@ -8,6 +8,7 @@ Stages (each reads what the previous ones wrote under ``--work``):
 * ``evaluate``: every metric of both on the synthetic validation split, and for ``objects`` the distance of each
   matched detection two ways: the head's own regression and the median of the predicted depth map over the
   box's pixels predicted as the object's class (all of the box's pixels when the class is no semseg class);
+  and what its detections get wrong (benchmarks/objects_errors.py: recall by box height, confident errors);
 * ``latency``: ONNX Runtime at 480x640, batch 1, 2 threads, both models as ``densemtl export`` writes them,
   timed interleaved;
 * ``synth``: ``densemtl data synth`` of the demo's 2400 images at 256x512 as a fresh process (start-up
@@ -85,8 +86,11 @@ def _depth_distance(pred: dict[str, np.ndarray], box: np.ndarray, class_id: int 
     return float(np.median(depth)) if depth.size else math.nan
 
 
-def distance_sources(work: Path, data: Path, limit: int = 0) -> dict[str, Any]:
-    """Relative error and delta1 of matched detections' distances: the head's vs the depth map's median."""
+def distance_sources(work: Path, data: Path, limit: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Relative error and delta1 of matched detections' distances: the head's vs the depth map's median; and,
+    from the same predictions, what the detections get wrong (``objects_errors``)."""
+    from objects_errors import DetectionErrors
+
     from densemtl.data.folder import FolderDataset
     from densemtl.inference import Predictor
     from densemtl.tasks.objects import OBJECTS, SCORE_THRESHOLD
@@ -98,22 +102,26 @@ def distance_sources(work: Path, data: Path, limit: int = 0) -> dict[str, Any]:
     names = list(predictor.info.get("object_classes", []))
     seg_id = {n: predictor.class_names.index(n) for n in names if n in predictor.class_names}
     rows: list[tuple[str, float, float, float]] = []  # class, true, head, depth map
+    errors = DetectionErrors(names)
     for i in range(len(ds)):
         s = ds[i]
         rgb = (s["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        pred = predictor.predict(rgb)
+        pred = predictor.predict(rgb, float(s["intrinsics"][0]) if s["has_intrinsics"] else None)
         gt = OBJECTS.pack(s["objects"], s)
         gt = gt[gt[:, COL["class"]] >= 0]
-        gt = gt[~ignored(gt, rgb.shape[0] // STRIDE * STRIDE)]
+        skip = ignored(gt, rgb.shape[0] // STRIDE * STRIDE)
         keep = pred["objects_scores"] >= SCORE_THRESHOLD
         boxes = torch.from_numpy(pred["objects_boxes"][keep])
         classes = torch.from_numpy(pred["objects_classes"][keep]).long()
+        scores = torch.from_numpy(pred["objects_scores"][keep])
+        errors.add(boxes, scores, classes, gt[:, COL["x0"] : COL["y1"] + 1], gt[:, COL["class"]].long(), skip)
+        gt = gt[~skip]
         for j, m in match_boxes(boxes, classes, gt):  # the metric's matching, on the scored objects
             if gt[m, COL["distance"]] > 0:
                 name = names[int(gt[m, COL["class"]])]
                 via_map = _depth_distance(pred, boxes[j].numpy(), seg_id.get(name))
                 rows.append((name, float(gt[m, COL["distance"]]), float(pred["objects_distance"][keep][j]), via_map))
-    return {"matched": len(rows), **_compare(rows, names)}
+    return {"matched": len(rows), **_compare(rows, names)}, errors.summary()
 
 
 def _compare(rows: list[tuple[str, float, float, float]], names: list[str]) -> dict[str, Any]:
@@ -215,6 +223,10 @@ def markdown(result: dict[str, Any]) -> str:
         for name in [k.split("/")[0] for k in src if k.endswith("/n")]:
             cells = [src.get(f"{name}/{s}/{m}", float("nan")) for s in ("head", "depth_map") for m in ("relerr", "delta1")]
             lines.append(f"| {name} | {src[f'{name}/n']} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    if "detection_errors" in result:
+        from objects_errors import markdown as errors_markdown
+
+        lines += errors_markdown(result["detection_errors"])
     study = result.get("weights", {})
     if study:
         study_keys = ("semseg/miou", "depth/delta1", "objects/ap50_car", "objects/ap50_person",
@@ -245,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["train_seconds"] = {**result.get("train_seconds", {}), **train_variants(args.work, args.data, list(VARIANTS))}
     if "evaluate" in stages:
         result["evaluate"] = {name: evaluate_variant(args.work, name) for name in VARIANTS}
-        result["distance_sources"] = distance_sources(args.work, args.data)
+        result["distance_sources"], result["detection_errors"] = distance_sources(args.work, args.data)
     if "latency" in stages:
         result["latency"] = measure_latency(args.work, (480, 640), 2, args.runs)
     if "synth" in stages:

@@ -56,7 +56,7 @@ class _Stub:
         self.palette = np.array([[128, 64, 128], [70, 130, 180]], np.uint8)
         self.info = {"classes": self.class_names, "palette": self.palette.tolist(), "depth_max": 80.0}
 
-    def predict(self, rgb: np.ndarray) -> dict[str, np.ndarray]:
+    def predict(self, rgb: np.ndarray, focal_px: float | None = None) -> dict[str, np.ndarray]:
         h, w = rgb.shape[:2]
         _, fy, _, cy = intrinsics_from_fov((h, w), 60.0)
         rows = np.arange(h, dtype=np.float32)[:, None].repeat(w, axis=1)  # (H, W) pixel row v

@@ -16,12 +16,15 @@ from densemtl.tasks.objects_codec import (
     COL,
     EXTRA_CHANNELS,
     FIELDS,
+    FOCAL_REF_PX,
     MAX_OBJECTS,
     STRIDE,
     YAW_BINS,
     decode,
+    default_focal,
     encode_heatmap,
     grid_size,
+    regression_targets,
 )
 from densemtl.tasks.objects_head import ObjectsHead, ObjectsLoss, focal_loss
 from densemtl.tasks.objects_metrics import ObjectsMetrics, nuscenes_ap
@@ -45,11 +48,13 @@ def row(cls: int, box, distance: float = 0.0, box3d=None) -> np.ndarray:
     return r
 
 
-def padded(*rows: np.ndarray) -> torch.Tensor:
+def padded(*rows: np.ndarray, focal: float = 0.0) -> torch.Tensor:
+    """A packed target; ``focal``: the image's focal length in every row (0: none)."""
     out = torch.zeros(MAX_OBJECTS, len(FIELDS))
     out[:, COL["class"]] = -1
     for i, r in enumerate(rows):
         out[i] = torch.from_numpy(r)
+    out[:, COL["focal"]] = focal
     return out
 
 
@@ -78,7 +83,8 @@ def perfect_raw(target: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
             for y, x in zip(yy.flatten().tolist(), xx.flatten().tolist(), strict=True):
                 edges = torch.stack([cx[x] - r[1], cy[y] - r[2], r[3] - cx[x], r[4] - cy[y]]) / STRIDE
                 reg[0:4, y, x] = edges.clamp_min(1e-3).log()
-                reg[4, y, x] = r[COL["distance"]].clamp_min(1e-3).log()
+                focal = float(r[COL["focal"]]) if r[COL["focal"]] > 0 else FOCAL_REF_PX
+                reg[4, y, x] = (r[COL["distance"]] * FOCAL_REF_PX / focal).clamp_min(1e-3).log()
                 reg[5:8, y, x] = r[COL["l"] : COL["h"] + 1].clamp_min(1e-3).log()
                 yaw = float(r[COL["yaw"]])
                 bin_ = int(yaw >= 0)
@@ -102,9 +108,9 @@ def test_a_box_splats_its_peak_at_its_centre_on_its_class_map() -> None:
 def test_encode_then_decode_returns_the_boxes_distance_and_3d_box() -> None:
     a = row(0, [10.5, 30.0, 70.25, 61.0], box3d=((1.0, 1.2, 12.5), (4.2, 1.8, 1.5), -1.3))
     b = row(1, [100.0, 8.0, 113.0, 48.0], box3d=((-2.0, 0.9, 7.0), (0.6, 0.5, 1.7), 2.0))
-    target = padded(a, b)[None]
+    target = padded(a, b, focal=150.0)[None]
     grid = grid_size(64, 128)
-    det = decode(perfect_raw(target, grid), K, threshold=0.5)
+    det = decode(perfect_raw(target, grid), K, threshold=0.5, focal=target[:, 0, COL["focal"]])
     assert int(det["count"][0]) == 2
     order = det["classes"][0, :2].argsort()
     boxes = det["boxes"][0, :2][order]
@@ -189,6 +195,27 @@ def test_flipped_and_cropped_boxes_match_the_transformed_instance_mask() -> None
     got = OBJECTS.pack(zoomed["objects"], zoomed)
     assert got[0, 1:5].tolist() == [2 * v for v in _box_of(mask)]
     assert got[0, COL["distance"]] == 10.0  # a zoom keeps metric distances
+    assert got[0, COL["focal"]] == 200.0 and got[0, COL["fx"]] == 200.0  # ... and doubles the focal length
+
+
+def test_the_distance_is_learned_per_focal_length_so_a_zoom_keeps_its_decoded_metres() -> None:
+    """A zoomed image shows the same car twice as large: its target (distance at the reference focal length)
+    halves, and decoding with the zoomed image's focal length gives back the same metres. Without intrinsics the
+    assumed camera's focal length follows the zoom the same way."""
+    sample, _ = _sample_with_mask()
+    plain = OBJECTS.pack(sample["objects"], sample)[None]
+    zoomed = resize_sample(sample, (96, 160))
+    big = OBJECTS.pack(zoomed["objects"], zoomed)[None]
+    d_plain = regression_targets(plain, grid_size(48, 80))["log_distance"][0]
+    d_big = regression_targets(big, grid_size(96, 160))["log_distance"][0]
+    assert math.isclose(float(d_plain), math.log(10.0 * FOCAL_REF_PX / 100.0), rel_tol=1e-6)
+    assert math.isclose(float(d_plain - d_big), math.log(2.0), rel_tol=1e-5)
+    det = decode(perfect_raw(big, grid_size(96, 160)), K, threshold=0.5, focal=big[:, 0, COL["focal"]])
+    assert math.isclose(float(det["distance"][0, 0]), 10.0, rel_tol=1e-5)
+    unknown = {**sample, "has_intrinsics": False, "intrinsics": torch.zeros(4)}
+    assumed = OBJECTS.pack(resize_sample(unknown, (96, 160))["objects"], {})
+    assert math.isclose(float(assumed[0, COL["focal"]]), 2 * default_focal(80), rel_tol=1e-6)
+    assert float(assumed[5, COL["focal"]]) == float(assumed[0, COL["focal"]])  # the padding rows too
 
 
 def test_boxes_cropped_away_or_too_small_are_dropped() -> None:
@@ -210,10 +237,10 @@ def test_flip_output_maps_a_mirrored_prediction_back() -> None:
 
 
 def test_upsample_keeps_boxes_in_image_pixels() -> None:
-    target = padded(row(0, [16.0, 12.0, 48.0, 36.0], 20.0))[None]  # in a 64 x 128 image
+    target = padded(row(0, [16.0, 12.0, 48.0, 36.0], 20.0), focal=90.0)[None]  # in a 64 x 128 image
     small = perfect_raw(target, grid_size(64, 128))
-    big = OBJECTS.upsample(small, (128, 256))  # the same scene seen at twice the resolution
-    det = decode(big, K, threshold=0.3)
+    big = OBJECTS.upsample(small, (128, 256))  # the same scene seen at twice the resolution (focal 180 px)
+    det = decode(big, K, threshold=0.3, focal=torch.tensor([180.0]))
     assert int(det["count"][0]) == 1
     # the same detections as on the source grid, down to the faintest peak
     assert int(decode(big, K, threshold=1e-4)["count"][0]) == int(decode(small, K, threshold=1e-4)["count"][0])
@@ -335,3 +362,45 @@ def test_baseline_statistics_do_not_read_objects_files(tmp_path) -> None:
     cfg = replace(Config(), data=DataConfig(root=str(tmp_path)), model=ModelConfig(tasks=(semseg, OBJECTS.name)))
     stats = training_statistics(resolve_config(cfg, read_dataset_json(tmp_path)))
     assert set(stats) == {semseg}
+
+
+def test_predictions_scale_with_the_given_focal_length_and_say_which_camera_they_assume() -> None:
+    """``to_numpy`` decodes distances for the camera it is told (``Predictor.predict(focal_px=...)``): twice the
+    focal length, twice the metres for the same pixels; without one, the assumed 70-degree camera, and the
+    ``<id>_objects.json`` document says which."""
+    info = {"object_classes": ["car", "person"]}
+    target = padded(row(0, [16.0, 12.0, 48.0, 36.0], 20.0), focal=90.0)[None]  # a 64 x 128 image
+    raw = perfect_raw(target, grid_size(64, 128))
+    given = OBJECTS.to_numpy(raw, info, focal_px=90.0)
+    assert np.allclose(given["objects_distance"], [20.0], rtol=1e-5)
+    assert np.allclose(OBJECTS.to_numpy(raw, info, focal_px=180.0)["objects_distance"], [40.0], rtol=1e-5)
+    assumed = OBJECTS.to_numpy(raw, info)
+    assert np.allclose(assumed["objects_distance"], [20.0 * default_focal(128) / 90.0], rtol=1e-5)
+    doc = OBJECTS.documents(assumed, info)["objects"]
+    assert doc["distance_camera"].startswith("assumed") and doc["distance_focal_px"] == round(default_focal(128), 3)
+    assert OBJECTS.documents(given, info)["objects"]["distance_camera"] == "given"
+
+
+def test_the_benchmark_error_analysis_puts_each_confident_detection_in_one_category() -> None:
+    """benchmarks/objects_errors.py on a hand-made image: a hit, its duplicate, a box half inside an object left
+    out of scoring, a too-small box on a second car, a box on nothing; recall by height counts scored objects."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "objects_errors.py"
+    spec = importlib.util.spec_from_file_location("objects_errors", path)
+    errors_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(errors_mod)
+    gt = torch.tensor([[0.0, 0, 40, 20], [100, 0, 140, 40], [200, 0, 260, 60]])  # 20, 40, 60 px high
+    skip = torch.tensor([False, False, True])
+    det = torch.tensor([[0.0, 0, 40, 20], [2, 0, 40, 20], [210, 10, 250, 50], [100, 0, 120, 20], [300, 0, 320, 20]])
+    e = errors_mod.DetectionErrors(["car"])
+    e.add(det, torch.tensor([0.9, 0.8, 0.7, 0.6, 0.55]), torch.zeros(5, dtype=torch.long), gt, torch.zeros(3,
+          dtype=torch.long), skip)  # fmt: skip
+    s = e.summary()["car"]
+    assert s["confident"] == {"hit": 1, "duplicate": 1, "on_ignored": 1, "mislocalised": 1, "background": 1}
+    assert s["mislocalised_area_ratio_median"] == pytest.approx(0.25)
+    bands = {b["from_px"]: b for b in s["recall_by_height"]}
+    assert bands[16]["n"] == 1 and bands[16]["recall"] == 1.0  # the 20-px car was found
+    assert bands[32]["n"] == 1 and bands[32]["recall"] == 0.0 and bands[32]["mean_best_iou"] == pytest.approx(0.25)
+    assert sum(b["n"] for b in s["recall_by_height"]) == 2  # the ignored one is not scored

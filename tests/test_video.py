@@ -36,7 +36,7 @@ class GroundTruthPredictor:
         self.semseg = np.where(self.depth > 0, 0, 7).astype(np.uint8)
         self.calls = 0
 
-    def predict(self, rgb: np.ndarray) -> dict[str, np.ndarray]:
+    def predict(self, rgb: np.ndarray, focal_px: float | None = None) -> dict[str, np.ndarray]:
         assert rgb.shape == (*SIZE, 3) and rgb.dtype == np.uint8
         self.calls += 1
         return {"semseg": self.semseg, "depth": self.depth}

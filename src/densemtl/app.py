@@ -104,15 +104,16 @@ def predict_views(
         ``points`` and ``message`` ('' when the 3-D views exist, else why not).
     """
     from densemtl.data.images import as_rgb
-    from densemtl.scene3d.bev import SceneOptions
+    from densemtl.scene3d.bev import SceneOptions, known_focal
 
     if colour_by not in POINT_COLOURS:
         raise ValueError(f"colour_by={colour_by!r} is not one of {POINT_COLOURS}")
     rgb = as_rgb(rgb)
-    start = time.perf_counter()
-    pred = predictor.predict(rgb)
-    latency_ms = 1000.0 * (time.perf_counter() - start)
     meta = meta or {}
+    opts = SceneOptions(bev=True, pointcloud=True, hfov_deg=hfov, max_rel_std=max_rel_std)
+    start = time.perf_counter()
+    pred = predictor.predict(rgb, focal_px=known_focal(opts, meta, rgb.shape[:2]))  # objects' distances
+    latency_ms = 1000.0 * (time.perf_counter() - start)
     intrinsics = "the example's intrinsics" if "intrinsics" in meta else f"a {hfov:g} degree field of view"
     pose = "the example's pose" if "camera_height" in meta else "the pose fitted to the predicted ground"
     views = {
@@ -122,7 +123,6 @@ def predict_views(
         "legend": legend(predictor),
         "camera": f"{intrinsics}, {pose}",
     }
-    opts = SceneOptions(bev=True, pointcloud=True, hfov_deg=hfov, max_rel_std=max_rel_std)
     return views | _scene_views(predictor, rgb, pred, opts, meta, out_dir, colour_by)
 
 

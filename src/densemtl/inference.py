@@ -172,11 +172,13 @@ class Predictor:
         return x[None].to(self.device)
 
     @torch.inference_mode()
-    def predict(self, image: ImageLike) -> dict[str, np.ndarray]:
+    def predict(self, image: ImageLike, focal_px: float | None = None) -> dict[str, np.ndarray]:
         """Predict every task for one image; outputs are resized back to the image's size.
 
         Returns each task's results (``Task.outputs``), e.g. ``semseg`` uint8 (H, W) ids and ``confidence``
         float32 (H, W), ``depth`` float32 (H, W) metres, ``normals`` float32 (H, W, 3) unit vectors.
+        ``focal_px``: the camera's focal length (pixels, in this image) when known; objects' distances use it
+        (docs/objects.md), else they assume a 70-degree horizontal field of view.
         """
         rgb = as_rgb(image)
         h, w = rgb.shape[:2]
@@ -184,7 +186,8 @@ class Predictor:
         result: dict[str, np.ndarray] = {}
         for name, raw in out.items():
             task = TASKS[name]
-            result.update(task.to_numpy(task.upsample(raw.float(), (h, w)), self.info))
+            camera = {"focal_px": focal_px} if task.uses_focal else {}
+            result.update(task.to_numpy(task.upsample(raw.float(), (h, w)), self.info, **camera))
         return result
 
 
@@ -303,6 +306,18 @@ def _read_input(path: Path) -> np.ndarray:
         raise MemoryError(f"{path}: out of memory reading the image ({e}); downscale it") from e
 
 
+def _image_focal(camera: SceneOptions | None, path: Path, size: tuple[int, int]) -> float | None:
+    """The focal length (pixels) of the camera that took ``path``, or None: a broken meta JSON only stops the
+    3-D outputs (which report it), not the prediction."""
+    from densemtl.scene3d.scene import known_focal, sample_meta
+
+    try:
+        meta = sample_meta(path)
+    except (ValueError, OSError):
+        meta = {}
+    return known_focal(camera, meta, size)
+
+
 def predict_paths(
     checkpoint: str | Path,
     inputs: list[str | Path],
@@ -315,11 +330,14 @@ def predict_paths(
     engine: str | None = None,
     tta: str = "none",
     mc_samples: int = 0,
+    camera: SceneOptions | None = None,
 ) -> list[dict[str, Path]]:
     """Run a checkpoint over images/folders and write per-image outputs into ``out``.
 
     ``tta``/``mc_samples`` add epistemic passes (see :class:`Predictor`); their cost is printed at the end.
     ``scene`` (a ``densemtl.scene3d.bev.SceneOptions``) adds the point cloud (PLY + NPZ) and/or BEV map per image.
+    ``camera`` (default ``scene``): the options whose intrinsics or field of view, else the image's meta JSON,
+    give objects' distances their focal length (``Predictor.predict(focal_px=...)``).
     ``backend``: "torch" or "onnxruntime" (the checkpoint exported to ONNX and run by ONNX Runtime);
     ``engine`` is its deprecated name. An image given twice is predicted once; images with the same name in
     different folders keep their folders under ``out`` (:func:`output_stems`), so no output replaces another.
@@ -340,7 +358,7 @@ def predict_paths(
     for path, stem in tqdm(list(zip(paths, output_stems(paths), strict=True)), desc="predict", disable=None):
         rgb = _read_input(path)
         start = time.perf_counter()
-        pred = predictor.predict(rgb)
+        pred = predictor.predict(rgb, focal_px=_image_focal(camera or scene, path, rgb.shape[:2]))
         seconds += time.perf_counter() - start
         files = write_prediction(out_dir, stem, rgb, pred, predictor.info, predictor.tasks)
         if scene is not None:

@@ -38,7 +38,8 @@ def mc_samples(text: str) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from densemtl.inference import predict_paths
 
-    scene = scene_options(args) if args.pointcloud or args.bev else None
+    camera = scene_options(args)  # the camera flags also give objects' distances their focal length
+    scene = camera if args.pointcloud or args.bev else None
     written = predict_paths(
         args.checkpoint,
         args.inputs,
@@ -49,6 +50,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         backend=args.backend,
         tta=args.tta,
         mc_samples=args.mc_samples,
+        camera=camera,
     )
     print(f"wrote predictions for {len(written)} image(s) to {args.out}")
     return 0

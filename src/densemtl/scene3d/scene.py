@@ -97,6 +97,15 @@ def resolve_intrinsics(opts: SceneOptions, meta: dict, size: tuple[int, int]) ->
     raise ValueError("no camera intrinsics for this image: pass --fx --fy --cx --cy or --hfov DEGREES")
 
 
+def known_focal(opts: SceneOptions | None, meta: dict, size: tuple[int, int]) -> float | None:
+    """The camera's focal length fx (pixels) as :func:`resolve_intrinsics` finds it, or None when nothing says
+    (what objects' distances need: ``Predictor.predict(focal_px=...)``)."""
+    try:
+        return float(resolve_intrinsics(opts or SceneOptions(), meta, size)[0])
+    except ValueError:
+        return None
+
+
 def resolve_pose(
     opts: SceneOptions, meta: dict, points_cam: np.ndarray, semseg: np.ndarray | None, drivable: Sequence[int]
 ) -> CameraPose:

@@ -142,6 +142,8 @@ class Task:
         console: the metrics the per-epoch console line shows (default: the headline).
         uses_classes: the task depends on the dataset's class list (a model can only be evaluated on, or
             pseudo-label, a dataset with the same classes).
+        uses_focal: :meth:`to_numpy` takes ``focal_px``, the camera's focal length in pixels of the image
+            (None when unknown), because its outputs depend on it (an object's distance).
         hub_pipeline_tag: the Hugging Face Hub ``pipeline_tag`` for a model card ('' for none).
         suffix: the file name ending of the task's files in :attr:`folder`.
     """
@@ -155,6 +157,7 @@ class Task:
     outputs: tuple[str, ...] = ()
     console: tuple[str, ...] = ()
     uses_classes: bool = False
+    uses_focal: bool = False
     hub_pipeline_tag: str = ""  # the Hugging Face Hub pipeline tag a model card may carry for this task
     suffix: str = ".png"
     has_baseline: bool = True  # False: fit_baseline is None, so evaluation reads no training targets for it

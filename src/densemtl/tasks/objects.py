@@ -14,6 +14,7 @@ benchmarks/objects.py compares it with reading the predicted depth map inside th
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from densemtl.data.format import DatasetFormatError
 from densemtl.data.objects import OBJECT_CLASSES_KEY, OBJECTS_DIR, read_objects
 from densemtl.tasks.base import Accumulator, Info, Task
 from densemtl.tasks.objects_codec import (
+    ASSUMED_HFOV_DEG,
     COL,
     EXTRA_CHANNELS,
     FIELDS,
@@ -35,6 +37,7 @@ from densemtl.tasks.objects_codec import (
     STRIDE,
     cell_boxes,
     decode,
+    default_focal,
     grid_size,
     is_peak,
     wrap_angle,
@@ -82,11 +85,12 @@ class Objects(Task):
     folder = OBJECTS_DIR
     suffix = ".json"
     has_baseline = False
+    uses_focal = True
     headline = "ap50"
     console = ("ap50", "distance_delta1")
     lower_is_better = frozenset({"distance_relerr", "distance_relerr_baseline"})
     hub_pipeline_tag = "object-detection"
-    outputs = tuple(f"objects_{k}" for k in DECODED)
+    outputs = (*(f"objects_{k}" for k in DECODED), "objects_focal_px")
 
     def available(self, info: Info) -> bool:
         return bool(object_classes(info))
@@ -121,6 +125,7 @@ class Objects(Task):
 
     def to_sample(self, array: np.ndarray | None, size: tuple[int, int]) -> dict[str, Tensor]:
         rows = torch.zeros(0, len(FIELDS)) if array is None else torch.from_numpy(np.array(array, np.float32))
+        rows[:, COL["focal"]] = default_focal(size[1])  # pack() puts the sample's fx there when it has one
         boxes = tv_tensors.BoundingBoxes(
             rows[:, COL["x0"] : COL["y1"] + 1], format="XYXY", canvas_size=tuple(size), clamping_mode="hard"
         )
@@ -133,6 +138,9 @@ class Objects(Task):
         raise ValueError("objects are written as objects/<id>.json with densemtl.data.objects.write_objects")
 
     def resize_target(self, target: dict[str, Tensor], size: tuple[int, int]) -> dict[str, Tensor]:
+        rows = target["rows"].clone()  # a zoom about the camera: the assumed focal length scales with the width
+        rows[:, COL["focal"]] *= size[1] / target["boxes"].canvas_size[1]
+        target = {"boxes": target["boxes"], "rows": rows}
         return self._sanitize(target, TF.resize(target["boxes"], list(size)), cropped=False)
 
     def crop_target(self, target: dict[str, Tensor], top: int, left: int, height: int, width: int) -> Any:
@@ -163,10 +171,12 @@ class Objects(Task):
 
     def pack(self, target: Any, sample: dict[str, Any]) -> Tensor:
         """The sample's objects as one padded (MAX_OBJECTS, FIELDS) tensor (class -1 = no object), with the
-        sample's fx, cx (0 without intrinsics); the largest boxes are kept when there are more."""
+        sample's fx, cx (0 without intrinsics) and, in every row, the image's focal length (its fx, else the
+        assumed camera's); the largest boxes are kept when there are more."""
         if isinstance(target, Tensor) and not isinstance(target, tv_tensors.TVTensor):
             return target  # already packed
         rows = target["rows"].clone()
+        focal = float(rows[0, COL["focal"]]) if len(rows) else default_focal(target["boxes"].canvas_size[1])
         rows[:, COL["x0"] : COL["y1"] + 1] = target["boxes"].as_subclass(Tensor)
         if len(rows) > MAX_OBJECTS:
             area = (rows[:, 2] - rows[:, 0]) * (rows[:, 3] - rows[:, 1])
@@ -174,9 +184,11 @@ class Objects(Task):
         k = sample.get("intrinsics")
         if k is not None and bool(sample.get("has_intrinsics", False)):
             rows[:, COL["fx"]], rows[:, COL["cx"]] = float(k[0]), float(k[2])
+            focal = float(k[0])
         out = torch.zeros(MAX_OBJECTS, len(FIELDS))
         out[:, COL["class"]] = -1
         out[: len(rows)] = rows
+        out[:, COL["focal"]] = focal
         return out
 
     # ----------------------------------------------------------------------------------------------- model
@@ -199,7 +211,7 @@ class Objects(Task):
         box): cells that are no peak (``objects_codec.is_peak``) get ``SUPPRESSED_LOGIT``, then every target cell takes the heatmaps'
         maximum over the source cells it covers (adaptive max pooling, which also upsamples) and the regression
         of the source cell that holds it, its box rescaled to the new image and re-expressed from the new cell's
-        centre. Upsampling copies a source cell into several target cells; only the one holding the source cell's
+        centre, its distance channel for the new image's focal length. Upsampling copies a source cell into several target cells; only the one holding the source cell's
         centre keeps its scores, so that a peak stays one detection (peaks are never neighbours: ``is_peak``).
         """
         grid = grid_size(*size)
@@ -222,6 +234,7 @@ class Objects(Task):
         gx = torch.arange(grid[1], device=output.device).view(1, 1, 1, grid[1])
         cx, cy = (gx[:, 0] + 0.5) * STRIDE, (gy[:, 0] + 0.5) * STRIDE  # new cell centres, pixels
         x0, y0, x1, y1 = picked[:, 10], picked[:, 11], picked[:, 12], picked[:, 13]
+        picked[:, 0] -= math.log(sx)  # the distance channel is per focal length, which scales with the width
         edges = torch.stack([cx - x0, cy - y0, x1 - cx, y1 - cy], 1).div(STRIDE).clamp_min(1e-3).log()
         rep = torch.ones_like(where, dtype=torch.bool)  # (B, 1, *grid)
         if sx > 1:
@@ -266,10 +279,16 @@ class Objects(Task):
         return {"Objects: precision-recall at IoU 0.5": path} if path else {}
 
     # ------------------------------------------------------------------------------------------ prediction
-    def to_numpy(self, output: Tensor, info: Info) -> dict[str, np.ndarray]:
-        det = decode(output.float(), output.shape[1] - EXTRA_CHANNELS, threshold=SCORE_THRESHOLD)
+    def to_numpy(self, output: Tensor, info: Info, focal_px: float | None = None) -> dict[str, np.ndarray]:
+        """The detections above the operating point; distances for a camera of focal length ``focal_px``
+        (pixels, in the image ``output`` belongs to), or the assumed one (``objects_codec.ASSUMED_HFOV_DEG``);
+        ``objects_focal_px`` says which: [focal length, 1.0 if assumed else 0.0]."""
+        focal = default_focal(output.shape[-1] * STRIDE) if focal_px is None else float(focal_px)
+        det = decode(output.float(), output.shape[1] - EXTRA_CHANNELS, threshold=SCORE_THRESHOLD,
+                     focal=torch.tensor([focal]))  # fmt: skip
         n = int(det["count"][0])
         out = {f"objects_{k}": det[k][0, :n].cpu().numpy() for k in DECODED}
+        out["objects_focal_px"] = np.array([focal, focal_px is None], np.float32)  # fx, and whether assumed
         out["objects_classes"] = out["objects_classes"].astype(np.int32)
         return {k: v.astype(np.float32) if v.dtype.kind == "f" else v for k, v in out.items()}
 
@@ -305,7 +324,12 @@ class Objects(Task):
             }
             for box, s, c, d, size, yaw in zip(*(pred[f"objects_{k}"] for k in DECODED), strict=True)
         ]
-        return {self.name: {"objects": objects, "score_threshold": SCORE_THRESHOLD, "units": "pixels, metres"}}
+        doc = {"objects": objects, "score_threshold": SCORE_THRESHOLD, "units": "pixels, metres"}
+        if "objects_focal_px" in pred:  # the camera the distances are for (docs/objects.md, Distance)
+            focal, assumed = (float(v) for v in pred["objects_focal_px"][:2])
+            doc["distance_focal_px"] = round(focal, 3)
+            doc["distance_camera"] = f"assumed {ASSUMED_HFOV_DEG:g}-degree field of view" if assumed else "given"
+        return {self.name: doc}
 
     def pseudo_label(self, pred, info, min_confidence: float = 0.0, max_rel_std: float = 0.0) -> np.ndarray:
         raise ValueError("objects cannot be pseudo-labelled yet: pass --tasks without objects")

@@ -15,7 +15,9 @@ channels              meaning
 ``[0, K)``            centre-heatmap logits, one per class (sigmoid = score)
 ``K .. K+3``          ln of the distances (in cells) from the cell's centre to the box's left, top, right and
                       bottom edges
-``K+4``               ln of the object's distance (metres): the depth Z of its 3-D centre, as a depth map has it
+``K+4``               ln of the object's distance (the depth Z of its 3-D centre, metres) at the reference
+                      focal length: ``ln(Z * FOCAL_REF_PX / f)``, f the focal length (pixels) of the image
+                      the grid belongs to (see below)
 ``K+5 .. K+7``        ln of the 3-D size (length, width, height) in metres
 ``K+8, K+9``          yaw bin logits (bins centred at -pi/2 and +pi/2, KITTI ``rotation_y``)
 ``K+10 .. K+13``      (sin, cos) of the yaw's residual from bin 0's and bin 1's centre
@@ -25,6 +27,15 @@ Boxes are pixel edges (x0, y0, x1, y1) in the image (pixel u covers [u, u + 1]);
 [4 ix, 4 ix + 4) and its centre is at ``4 (ix + 0.5)``. Decoding (:func:`decode`) is 3x3 max-pool peak extraction
 (one peak per plateau of equal scores) and a top-``k`` over classes and cells, all tensor ops with a fixed ``k``, so the same function runs in PyTorch
 and inside the ONNX graph and both give the same boxes.
+
+The distance channel is camera-aware. How far an object of a given pixel size is depends on the focal length:
+Z = f H / h for an object H metres high and h pixels high, so one image cannot say Z without f. The
+synthetic cameras' fields of view span 55-90 degrees, and training zooms by up to 25 %. So the head regresses
+``Z * FOCAL_REF_PX / f``, which the image alone determines: ``f H / h`` scaled to the reference focal length.
+:func:`decode` multiplies it back by the image's focal length. A target row carries that focal length
+(``focal``: the sample's fx, or the :func:`default_focal` of an ``ASSUMED_HFOV_DEG`` camera when it has no
+intrinsics, scaled by every resize), and so does a prediction when the camera is known. Otherwise decoding
+assumes the same field of view, which gives back what a model trained without intrinsics learned.
 
 Targets travel as one padded tensor per sample (:data:`FIELDS` columns, ``MAX_OBJECTS`` rows, class -1 = none),
 so samples collate like the dense tasks' targets.
@@ -47,11 +58,13 @@ ALPHA = 0.54  # TTFNet: the heatmap Gaussian's sigma is ALPHA * (box side) / 6
 BETA = 0.54  # TTFNet: cells within the Gaussian of BETA * (box side) / 6 regress the box
 MIN_TRAIN_CELLS = 1.0  # objects less than a cell high (4 px at the network input) are ignored in training ...
 MIN_TRAIN_VISIBLE = 0.2  # ... and so are those of which less than this share is visible
+FOCAL_REF_PX = 256.0  # the focal length (pixels) at which the distance channel is expressed
+ASSUMED_HFOV_DEG = 70.0  # the camera assumed when an image comes without intrinsics (a typical dash-cam)
 
 # Columns of a target row.
 FIELDS = (
     "class", "x0", "y0", "x1", "y1", "distance", "cx3", "cy3", "cz3", "l", "w", "h", "yaw", "has3d",
-    "visible", "truncated", "fx", "cx",
+    "visible", "truncated", "fx", "cx", "focal",
 )  # fmt: skip
 COL = {name: i for i, name in enumerate(FIELDS)}
 
@@ -59,6 +72,11 @@ COL = {name: i for i, name in enumerate(FIELDS)}
 def grid_size(height: int, width: int) -> tuple[int, int]:
     """The stride-4 grid (h, w) of an (H, W) image: ``ceil(H / 4), ceil(W / 4)``."""
     return -(-int(height) // STRIDE), -(-int(width) // STRIDE)
+
+
+def default_focal(width: float) -> float:
+    """The focal length (pixels) of an image ``width`` pixels wide seen by an ``ASSUMED_HFOV_DEG`` camera."""
+    return float(width) / (2.0 * math.tan(math.radians(ASSUMED_HFOV_DEG) / 2.0))
 
 
 def wrap_angle(a: Tensor) -> Tensor:
@@ -142,8 +160,8 @@ def regression_targets(target: Tensor, grid: tuple[int, int]) -> dict[str, Tenso
     where its ``BETA`` Gaussian exceeds 0.05 (at least its centre cell); a cell two objects claim regresses the
     smaller. Returns per cell ``batch``, ``iy``, ``ix`` (M,), ``weight`` (M,: the Gaussian, normalised to sum to
     ln(area) per object, as TTFNet weighs large boxes), ``box`` (M, 4) pixels, ``object`` (M,) row index into
-    :func:`_objects`' rows, and the object's ``log_distance``, ``has_distance``, ``log_size3d``, ``yaw_bin``,
-    ``yaw_residual``, ``has3d``."""
+    :func:`_objects`' rows, and the object's ``log_distance`` (at ``FOCAL_REF_PX``), ``has_distance``,
+    ``log_size3d``, ``yaw_bin``, ``yaw_residual``, ``has3d``."""
     b = target.shape[0]
     batch, rows = _objects(target, learn=True)
     h, w = grid
@@ -171,10 +189,12 @@ def regression_targets(target: Tensor, grid: tuple[int, int]) -> dict[str, Tenso
     yaw = wrap_angle(r[:, COL["yaw"]])
     yaw_bin = (yaw >= 0).long()
     centres = torch.tensor(YAW_BINS, dtype=rows.dtype, device=rows.device)
+    focal = r[:, COL["focal"]]
+    focal = torch.where(focal > 0, focal, torch.full_like(focal, FOCAL_REF_PX))  # rows made without one
     return {
         "batch": batch[obj], "iy": cy, "ix": cx, "weight": weight, "object": obj,
         "box": r[:, COL["x0"] : COL["y1"] + 1],
-        "log_distance": r[:, COL["distance"]].clamp_min(1e-3).log(),
+        "log_distance": (r[:, COL["distance"]] * FOCAL_REF_PX / focal).clamp_min(1e-3).log(),
         "has_distance": r[:, COL["distance"]] > 0,
         "log_size3d": lwh.clamp_min(1e-3).log(),
         "yaw_bin": yaw_bin,
@@ -218,12 +238,17 @@ def is_peak(logits: Tensor) -> Tensor:
     return top & (logits > before)
 
 
-def decode(raw: Tensor, num_classes: int, k: int = TOP_K, threshold: float = 0.0) -> dict[str, Tensor]:
+def decode(
+    raw: Tensor, num_classes: int, k: int = TOP_K, threshold: float = 0.0, focal: Tensor | None = None
+) -> dict[str, Tensor]:
     """Detections from raw outputs (B, K + 14, h, w), ``k`` per image, best first, padded.
 
     Returns ``boxes`` (B, k, 4) pixels, ``scores`` (B, k), ``classes`` (B, k) int64, ``distance`` (B, k) metres,
     ``size3d`` (B, k, 3) metres, ``yaw`` (B, k) radians, and ``count`` (B,) int64: how many detections have a
     score >= ``threshold``. Needs ``num_classes * h * w >= k`` (any input of at least 64 x 64 pixels).
+    ``focal`` (B,): each image's focal length in pixels (0: none, the channel is read as metres, as
+    :func:`regression_targets` trains rows without one); None assumes an ``ASSUMED_HFOV_DEG`` camera
+    (:func:`default_focal` of the grid's width in pixels).
     """
     b, _, h, w = raw.shape
     logits = raw[:, :num_classes]  # peaks on the logits: the sigmoid would make confident neighbours ties (1.0)
@@ -235,11 +260,16 @@ def decode(raw: Tensor, num_classes: int, k: int = TOP_K, threshold: float = 0.0
     ix = cell - iy * w
     reg = raw[:, num_classes:].reshape(b, EXTRA_CHANNELS, h * w)
     reg = torch.gather(reg, 2, cell[:, None, :].expand(b, EXTRA_CHANNELS, k)).permute(0, 2, 1)  # (B, k, 14)
+    if focal is None:  # the grid's width as a tensor, so that an exported graph follows its dynamic width
+        focal_px = torch.ones_like(raw[:, 0, 0, :]).sum(-1) * default_focal(STRIDE)
+    else:
+        focal_px = focal.to(device=raw.device, dtype=raw.dtype).reshape(b)
+        focal_px = torch.where(focal_px > 0, focal_px, FOCAL_REF_PX)  # rows made without one: as in training
     return {
         "boxes": cell_boxes(reg[..., 0:4], iy, ix),
         "scores": scores,
         "classes": classes,
-        "distance": reg[..., 4].exp(),
+        "distance": reg[..., 4].exp() * (focal_px[:, None] / FOCAL_REF_PX),
         "size3d": reg[..., 5:8].exp(),
         "yaw": yaw_from(reg[..., 8:10], reg[..., 10:14]),
         "count": (scores >= threshold).sum(dim=1),

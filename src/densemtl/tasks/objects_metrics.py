@@ -82,7 +82,7 @@ class ObjectsMetrics(Accumulator):
         self._state = {}
 
     def update(self, pred: Tensor, target: Tensor) -> None:
-        det = decode(pred.float(), len(self.class_names))
+        det = decode(pred.float(), len(self.class_names), focal=target[:, 0, COL["focal"]])
         image_height = pred.shape[-2] * STRIDE
         for i in range(pred.shape[0]):
             keep = det["scores"][i] >= MIN_SCORE

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from densemtl.scene3d.bev import SceneOptions, scene_bev, scene_bev_picture, scene_of
+from densemtl.scene3d.bev import SceneOptions, known_focal, scene_bev, scene_bev_picture, scene_of
 
 CODECS = ("avc1", "mp4v")  # preferred first
 
@@ -213,7 +213,7 @@ def predict_video(
 ) -> dict[str, Any]:
     """Predict every frame of a video file or camera and write the panel MP4; returns frames, FPS and codec.
 
-    ``predictor`` has ``predict(rgb) -> {output: array}``, ``info`` and ``tasks`` (a ``Predictor``). Camera
+    ``predictor`` has ``predict(rgb, focal_px=None) -> {output: array}``, ``info`` and ``tasks`` (a ``Predictor``). Camera
     intrinsics/pose come from ``opts``, else ``<source>.json`` (written by ``synth_video``), else ``opts``'s field
     of view and a ground plane fitted to predicted road/floor pixels. The FPS shown is the smoothed rate of
     prediction + BEV (not decoding or encoding).
@@ -230,7 +230,7 @@ def predict_video(
         frames = read_video(source, max_frames)
         for rgb in tqdm(frames, desc="video", total=_frame_count(source, max_frames), disable=None):
             t0 = time.perf_counter()
-            pred = predictor.predict(rgb)
+            pred = predictor.predict(rgb, focal_px=known_focal(opts, meta, rgb.shape[:2]))
             bev = frame_bev(rgb, pred, predictor.info, opts, meta) if opts.bev else None
             dt = max(time.perf_counter() - t0, 1e-6)
             speed = 1.0 / dt if n == 0 else 0.9 * speed + 0.1 / dt  # smoothed frames per second
