@@ -118,7 +118,7 @@ def test_version_1_checkpoints_are_converted_on_load(tmp_path):
         del old["model"][key]
     save_checkpoint(tmp_path / "v1.pt", old)
     ckpt = load_checkpoint(tmp_path / "v1.pt")
-    assert ckpt["version"] == CHECKPOINT_VERSION == 4 and ckpt["config"] == to_dict(cfg)
+    assert ckpt["version"] == CHECKPOINT_VERSION == 5 and ckpt["config"] == to_dict(cfg)
     loaded = model_from_checkpoint(ckpt).eval()
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
     assert torch.equal(loaded.pixel_mean.flatten(), mean) and torch.equal(loaded.pixel_std.flatten(), std)
@@ -154,3 +154,23 @@ def test_version_2_checkpoints_keep_their_decoder_and_heads_whatever_the_default
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded(x)["depth"], model(x)["depth"])
+
+
+def test_a_checkpoint_whose_head_meant_something_else_is_refused_naming_the_task(tmp_path):
+    """Version-4 objects heads regressed metres, not metres per focal length: such a file is refused (no exact
+    conversion exists); a version-4 file without that head loads and is upgraded."""
+    from densemtl.config import Config, ModelConfig
+    from densemtl.models import build_model
+    from densemtl.tasks.objects import OBJECTS
+    from densemtl.train.checkpoint import CHECKPOINT_VERSION, make_payload
+
+    cfg = Config(model=ModelConfig(num_classes=3, backbone="mobilenet_v3_small", decoder_channels=8))
+    old = make_payload(cfg, build_model(cfg.model), {"classes": ["a", "b", "c"]})
+    old["version"] = 4
+    save_checkpoint(tmp_path / "dense.pt", old)
+    assert load_checkpoint(tmp_path / "dense.pt")["version"] == CHECKPOINT_VERSION
+    with_objects = {**old, "config": {**old["config"], "model": {**old["config"]["model"], "tasks": [
+        *cfg.model.tasks, OBJECTS.name]}}}  # fmt: skip
+    save_checkpoint(tmp_path / "objects.pt", with_objects)
+    with pytest.raises(CheckpointError, match=rf"objects.pt.*'{OBJECTS.name}' head.*version 4.*retrain"):
+        load_checkpoint(tmp_path / "objects.pt")

@@ -67,3 +67,15 @@ def test_the_graph_outputs_decoded_boxes_that_match_pytorch(tmp_path) -> None:
         model.heads[OBJECTS.name].reg.bias[2:4] += 0.3  # boxes 35 % larger: the graph no longer matches
     report = check_parity(model, path, torch.rand(1, 3, *SIZE))
     assert not report["passed"] and report["objects_box_max_err_px"] > 0.5
+
+
+def test_a_graph_exported_before_the_per_focal_length_distance_is_refused() -> None:
+    """ONNX files without ``checkpoint_version`` in their metadata have version-4 heads: an objects graph among
+    them would decode distances wrongly, so it is refused naming the file; a dense-only one still loads."""
+    from densemtl.deploy.ort import OnnxModel
+    from densemtl.train.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"old\.onnx.*'objects' head.*retrain"):
+        OnnxModel(None, {"version": 2, "tasks": [OBJECTS.name]}, "old.onnx")
+    with pytest.raises(AttributeError):  # past the check: it reaches the (missing) session
+        OnnxModel(None, {"version": 2, "tasks": ["semseg"]}, "old.onnx")

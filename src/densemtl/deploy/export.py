@@ -36,6 +36,7 @@ from densemtl.deploy.ort import OnnxModel
 from densemtl.deploy.progress import stage
 from densemtl.fileio import atomic_write, check_output
 from densemtl.tasks import TASKS
+from densemtl.train.checkpoint import CHECKPOINT_VERSION
 
 log = logging.getLogger("densemtl")
 OPSET = 18
@@ -99,6 +100,7 @@ def build_metadata(
     return {
         "format": FORMAT,
         "version": METADATA_VERSION,
+        "checkpoint_version": CHECKPOINT_VERSION,  # what its heads' outputs mean (train.checkpoint)
         "tasks": list(wrapper.tasks),
         "outputs": wrapper.output_names(),
         "classes": list(info.get("classes", [])),

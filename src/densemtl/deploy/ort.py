@@ -21,6 +21,7 @@ from torch import nn
 
 from densemtl.deploy.metadata import METADATA_VERSION, read_metadata, to_numpy
 from densemtl.tasks import TASKS
+from densemtl.train.checkpoint import check_heads_current
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
@@ -89,6 +90,8 @@ class OnnxModel(nn.Module):
         unknown = [t for t in metadata.get("tasks", ()) if t not in TASKS]
         if unknown:
             raise ValueError(f"{path} has outputs of unknown task(s) {unknown}; known tasks: {sorted(TASKS)}")
+        # Files from before this field have the heads of checkpoint version 4 (docs/objects.md, Distance).
+        check_heads_current(int(metadata.get("checkpoint_version", 4)), metadata.get("tasks", ()), path)
         self.session = session
         self.metadata = metadata
         self.tasks = tuple(metadata.get("tasks", ()))

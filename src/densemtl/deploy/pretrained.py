@@ -38,7 +38,9 @@ from densemtl.fileio import atomic_write, atomic_write_text
 from densemtl.train.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
+    CheckpointError,
     check_finite_weights,
+    check_heads_current,
     input_scale,
     load_checkpoint,
     make_payload,
@@ -315,6 +317,10 @@ def load_pretrained(
         cfg = from_dict(Config, meta["config"], f"{folder / CONFIG_FILE}: config")
     except (ConfigError, KeyError) as e:
         raise PretrainedError(f"{e}; the folder was written by another densemtl version: re-save it") from e
+    try:
+        check_heads_current(int(meta.get("checkpoint_version", 1)), cfg.model.tasks, folder)
+    except CheckpointError as e:
+        raise PretrainedError(str(e)) from e
     tensors = read_weights(folder, meta)
     model = build_model(replace(cfg.model, pretrained="none", backbone_weights=""))  # weights come from the file
     check_tensors(model, tensors, folder / WEIGHTS_FILE)

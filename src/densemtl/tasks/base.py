@@ -142,6 +142,8 @@ class Task:
         console: the metrics the per-epoch console line shows (default: the headline).
         uses_classes: the task depends on the dataset's class list (a model can only be evaluated on, or
             pseudo-label, a dataset with the same classes).
+        min_checkpoint_version: checkpoints older than this version (``train.checkpoint.CHECKPOINT_VERSION``)
+            trained this task's head to output something else; loading one is refused.
         uses_focal: :meth:`to_numpy` takes ``focal_px``, the camera's focal length in pixels of the image
             (None when unknown), because its outputs depend on it (an object's distance).
         hub_pipeline_tag: the Hugging Face Hub ``pipeline_tag`` for a model card ('' for none).
@@ -158,6 +160,7 @@ class Task:
     console: tuple[str, ...] = ()
     uses_classes: bool = False
     uses_focal: bool = False
+    min_checkpoint_version: int = 1
     hub_pipeline_tag: str = ""  # the Hugging Face Hub pipeline tag a model card may carry for this task
     suffix: str = ".png"
     has_baseline: bool = True  # False: fit_baseline is None, so evaluation reads no training targets for it

@@ -86,6 +86,7 @@ class Objects(Task):
     suffix = ".json"
     has_baseline = False
     uses_focal = True
+    min_checkpoint_version = 5  # before, the distance channel was ln(metres), not per focal length
     headline = "ap50"
     console = ("ap50", "distance_delta1")
     lower_is_better = frozenset({"distance_relerr", "distance_relerr_baseline"})

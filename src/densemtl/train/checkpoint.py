@@ -22,8 +22,9 @@ from densemtl.fileio import atomic_write
 log = logging.getLogger("densemtl")
 
 CHECKPOINT_FORMAT = "densemtl-checkpoint"
-CHECKPOINT_VERSION = 4  # 2: the model owns its input normalisation; 3: the config names its decoder/head layout;
-# 4: heads may predict uncertainty and carry calibration buffers
+CHECKPOINT_VERSION = 5  # 2: the model owns its input normalisation; 3: the config names its decoder/head layout;
+# 4: heads may predict uncertainty and carry calibration buffers; 5: the objects head's distance is per focal length
+# (a task whose head an older checkpoint trained differently says so: ``Task.min_checkpoint_version``)
 # What a version <= 2 config left out, because those models could only be built one way: the tapered
 # LW-RefineNet widths, CRP stages (0, 2, 2, 4) and light heads. Filled in on load, so a later change of the
 # ModelConfig defaults never rebuilds an old checkpoint with a different architecture.
@@ -198,7 +199,23 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(
             f"{path} was written by a newer densemtl (checkpoint version {ckpt['version']}); upgrade densemtl"
         )
+    check_heads_current(int(ckpt.get("version", 1)), ckpt["config"].get("model", {}).get("tasks", ()), path)
     return _upgrade(ckpt, path)
+
+
+def check_heads_current(version: int, tasks: Any, path: str | Path) -> None:
+    """Refuse a model of checkpoint ``version`` whose head of one of ``tasks`` this densemtl would misread
+    (``Task.min_checkpoint_version``: its outputs mean something else now, and no conversion is exact)."""
+    from densemtl.tasks import TASKS
+
+    for t in tasks:
+        need = getattr(TASKS.get(t), "min_checkpoint_version", 1)
+        if version < need:
+            raise CheckpointError(
+                f"{path}: its {t!r} head was trained by an older densemtl (checkpoint version {version}), whose "
+                f"{t} outputs meant something else (this one reads version {need} and later; docs/{t}.md); "
+                "retrain the model (the file is left as it is)"
+            )
 
 
 def _upgrade(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -222,7 +239,9 @@ def _upgrade(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
     if ckpt.get("version", 1) < 4:
         config = dict(ckpt["config"])
         config["model"] = {**V3_MODEL_LAYOUT, **config.get("model", {})}
-        ckpt = {**ckpt, "config": config, "version": CHECKPOINT_VERSION, "uncalibrated": True}
+        ckpt = {**ckpt, "config": config, "version": 4, "uncalibrated": True}
+    if ckpt.get("version", 1) < 5:  # only the objects head changed, and check_heads_current refused those
+        ckpt = {**ckpt, "version": CHECKPOINT_VERSION}
     return ckpt
 
 
