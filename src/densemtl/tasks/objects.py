@@ -212,8 +212,9 @@ class Objects(Task):
         box): cells that are no peak (``objects_codec.is_peak``) get ``SUPPRESSED_LOGIT``, then every target cell takes the heatmaps'
         maximum over the source cells it covers (adaptive max pooling, which also upsamples) and the regression
         of the source cell that holds it, its box rescaled to the new image and re-expressed from the new cell's
-        centre, its distance channel for the new image's focal length. Upsampling copies a source cell into several target cells; only the one holding the source cell's
-        centre keeps its scores, so that a peak stays one detection (peaks are never neighbours: ``is_peak``).
+        centre, its distance channel for the new image's focal length. Upsampling copies a source cell into
+        several target cells; only the one holding the source cell's centre keeps its scores, so that a peak
+        stays one detection (peaks are never neighbours: ``is_peak``).
         """
         grid = grid_size(*size)
         b, c, h, w = output.shape

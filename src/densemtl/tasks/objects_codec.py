@@ -79,6 +79,12 @@ def default_focal(width: float) -> float:
     return float(width) / (2.0 * math.tan(math.radians(ASSUMED_HFOV_DEG) / 2.0))
 
 
+def known_or_reference(focal: Tensor) -> Tensor:
+    """Focal lengths (pixels), with ``FOCAL_REF_PX`` where one is 0 (rows made without one): the distance channel
+    is then read as metres, in training (:func:`regression_targets`) and in :func:`decode` alike."""
+    return torch.where(focal > 0, focal, torch.full_like(focal, FOCAL_REF_PX))
+
+
 def wrap_angle(a: Tensor) -> Tensor:
     """Angles wrapped to [-pi, pi)."""
     return torch.remainder(a + math.pi, 2 * math.pi) - math.pi
@@ -189,8 +195,7 @@ def regression_targets(target: Tensor, grid: tuple[int, int]) -> dict[str, Tenso
     yaw = wrap_angle(r[:, COL["yaw"]])
     yaw_bin = (yaw >= 0).long()
     centres = torch.tensor(YAW_BINS, dtype=rows.dtype, device=rows.device)
-    focal = r[:, COL["focal"]]
-    focal = torch.where(focal > 0, focal, torch.full_like(focal, FOCAL_REF_PX))  # rows made without one
+    focal = known_or_reference(r[:, COL["focal"]])
     return {
         "batch": batch[obj], "iy": cy, "ix": cx, "weight": weight, "object": obj,
         "box": r[:, COL["x0"] : COL["y1"] + 1],
@@ -263,8 +268,7 @@ def decode(
     if focal is None:  # the grid's width as a tensor, so that an exported graph follows its dynamic width
         focal_px = torch.ones_like(raw[:, 0, 0, :]).sum(-1) * default_focal(STRIDE)
     else:
-        focal_px = focal.to(device=raw.device, dtype=raw.dtype).reshape(b)
-        focal_px = torch.where(focal_px > 0, focal_px, FOCAL_REF_PX)  # rows made without one: as in training
+        focal_px = known_or_reference(focal.to(device=raw.device, dtype=raw.dtype).reshape(b))
     return {
         "boxes": cell_boxes(reg[..., 0:4], iy, ix),
         "scores": scores,
