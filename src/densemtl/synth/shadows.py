@@ -66,10 +66,21 @@ def _cull(planes: tuple, inv: list, lo: np.ndarray, hi: np.ndarray, ci: np.ndarr
     return ci[keep], ti[keep]
 
 
+def _halving(op: np.ufunc, x: np.ndarray) -> np.ndarray:
+    """``op.reduce(x, axis=-1)``; a power-of-two last axis is reduced as elementwise ``op`` of its halves: the
+    same values for fmin/fmax (exact in any order), 2x faster than numpy's reduction along a short axis."""
+    if x.shape[-1] & (x.shape[-1] - 1):  # not a power of two
+        return op.reduce(x, axis=-1)
+    while x.shape[-1] > 1:
+        k = x.shape[-1] // 2
+        x = op(x[..., :k], x[..., k:])
+    return x[..., 0]
+
+
 def _shadow_pairs(planes: tuple, inv: list, o: np.ndarray, grid: tuple[int, int]):
     """(caster, tile) pairs that survive culling, per block of tiles first, then per tile; o (3, T, S)."""
     (ny, nx), b = grid, SHADOW_BLOCK
-    lo, hi = np.fmin.reduce(o, axis=2), np.fmax.reduce(o, axis=2)  # (3, T) NaN for tiles without origins
+    lo, hi = _halving(np.fmin, o), _halving(np.fmax, o)  # (3, T) NaN for tiles without origins
     by, bx = -(-ny // b), -(-nx // b)
     pad = ((0, 0), (0, by * b - ny), (0, bx * b - nx))
     blo = np.pad(lo.reshape(3, ny, nx), pad, constant_values=np.nan).reshape(3, by, b, bx, b)
