@@ -15,6 +15,7 @@ from densemtl.synth.raycast import _INTERSECT, Camera, Hits
 from densemtl.synth.scene import BOX, CYLINDER, ELLIPSOID, Scene
 
 SHADOW_TILE, SHADOW_BLOCK = 8, 4  # shadow casters are culled per block of 4 x 4 tiles, then per 8 x 8 tile
+SHADOW_LEVELS = 2  # block levels above the tiles: blocks of 4 x 4 tiles, then of 4 x 4 blocks
 
 
 @lru_cache(maxsize=8)
@@ -77,27 +78,46 @@ def _halving(op: np.ufunc, x: np.ndarray) -> np.ndarray:
     return x[..., 0]
 
 
-def _shadow_pairs(planes: tuple, inv: list, o: np.ndarray, grid: tuple[int, int]):
-    """(caster, tile) pairs that survive culling, per block of tiles first, then per tile; o (3, T, S)."""
-    (ny, nx), b = grid, SHADOW_BLOCK
-    lo, hi = _halving(np.fmin, o), _halving(np.fmax, o)  # (3, T) NaN for tiles without origins
+def _coarser(lo: np.ndarray, hi: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray]:
+    """Origin bounds (3, ny, nx) of cells -> bounds of blocks of b x b cells (3, ceil(ny / b), ceil(nx / b))."""
+    _, ny, nx = lo.shape
     by, bx = -(-ny // b), -(-nx // b)
     pad = ((0, 0), (0, by * b - ny), (0, bx * b - nx))
-    blo = np.pad(lo.reshape(3, ny, nx), pad, constant_values=np.nan).reshape(3, by, b, bx, b)
-    bhi = np.pad(hi.reshape(3, ny, nx), pad, constant_values=np.nan).reshape(3, by, b, bx, b)
-    blo, bhi = (
-        np.fmin.reduce(blo, axis=(2, 4)).reshape(3, -1),
-        np.fmax.reduce(bhi, axis=(2, 4)).reshape(3, -1),
-    )
-    ci, bi = (
-        g.ravel() for g in np.meshgrid(np.arange(planes[0].shape[1]), np.arange(by * bx), indexing="ij")
-    )
-    ci, bi = _cull(planes, inv, blo, bhi, ci, bi)
+    blo = np.pad(lo, pad, constant_values=np.nan).reshape(3, by, b, bx, b)
+    bhi = np.pad(hi, pad, constant_values=np.nan).reshape(3, by, b, bx, b)
+    return np.fmin.reduce(blo, axis=(2, 4)), np.fmax.reduce(bhi, axis=(2, 4))
+
+
+def _refine(ci: np.ndarray, bi: np.ndarray, coarse: tuple[int, int], fine: tuple[int, int], b: int):
+    """Pairs (caster, block of the coarse grid) -> pairs (caster, each of the block's cells in the fine grid)."""
     dy, dx = np.divmod(np.arange(b * b), b)
-    ty, tx = (bi // bx * b)[:, None] + dy, (bi % bx * b)[:, None] + dx  # (P, b * b) tiles of each block
-    ok = (ty < ny) & (tx < nx)
-    ci, ti = np.broadcast_to(ci[:, None], ok.shape)[ok], (ty * nx + tx)[ok]
-    return _cull(planes, inv, lo, hi, ci, ti)
+    ty, tx = (bi // coarse[1] * b)[:, None] + dy, (bi % coarse[1] * b)[:, None] + dx  # (P, b * b)
+    ok = (ty < fine[0]) & (tx < fine[1])
+    return np.broadcast_to(ci[:, None], ok.shape)[ok], (ty * fine[1] + tx)[ok]
+
+
+def _shadow_pairs(planes: tuple, inv: list, o: np.ndarray, grid: tuple[int, int]):
+    """(caster, tile) pairs that survive culling, coarse to fine: blocks of b x b tiles, blocks of b x b of
+    those, ... (``SHADOW_LEVELS`` levels above the tiles); o (3, T, S).
+
+    Each test is exact for its box of origins, and a block's box holds its cells' boxes, so the pairs that
+    reach the tiles are the same whatever the number of levels; coarse levels only make the culling cheaper.
+    """
+    b = SHADOW_BLOCK
+    lo, hi = _halving(np.fmin, o), _halving(np.fmax, o)  # (3, T) NaN for tiles without origins
+    pyramid = [(lo.reshape(3, *grid), hi.reshape(3, *grid))]
+    for _ in range(SHADOW_LEVELS):
+        pyramid.append(_coarser(*pyramid[-1], b))
+    top_lo, top_hi = pyramid[-1]
+    ci, bi = (
+        g.ravel()
+        for g in np.meshgrid(np.arange(planes[0].shape[1]), np.arange(top_lo[0].size), indexing="ij")
+    )
+    ci, bi = _cull(planes, inv, top_lo.reshape(3, -1), top_hi.reshape(3, -1), ci, bi)
+    for (clo, _), (flo, fhi) in zip(pyramid[:0:-1], pyramid[-2::-1], strict=True):
+        ci, bi = _refine(ci, bi, clo.shape[1:], flo.shape[1:], b)
+        ci, bi = _cull(planes, inv, flo.reshape(3, -1), fhi.reshape(3, -1), ci, bi)
+    return ci, bi
 
 
 def sun_visibility(
