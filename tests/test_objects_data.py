@@ -26,7 +26,8 @@ from densemtl.data.objects import (
 )
 from densemtl.synth import scene as sc
 from densemtl.synth.generate import generate_dataset
-from densemtl.synth.raycast import Camera, cast, coverage
+from densemtl.synth.objects import coverage
+from densemtl.synth.raycast import Camera, cast
 from densemtl.synth.render import render, render_sample, sample_camera, sample_rng
 from densemtl.synth.streets import sample_scene
 
@@ -211,7 +212,7 @@ def test_synthetic_objects_match_their_instance_masks():
 
 
 def test_coverage_contains_every_visible_pixel():
-    """The recast repeats the cast's arithmetic: an object's visible pixels are all within its coverage."""
+    """Coverage counts the pixels the cast saw entering each object: its visible pixels are all within it."""
     for i in range(4):
         rng = sample_rng(2, "val", i)
         scene = sample_scene(rng)
@@ -220,7 +221,7 @@ def test_coverage_contains_every_visible_pixel():
         lut = np.concatenate([[0, 0], scene.instance])
         visible = np.bincount(lut[hits.index + 2].ravel(), minlength=scene.instance.max() + 1)
         group = np.where(scene.instance > 0, scene.instance - 1, -1)
-        covered = coverage(scene, cam, hits, group, int(scene.instance.max()))
+        covered = coverage(scene, hits, group, int(scene.instance.max()))
         assert (covered >= visible[1:]).all() and (covered > visible[1:]).any()
 
 

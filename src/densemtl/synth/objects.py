@@ -27,7 +27,7 @@ import numpy as np
 
 from densemtl.data.objects import boxes_from_instances
 from densemtl.synth import scene as sc
-from densemtl.synth.raycast import Camera, Hits, coverage, projected_extent
+from densemtl.synth.raycast import Camera, Hits, projected_extent
 from densemtl.synth.scene import Scene
 
 OBJECT_CLASSES = ("car", "person")
@@ -80,6 +80,35 @@ def truncation(lo: np.ndarray, hi: np.ndarray, camera: Camera, size: tuple[int, 
     return np.clip(share, 0.0, 1.0)
 
 
+def coverage(scene: Scene, hits: Hits, group: np.ndarray, n_groups: int) -> np.ndarray:
+    """(n_groups,) int64: how many pixels each group of object primitives would cover if nothing else were there.
+
+    ``group`` (M,) gives each primitive's group 0..n_groups-1, or -1 to leave it out; only object primitives
+    (``Scene.instance`` > 0) can be in a group. A pixel is covered where its ray enters a primitive of the
+    group in front of the camera (t > 0): ``cast`` records those pixels (``hits.entered``) with the arithmetic
+    that decides which primitive a pixel shows, so every pixel that ``hits`` gives to a primitive counts as
+    covered by its group. Each group's pixels are marked in a buffer the size of the union of its rectangles.
+    """
+    if (group[scene.instance <= 0] >= 0).any():
+        raise ValueError("coverage: only object primitives (instance > 0) can be in a group")
+    h, w = hits.t.shape
+    prims = np.flatnonzero(group >= 0)
+    rects, g = hits.rects[prims], group[prims]  # (P, 4) v0, v1, u0, u1
+    area = (rects[:, 1] - rects[:, 0]) * (rects[:, 3] - rects[:, 2])
+    box = np.tile(np.array([h, 0, w, 0]), (n_groups, 1))  # (G, 4) union of each group's rectangles
+    for c, op in enumerate((np.minimum, np.maximum, np.minimum, np.maximum)):
+        op.at(box[:, c], g[area > 0], rects[area > 0, c])
+    gh, gw = np.maximum(box[:, 1] - box[:, 0], 0), np.maximum(box[:, 3] - box[:, 2], 0)
+    start = np.concatenate([[0], np.cumsum(gh * gw)])  # each group's mask in one flat buffer
+    covered = np.zeros(start[-1], dtype=bool)
+    prim, pix = hits.entered
+    k = group[prim]
+    pix, k = pix[k >= 0], k[k >= 0]
+    covered[start[k] + (pix // w - box[k, 0]) * gw[k] + pix % w - box[k, 2]] = True
+    total = np.concatenate([[0], np.cumsum(covered, dtype=np.int64)])
+    return total[start[1:]] - total[start[:-1]]
+
+
 def annotate(scene: Scene, camera: Camera, hits: Hits) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """The instance mask (H, W) uint16 and the objects list (folder format) of a cast view ``hits``.
 
@@ -98,7 +127,7 @@ def annotate(scene: Scene, camera: Camera, hits: Hits) -> tuple[np.ndarray, list
         return instances, []
     group = renumber[scene.instance].astype(np.int64) - 1  # (M,) object 0..K-1; -1: no object or hidden
     # cast's pixels are a subset of each group's coverage (same arithmetic); max() only guards that promise
-    covered = np.maximum(coverage(scene, camera, hits, group, len(ids)), per_object[ids])
+    covered = np.maximum(coverage(scene, hits, group, len(ids)), per_object[ids])
     lo, hi, labels = world_boxes(scene, ids)
     cut = truncation(lo, hi, camera, hits.t.shape)
     boxes = boxes_from_instances(instances)

@@ -214,6 +214,9 @@ class Hits:
     points: np.ndarray  # (3, H, W) float32 world hit points (the camera position where nothing is hit)
     normals: np.ndarray  # (3, H, W) float32 world unit normals, 0 where nothing is hit
     rects: np.ndarray  # (M, 4) int64 each primitive's screen rectangle (v0, v1, u0, u1), see ``screen_rects``
+    # (primitive, flat pixel) pairs (P,), (P,) int64 where a ray enters an object's primitive (instance > 0) at
+    # t > 0, in front of other surfaces or not: what each object would cover alone (``objects.coverage``)
+    entered: tuple[np.ndarray, np.ndarray]
 
 
 SMALL_RECT = 1024  # primitives covering fewer pixels are intersected together, one batch per kind
@@ -249,6 +252,7 @@ def cast(scene: Scene, camera: Camera, size: tuple[int, int], far: float = 200.0
     inv = 1.0 / d
     t = np.full(size, np.inf, dtype=np.float32)
     index = np.full(size, NOTHING, dtype=np.int32)
+    record, entered = scene.instance > 0, [(np.zeros(0, np.int64), np.zeros(0, np.int64))]
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         if o[1] > 0:
             tg = -o[1] * inv[1]
@@ -261,13 +265,18 @@ def cast(scene: Scene, camera: Camera, size: tuple[int, int], far: float = 200.0
             db, ib = tuple(x[v0:v1, u0:u1] for x in d), tuple(x[v0:v1, u0:u1] for x in inv)
             tn, tf = _INTERSECT[scene.kind[i]](scene.center[i], scene.half[i], o, db, ib)
             tb = t[v0:v1, u0:u1]
-            closer = (tn < tb) & (tn <= tf) & (tn > 0)
-            np.copyto(tb, tn, where=closer)
-            np.copyto(index[v0:v1, u0:u1], i, where=closer)
+            hit = (tn <= tf) & (tn > 0)
+            if record[i]:
+                r = np.flatnonzero(hit)
+                entered.append((np.full(len(r), i), (v0 + r // (u1 - u0)) * size[1] + u0 + r % (u1 - u0)))
+            hit &= tn < tb
+            np.copyto(tb, tn, where=hit)
+            np.copyto(index[v0:v1, u0:u1], i, where=hit)
         small = np.flatnonzero((area > 0) & (area < SMALL_RECT))
-        _cast_small(scene, small, rects[small], o, d, inv, t, index)
+        entered += _cast_small(scene, small, rects[small], o, d, inv, t, index, record)
     points = np.asarray(o, dtype=np.float32)[:, None, None] + np.where(np.isfinite(t), t, 0) * d
-    return Hits(t, index, d, points, surface_normals(scene, index, points), rects)
+    pairs = tuple(np.concatenate(x) for x in zip(*entered, strict=True))
+    return Hits(t, index, d, points, surface_normals(scene, index, points), rects, pairs)
 
 
 def _cast_small(
@@ -279,59 +288,27 @@ def _cast_small(
     inv: np.ndarray,
     t: np.ndarray,
     index: np.ndarray,
-) -> None:
-    """Nearest hits of many small primitives at once on (primitive, pixel) pairs; updates t and index."""
+    record: np.ndarray,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Nearest hits of many small primitives at once on (primitive, pixel) pairs; updates t and index.
+
+    Returns the (primitive, pixel) pairs where a ray enters a primitive in ``record`` (M,) bool at t > 0.
+    """
     tflat, iflat = t.reshape(-1), index.reshape(-1)
-    found = []
+    found, entered = [], []
     for kind, prim, c, h, pix in _batches(scene, ids, rects, t.shape[1]):
         db, ib = tuple(x.reshape(-1)[pix] for x in d), tuple(x.reshape(-1)[pix] for x in inv)
         tn, tf = _INTERSECT[kind](c, h, o, db, ib)
-        ok = (tn <= tf) & (tn > 0) & (tn < tflat[pix])
+        ok = (tn <= tf) & (tn > 0)
+        rec = np.flatnonzero(ok & record[prim])
+        entered.append((prim[rec], pix[rec]))
+        ok &= tn < tflat[pix]
         np.minimum.at(tflat, pix[ok], tn[ok])
         found.append((prim[ok], pix[ok], tn[ok]))
     for prim, pix, tn in found:  # the pair that set a pixel's minimum owns it
         win = tn == tflat[pix]
         iflat[pix[win]] = prim[win]
-
-
-def coverage(scene: Scene, camera: Camera, hits: Hits, group: np.ndarray, n_groups: int) -> np.ndarray:
-    """(n_groups,) int64: how many pixels each group of primitives would cover if nothing else were there.
-
-    ``group`` (M,) gives each primitive's group 0..n_groups-1, or -1 to leave it out. A pixel is covered where
-    its ray enters a primitive of the group in front of the camera (t > 0). The primitives are intersected in
-    the screen rectangles of :func:`cast` (``hits.rects``) with its exact arithmetic (same batches, same
-    float32 operations), so every pixel that ``hits`` gives to a primitive counts as covered by its group.
-    Each group's pixels are marked in a buffer the size of the union of its rectangles.
-    """
-    h, w = hits.t.shape
-    rays, o = hits.rays, tuple(float(v) for v in camera.position)
-    prims = np.flatnonzero(group >= 0)
-    rects, g = hits.rects[prims], group[prims]  # (P, 4) v0, v1, u0, u1
-    area = (rects[:, 1] - rects[:, 0]) * (rects[:, 3] - rects[:, 2])
-    box = np.tile(np.array([h, 0, w, 0]), (n_groups, 1))  # (G, 4) union of each group's rectangles
-    for c, op in enumerate((np.minimum, np.maximum, np.minimum, np.maximum)):
-        op.at(box[:, c], g[area > 0], rects[area > 0, c])
-    gh, gw = np.maximum(box[:, 1] - box[:, 0], 0), np.maximum(box[:, 3] - box[:, 2], 0)
-    start = np.concatenate([[0], np.cumsum(gh * gw)])  # each group's mask in one flat buffer
-    covered = np.zeros(start[-1], dtype=bool)
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        for j in np.flatnonzero(area >= SMALL_RECT):
-            i, (v0, v1, u0, u1), k = prims[j], rects[j], g[j]
-            db = tuple(x[v0:v1, u0:u1] for x in rays)
-            tn, tf = _INTERSECT[scene.kind[i]](
-                scene.center[i], scene.half[i], o, db, tuple(1 / x for x in db)
-            )
-            view = covered[start[k] : start[k + 1]].reshape(gh[k], gw[k])
-            view[v0 - box[k, 0] : v1 - box[k, 0], u0 - box[k, 2] : u1 - box[k, 2]] |= (tn <= tf) & (tn > 0)
-        small = np.flatnonzero((area > 0) & (area < SMALL_RECT))
-        for kind, prim, c, hh, pix in _batches(scene, prims[small], rects[small], w):
-            db = tuple(x.reshape(-1)[pix] for x in rays)
-            tn, tf = _INTERSECT[kind](c, hh, o, db, tuple(1 / x for x in db))
-            hit = (tn <= tf) & (tn > 0)
-            k, pix = group[prim[hit]], pix[hit]
-            covered[start[k] + (pix // w - box[k, 0]) * gw[k] + pix % w - box[k, 2]] = True
-    total = np.concatenate([[0], np.cumsum(covered, dtype=np.int64)])
-    return total[start[1:]] - total[start[:-1]]
+    return entered
 
 
 def gather(planes: np.ndarray, index: np.ndarray) -> np.ndarray:
