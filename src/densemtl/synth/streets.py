@@ -83,9 +83,11 @@ _METAL = ((0.5, 0.5, 0.52), (0.2, 0.22, 0.2), (0.15, 0.28, 0.2), (0.65, 0.65, 0.
 def _pick(rng: np.random.Generator, palette: tuple[Vec3, ...], jitter: float = 0.06) -> Vec3:
     """A palette colour scaled by 0.8-1.15 with per-channel jitter (plain floats: this runs ~500x a scene)."""
     u = rng.random(5).tolist()
-    base, scale = palette[int(u[0] * len(palette))], 0.8 + 0.35 * u[1]
-    return tuple(
-        min(1.0, max(0.02, c * scale + (2 * j - 1) * jitter)) for c, j in zip(base, u[2:], strict=True)
+    (r, g, b), scale = palette[int(u[0] * len(palette))], 0.8 + 0.35 * u[1]
+    return (
+        min(1.0, max(0.02, r * scale + (2 * u[2] - 1) * jitter)),
+        min(1.0, max(0.02, g * scale + (2 * u[3] - 1) * jitter)),
+        min(1.0, max(0.02, b * scale + (2 * u[4] - 1) * jitter)),
     )
 
 
