@@ -152,7 +152,8 @@ _TEXTURES = {
 def _albedo(scene: Scene, hits: Hits) -> np.ndarray:
     """Per-pixel albedo (3, H, W): primitive colour, ground texture, then per-material textures.
 
-    Pixels are gathered once, sorted by material, so every texture works on one contiguous slice.
+    Every texture works per pixel, on the pixels of its material gathered together; the untextured ones
+    (plain, car body) only take their primitive's colour and are never gathered.
     """
     idx = hits.index.reshape(-1)
     alb = np.zeros((3, idx.size), dtype=np.float32)
@@ -162,17 +163,15 @@ def _albedo(scene: Scene, hits: Hits) -> np.ndarray:
     prim = np.flatnonzero(idx >= 0)
     if len(prim):
         ii = idx[prim]
+        scatter(alb, prim, np.take(scene.color.T, ii, axis=1))
         mat = scene.material[ii]
-        order = np.argsort(mat, kind="stable")
-        prim, ii, mat = prim[order], ii[order], mat[order]
-        edges = np.searchsorted(mat, np.arange(257))
-        block = np.take(scene.color.T, ii, axis=1)  # (3, K)
-        p, n = gather(pts, prim), gather(nrm, prim)
-        for m, texture in _TEXTURES.items():
-            s = slice(edges[m], edges[m + 1])
-            if s.stop > s.start:
-                texture(scene, ii[s], p[:, s], n[:, s], block[:, s])  # block[:, s] is a view: edited in place
-        scatter(alb, prim, block)
+        for m in np.flatnonzero(np.bincount(mat, minlength=256)):
+            if m in _TEXTURES:
+                sel = np.flatnonzero(mat == m)
+                pix, im = prim[sel], ii[sel]
+                block = np.take(scene.color.T, im, axis=1)  # (3, K) edited in place by the texture
+                _TEXTURES[m](scene, im, gather(pts, pix), gather(nrm, pix), block)
+                scatter(alb, pix, block)
     return alb.reshape(hits.points.shape)
 
 
@@ -231,8 +230,9 @@ def _to_uint8(
     x *= 1.25 * 255
     x /= shoulder
     if rng is not None and noise_std > 0:
-        noise = np.frombuffer(rng.bytes(x.size), dtype=np.uint8).reshape(x.shape)
-        x += np.take(_GAUSS_LUT * np.float32(noise_std * 255), noise)  # scaling the 256 entries: same floats
+        noise = np.frombuffer(rng.bytes(x.size), dtype=np.uint8).reshape(-1, x.shape[-1])
+        lut = _GAUSS_LUT * np.float32(noise_std * 255)  # scaling the 256 entries gives the same floats
+        x += cv2.LUT(noise, lut).reshape(x.shape)  # a float32 table look-up, 3x faster than np.take
     x += 0.5
     np.clip(x, 0, 255, out=x)
     return cv2.merge(list(x.astype(np.uint8)))  # (H, W, 3); the planes truncate to uint8 as the cast does
