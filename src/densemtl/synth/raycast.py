@@ -223,26 +223,26 @@ SMALL_RECT = 1024  # primitives covering fewer pixels are intersected together, 
 
 
 def rect_pixels(rects: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """All (row of ``rects``, flat pixel index) pairs covered by the rectangles (P, 4) = (v0, v1, u0, u1)."""
+    """All (row of ``rects``, flat pixel index) pairs covered by the rectangles (P, 4) = (v0, v1, u0, u1).
+
+    Rectangle by rectangle, row-major; built from the rectangles' pixel rows (no integer division per pixel).
+    """
     v0, v1, u0, u1 = rects.T
-    wid = u1 - u0
-    count = (v1 - v0) * wid
-    row = np.repeat(np.arange(len(rects)), count)
-    k = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
-    wr = wid[row]
-    return row, (v0[row] + k // wr) * width + u0[row] + k % wr
+    height, wid = v1 - v0, u1 - u0
+    line = np.repeat(np.arange(len(rects)), height)  # the rectangle of each pixel row
+    start = (v0[line] + np.arange(len(line)) - (np.cumsum(height) - height)[line]) * width + u0[line]
+    lw = wid[line]
+    return np.repeat(line, lw), np.repeat(start - (np.cumsum(lw) - lw), lw) + np.arange(lw.sum())
 
 
 def _batches(scene: Scene, ids: np.ndarray, rects: np.ndarray, width: int):
     """Yield (kind, primitive per pair, centre (3, P), half (3, P), flat pixel per pair) for small rects."""
-    row, pix = rect_pixels(rects, width)
-    prim = ids[row]
-    kind = scene.kind[prim]
+    kind = scene.kind[ids]
     for k in (BOX, CYLINDER, ELLIPSOID):
-        sel = kind == k
-        if sel.any():
-            p = prim[sel]
-            yield k, p, np.take(scene.center.T, p, axis=1), np.take(scene.half.T, p, axis=1), pix[sel]
+        row, pix = rect_pixels(rects[kind == k], width)
+        if len(pix):
+            p = ids[kind == k][row]
+            yield k, p, np.take(scene.center.T, p, axis=1), np.take(scene.half.T, p, axis=1), pix
 
 
 def cast(scene: Scene, camera: Camera, size: tuple[int, int], far: float = 200.0) -> Hits:
