@@ -325,8 +325,19 @@ def scatter(planes: np.ndarray, index: np.ndarray, values: np.ndarray) -> None:
         p[index] = v
 
 
-def _box_normal(q: np.ndarray, h: np.ndarray) -> np.ndarray:
-    """Normals (3, K) of the box face nearest each local point q (3, K) (|q| <= 1 inside), half sizes h."""
+def surface_normals(scene: Scene, index: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """World unit normals (3, H, W) at hit ``points`` from the primitive geometry; 0 where nothing is hit."""
+    n = np.zeros_like(points)
+    np.equal(index, GROUND, out=n[1], casting="unsafe")  # 1.0 on the ground
+    sel = np.flatnonzero(index.reshape(-1) >= 0)
+    if not len(sel):
+        return n
+    ii = index.reshape(-1)[sel]
+    kind = scene.kind[ii]
+    h = np.take(scene.half.T, ii, axis=1)  # (3, K)
+    q = gather(points.reshape(3, -1), sel)
+    q -= np.take(scene.center.T, ii, axis=1)
+    q /= h  # (3, K) local coords, |q| <= 1 inside
     gap = (1.0 - np.abs(q)) * h  # metric distance to each pair of box faces
     fx = (gap[0] <= gap[1]) & (gap[0] <= gap[2])
     fy = ~fx & (gap[1] <= gap[2])
@@ -334,42 +345,16 @@ def _box_normal(q: np.ndarray, h: np.ndarray) -> np.ndarray:
     out[0] *= fx
     out[1] *= fy
     out[2] *= ~(fx | fy)
-    return out
-
-
-def _cylinder_normal(q: np.ndarray, h: np.ndarray) -> np.ndarray:
-    """Cap normal (0, +-1, 0) where a cap is nearer than the side, else the radial direction."""
-    radial = np.sqrt(q[0] ** 2 + q[2] ** 2)
-    cap = (1.0 - np.abs(q[1])) * h[1] < (1.0 - radial) * h[0]
-    side = q * (np.array([[1], [0], [1]], np.float32) / np.maximum(radial, 1e-6))
-    return np.where(cap, np.stack([0 * radial, np.sign(q[1]), 0 * radial]), side)
-
-
-def _ellipsoid_normal(q: np.ndarray, h: np.ndarray) -> np.ndarray:
-    g = q / h
-    return g / np.sqrt(g[0] * g[0] + g[1] * g[1] + g[2] * g[2])
-
-
-_NORMAL = {BOX: _box_normal, CYLINDER: _cylinder_normal, ELLIPSOID: _ellipsoid_normal}
-
-
-def surface_normals(scene: Scene, index: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """World unit normals (3, H, W) at hit ``points`` from the primitive geometry; 0 where nothing is hit.
-
-    The pixels of each primitive kind are gathered together and get only their own kind's normal.
-    """
-    n = np.zeros_like(points)
-    np.equal(index, GROUND, out=n[1], casting="unsafe")  # 1.0 on the ground
-    sel = np.flatnonzero(index.reshape(-1) >= 0)
-    ii = index.reshape(-1)[sel]
-    kind = scene.kind[ii]
-    for k, normal in _NORMAL.items():
-        s = np.flatnonzero(kind == k)
-        if len(s):
-            pix, ik = sel[s], ii[s]
-            h = np.take(scene.half.T, ik, axis=1)  # (3, K)
-            q = gather(points.reshape(3, -1), pix)
-            q -= np.take(scene.center.T, ik, axis=1)
-            q /= h  # (3, K) local coords, |q| <= 1 inside
-            scatter(n.reshape(3, -1), pix, normal(q, h))
+    cyl = np.flatnonzero(kind == CYLINDER)
+    if len(cyl):
+        qc, hc = gather(q, cyl), gather(h, cyl)
+        radial = np.sqrt(qc[0] ** 2 + qc[2] ** 2)
+        cap = (1.0 - np.abs(qc[1])) * hc[1] < (1.0 - radial) * hc[0]
+        side = qc * (np.array([[1], [0], [1]], np.float32) / np.maximum(radial, 1e-6))
+        scatter(out, cyl, np.where(cap, np.stack([0 * radial, np.sign(qc[1]), 0 * radial]), side))
+    ell = np.flatnonzero(kind == ELLIPSOID)
+    if len(ell):
+        g = gather(q, ell) / gather(h, ell)
+        scatter(out, ell, g / np.sqrt(g[0] * g[0] + g[1] * g[1] + g[2] * g[2]))
+    scatter(n.reshape(3, -1), sel, out)
     return n
