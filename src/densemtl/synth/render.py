@@ -152,8 +152,7 @@ _TEXTURES = {
 def _albedo(scene: Scene, hits: Hits) -> np.ndarray:
     """Per-pixel albedo (3, H, W): primitive colour, ground texture, then per-material textures.
 
-    Every texture works per pixel, on the pixels of its material gathered together; the untextured ones
-    (plain, car body) only take their primitive's colour and are never gathered.
+    Pixels are gathered once, sorted by material, so every texture works on one contiguous slice.
     """
     idx = hits.index.reshape(-1)
     alb = np.zeros((3, idx.size), dtype=np.float32)
@@ -163,15 +162,17 @@ def _albedo(scene: Scene, hits: Hits) -> np.ndarray:
     prim = np.flatnonzero(idx >= 0)
     if len(prim):
         ii = idx[prim]
-        scatter(alb, prim, np.take(scene.color.T, ii, axis=1))
         mat = scene.material[ii]
-        for m in np.flatnonzero(np.bincount(mat, minlength=256)):
-            if m in _TEXTURES:
-                sel = np.flatnonzero(mat == m)
-                pix, im = prim[sel], ii[sel]
-                block = np.take(scene.color.T, im, axis=1)  # (3, K) edited in place by the texture
-                _TEXTURES[m](scene, im, gather(pts, pix), gather(nrm, pix), block)
-                scatter(alb, pix, block)
+        order = np.argsort(mat, kind="stable")
+        prim, ii, mat = prim[order], ii[order], mat[order]
+        edges = np.searchsorted(mat, np.arange(257))
+        block = np.take(scene.color.T, ii, axis=1)  # (3, K)
+        p, n = gather(pts, prim), gather(nrm, prim)
+        for m, texture in _TEXTURES.items():
+            s = slice(edges[m], edges[m + 1])
+            if s.stop > s.start:
+                texture(scene, ii[s], p[:, s], n[:, s], block[:, s])  # block[:, s] is a view: edited in place
+        scatter(alb, prim, block)
     return alb.reshape(hits.points.shape)
 
 
