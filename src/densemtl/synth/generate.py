@@ -153,7 +153,7 @@ def generate_dataset(
         os.environ.update(_WORKER_ENV)  # inherited by spawned workers
         try:
             with _pool(min(workers, len(jobs))) as pool:
-                chunk = max(1, min(8, len(jobs) // (4 * workers)))
+                chunk = max(1, min(2, len(jobs) // (4 * workers)))  # small: the last chunk leaves cores idle
                 done = pool.imap_unordered(_write_one, jobs, chunksize=chunk)
                 for hh in track(done, "synth", total=len(jobs), enabled=progress, unit="img"):
                     hist += hh
