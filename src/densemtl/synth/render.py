@@ -207,12 +207,15 @@ def _shade(scene: Scene, hits: Hits, ndl: np.ndarray, albedo: np.ndarray) -> np.
     lt = scene.lighting
     n = hits.normals
     amb = np.asarray(lt.ambient, np.float32)[:, None, None] * (0.6 + 0.4 * n[1])
-    rgb = albedo * (amb + np.asarray(lt.sun_color, np.float32)[:, None, None] * ndl)
+    rgb = np.asarray(lt.sun_color, np.float32)[:, None, None] * ndl  # in place from here: the same floats
+    rgb += amb
+    rgb *= albedo
     surface = hits.index != NOTHING
     d = hits.rays
     dist = np.where(surface, hits.t, 0) * np.sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2])
     trans = np.exp(dist * np.float32(-1 / lt.fog_distance))
-    rgb = rgb * trans + np.asarray(lt.sky_horizon, np.float32)[:, None, None] * (1 - trans)
+    rgb *= trans
+    rgb += np.asarray(lt.sky_horizon, np.float32)[:, None, None] * (1 - trans)
     sky = np.flatnonzero(~surface)
     scatter(rgb.reshape(3, -1), sky, _sky(scene, gather(hits.rays.reshape(3, -1), sky)))
     return rgb
@@ -225,8 +228,10 @@ _GAUSS_LUT = np.array([NormalDist().inv_cdf((k + 0.5) / 256) for k in range(256)
 def _to_uint8(
     rgb: np.ndarray, exposure: float, noise_std: float, rng: np.random.Generator | None
 ) -> np.ndarray:
-    """(3, H, W) radiance -> (H, W, 3) uint8 with exposure, a soft shoulder and Gaussian sensor noise."""
-    x = rgb * np.float32(exposure)
+    """(3, H, W) radiance -> (H, W, 3) uint8 with exposure, a soft shoulder and Gaussian sensor noise; ``rgb``
+    is overwritten."""
+    x = rgb  # edited in place
+    x *= np.float32(exposure)
     shoulder = 1 + 0.25 * x  # soft highlight roll-off; albedos are display values, no gamma
     x *= 1.25 * 255
     x /= shoulder
@@ -272,13 +277,11 @@ def render(
         ndl[~sun_visibility(scene, hits, camera, lt.sun_dir, far=far, where=ndl > 0)] = 0
     image = _to_uint8(_shade(scene, hits, ndl, _albedo(scene, hits)), lt.exposure, lt.noise_std, noise_rng)
     lut = np.concatenate([np.array([sc.SKY, sc.ROAD], np.uint8), scene.label])  # by index + 2 (NOTHING = -2)
-    semseg = lut[hits.index + 2]
+    semseg = np.take(lut, hits.index + 2)
     semseg[(hits.index == GROUND) & (np.abs(hits.points[0]) > scene.road_half_width)] = sc.SIDEWALK
-    depth = np.where(np.isfinite(hits.t) & (hits.t <= max_depth), hits.t, 0).astype(np.float32)
+    depth = np.where(hits.t <= max_depth, hits.t, np.float32(0))  # inf (sky) compares False
     r, n = camera.rotation().astype(np.float32), hits.normals
-    normals = np.empty((*size, 3), dtype=np.float32)
-    for k in range(3):  # camera = R^T world
-        normals[..., k] = r[0, k] * n[0] + r[1, k] * n[1] + r[2, k] * n[2]
+    normals = cv2.merge([r[0, k] * n[0] + r[1, k] * n[1] + r[2, k] * n[2] for k in range(3)])  # R^T world
     meta = {**camera.meta(), **scene.layout_meta()}
     out = {"image": image, "semseg": semseg, "depth": depth, "normals": normals, "meta": meta}
     if objects:
