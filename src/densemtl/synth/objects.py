@@ -122,7 +122,7 @@ def annotate(scene: Scene, camera: Camera, hits: Hits) -> tuple[np.ndarray, list
     renumber = np.zeros(len(per_object), np.uint16)
     renumber[ids] = np.arange(1, len(ids) + 1)
     lut = np.concatenate([np.zeros(2, np.uint16), renumber[scene.instance]])  # by primitive index + 2
-    instances = lut[shifted]  # (H, W) uint16
+    instances = np.take(lut, shifted)  # (H, W) uint16
     if not len(ids):
         return instances, []
     group = renumber[scene.instance].astype(np.int64) - 1  # (M,) object 0..K-1; -1: no object or hidden

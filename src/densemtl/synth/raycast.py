@@ -89,7 +89,7 @@ def camera_rays(camera: Camera, size: tuple[int, int]) -> np.ndarray:
     d = np.empty((3, h, w), dtype=np.float32)
     for a in range(3):
         d[a] = r[a, 0] * x + r[a, 1] * y + r[a, 2]
-        d[a][np.abs(d[a]) < 1e-9] = 1e-9  # no exact zeros: 1/d stays finite
+        np.copyto(d[a], np.float32(1e-9), where=np.abs(d[a]) < 1e-9)  # no exact zeros: 1/d stays finite
     return d
 
 
@@ -274,7 +274,8 @@ def cast(scene: Scene, camera: Camera, size: tuple[int, int], far: float = 200.0
             np.copyto(index[v0:v1, u0:u1], i, where=hit)
         small = np.flatnonzero((area > 0) & (area < SMALL_RECT))
         entered += _cast_small(scene, small, rects[small], o, d, inv, t, index, record)
-    points = np.asarray(o, dtype=np.float32)[:, None, None] + np.where(np.isfinite(t), t, 0) * d
+    points = np.where(np.isfinite(t), t, np.float32(0)) * d
+    points += np.asarray(o, dtype=np.float32)[:, None, None]
     pairs = tuple(np.concatenate(x) for x in zip(*entered, strict=True))
     return Hits(t, index, d, points, surface_normals(scene, index, points), rects, pairs)
 

@@ -146,7 +146,8 @@ def sun_visibility(
     planes = tuple(
         np.stack([(x if v > 0 else y)[:, a] for a, v in enumerate(inv)]) for x, y in ((lo, hi), (hi, lo))
     )
-    origin = hits.points + np.float32(2e-3) * hits.normals  # step off the surface to avoid self-shadowing
+    origin = np.float32(2e-3) * hits.normals  # step off the surface to avoid self-shadowing
+    origin += hits.points
     if where is not None:
         np.copyto(origin, np.nan, where=~where)  # NaN origins never hit and never widen a tile's box
     o = _to_tiles(origin, SHADOW_TILE)  # (3, T, 64)
