@@ -60,7 +60,8 @@ def padded(*rows: np.ndarray, focal: float = 0.0) -> torch.Tensor:
 
 def perfect_raw(target: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """The raw output that a perfect head would give for padded targets (B, N, FIELDS): the heatmaps, and at every
-    cell inside a box (the smaller box where two overlap) that box's edges and attributes."""
+    cell inside a box (the box centred there, else the smaller box where two overlap) that box's edges and
+    attributes."""
     b = target.shape[0]
     heat = encode_heatmap(target, K, grid).clamp(1e-6, 1 - 1e-6)
     raw = torch.zeros(b, K + EXTRA_CHANNELS, *grid)
@@ -71,38 +72,44 @@ def perfect_raw(target: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     for i in range(b):
         rows = target[i][target[i, :, 0] >= 0]
         area = (rows[:, 3] - rows[:, 1]) * (rows[:, 4] - rows[:, 2])
-        for r in rows[area.argsort(descending=True)]:
-            ys = torch.nonzero((cy > r[2]) & (cy < r[4])).flatten()
-            xs = torch.nonzero((cx > r[1]) & (cx < r[3])).flatten()
-            iy = int(((r[2] + r[4]) / (2 * STRIDE)).floor())
-            ix = int(((r[1] + r[3]) / (2 * STRIDE)).floor())
-            ys = torch.unique(torch.cat([ys, torch.tensor([iy])]))
-            xs = torch.unique(torch.cat([xs, torch.tensor([ix])]))
-            yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-            reg = raw[i, K:]
-            for y, x in zip(yy.flatten().tolist(), xx.flatten().tolist(), strict=True):
-                edges = torch.stack([cx[x] - r[1], cy[y] - r[2], r[3] - cx[x], r[4] - cy[y]]) / STRIDE
-                reg[0:4, y, x] = edges.clamp_min(1e-3).log()
-                focal = float(r[COL["focal"]]) if r[COL["focal"]] > 0 else FOCAL_REF_PX
-                reg[4, y, x] = (r[COL["distance"]] * FOCAL_REF_PX / focal).clamp_min(1e-3).log()
-                reg[5:8, y, x] = r[COL["l"] : COL["h"] + 1].clamp_min(1e-3).log()
-                yaw = float(r[COL["yaw"]])
-                bin_ = int(yaw >= 0)
-                reg[8:10, y, x] = torch.tensor([5.0, 0.0] if bin_ == 0 else [0.0, 5.0])
-                res = yaw - YAW_BINS[bin_]
-                reg[10 + 2 * bin_, y, x], reg[11 + 2 * bin_, y, x] = math.sin(res), math.cos(res)
+        for centres_only in (False, True):  # every cell inside, then the centre cells over them
+            for r in rows[area.argsort(descending=True)]:
+                _perfect_regression(raw[i, K:], r, cy, cx, centres_only)
     return raw
 
 
+def _perfect_regression(reg: torch.Tensor, r: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor, centre: bool) -> None:
+    """Write row ``r``'s edges and attributes into ``reg`` (14, h, w) at its box's cells (``centre``: its centre
+    cell only)."""
+    iy = int(((r[2] + r[4]) / (2 * STRIDE)).floor())
+    ix = int(((r[1] + r[3]) / (2 * STRIDE)).floor())
+    ys = torch.tensor([iy]) if centre else torch.nonzero((cy > r[2]) & (cy < r[4])).flatten()
+    xs = torch.tensor([ix]) if centre else torch.nonzero((cx > r[1]) & (cx < r[3])).flatten()
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    for y, x in zip(yy.flatten().tolist(), xx.flatten().tolist(), strict=True):
+        edges = torch.stack([cx[x] - r[1], cy[y] - r[2], r[3] - cx[x], r[4] - cy[y]]) / STRIDE
+        reg[0:4, y, x] = edges.clamp_min(1e-3).log()
+        focal = float(r[COL["focal"]]) if r[COL["focal"]] > 0 else FOCAL_REF_PX
+        reg[4, y, x] = (r[COL["distance"]] * FOCAL_REF_PX / focal).clamp_min(1e-3).log()
+        reg[5:8, y, x] = r[COL["l"] : COL["h"] + 1].clamp_min(1e-3).log()
+        yaw = float(r[COL["yaw"]])
+        bin_ = int(yaw >= 0)
+        reg[8:10, y, x] = torch.tensor([5.0, 0.0] if bin_ == 0 else [0.0, 5.0])
+        res = yaw - YAW_BINS[bin_]
+        reg[10 + 2 * bin_, y, x], reg[11 + 2 * bin_, y, x] = math.sin(res), math.cos(res)
+
+
 def test_a_box_splats_its_peak_at_its_centre_on_its_class_map() -> None:
-    target = padded(row(1, [40, 20, 60, 52]))  # person, centre (50, 36) px -> cell (12, 9)
-    heat = encode_heatmap(target[None], K, (16, 24))
-    assert heat.shape == (1, K, 16, 24)
-    assert heat[0, 1, 9, 12] == 1.0
-    assert int(heat[0, 1].argmax()) == 9 * 24 + 12
+    target = padded(row(1, [40, 20, 60, 52]))  # person, centre (50, 36) px
+    grid = grid_size(64, 96)
+    iy, ix = 36 // STRIDE, 50 // STRIDE  # the cell holding the centre
+    heat = encode_heatmap(target[None], K, grid)
+    assert heat.shape == (1, K, *grid)
+    assert heat[0, 1, iy, ix] == 1.0
+    assert int(heat[0, 1].argmax()) == iy * grid[1] + ix
     assert float(heat[0, 1].max()) == 1.0 and int((heat[0, 1] == 1.0).sum()) == 1
     assert float(heat[0, 0].max()) == 0.0  # the car map stays empty
-    assert 0 < float(heat[0, 1, 9, 13]) < 1 and float(heat[0, 1, 0, 0]) < 1e-3  # a Gaussian around it
+    assert 0 < float(heat[0, 1, iy, ix + 1]) < 1 and float(heat[0, 1, 0, 0]) < 1e-3  # a Gaussian around it
 
 
 def test_encode_then_decode_returns_the_boxes_distance_and_3d_box() -> None:
@@ -122,7 +129,7 @@ def test_encode_then_decode_returns_the_boxes_distance_and_3d_box() -> None:
 
 def test_focal_loss_is_lowest_for_the_target_and_normalised_by_objects() -> None:
     target = padded(row(0, [0, 0, 16, 16]), row(1, [20, 20, 36, 36]))[None]
-    heat = encode_heatmap(target, K, (16, 16))
+    heat = encode_heatmap(target, K, grid_size(64, 64))
     good = torch.log(heat.clamp(1e-4, 1 - 1e-4) / (1 - heat.clamp(1e-4, 1 - 1e-4)))
     assert focal_loss(good, heat) < 0.05 < focal_loss(torch.zeros_like(good), heat)
     # Two copies of the image: the same per-object loss (the sum doubles, the object count too).
@@ -132,7 +139,7 @@ def test_focal_loss_is_lowest_for_the_target_and_normalised_by_objects() -> None
 def test_objects_loss_masks_samples_and_a_sample_without_objects_has_only_negatives() -> None:
     loss = ObjectsLoss(K)
     target = torch.stack([padded(row(0, [8, 8, 40, 30], 9.0)), padded()])
-    raw = torch.zeros(2, K + EXTRA_CHANNELS, 16, 16, requires_grad=True)
+    raw = torch.zeros(2, K + EXTRA_CHANNELS, *grid_size(64, 64), requires_grad=True)
     none = loss(raw, target, torch.tensor([False, False]))
     none.backward()
     assert float(none.detach()) == 0.0 and float(raw.grad.abs().sum()) == 0.0
@@ -141,16 +148,16 @@ def test_objects_loss_masks_samples_and_a_sample_without_objects_has_only_negati
     both = loss(raw, target, torch.tensor([True, True]))
     assert {"heat", "box", "distance", "box3d"} <= set(loss.last)
     assert float(both.detach()) > float(empty.detach())
-    perfect = perfect_raw(target[:1], (16, 16))
+    perfect = perfect_raw(target[:1], grid_size(64, 64))
     assert float(loss(perfect, target[:1], torch.tensor([True]))) < 0.3 * float(loss(raw[:1].detach(), target[:1], torch.tensor([True])))
 
 
 @pytest.mark.parametrize("trunks", [1, 2])
-def test_head_output_is_the_raw_layout_on_the_stride4_grid(trunks: int) -> None:
+def test_head_output_is_the_raw_layout_on_the_objects_grid(trunks: int) -> None:
     head = ObjectsHead(16, K, "separable", 8, trunks=trunks).eval()
     assert (head.reg_trunk is None) == (trunks == 1)
-    out = head(torch.randn(2, 16, 16, 24), (62, 94))  # grid ceil(62/4) x ceil(94/4) = 16 x 24
-    assert out.shape == (2, K + EXTRA_CHANNELS, 16, 24)
+    out = head(torch.randn(2, 16, 16, 24), (62, 94))  # stride-4 features of a 62 x 94 image (16 x 24 cells)
+    assert out.shape == (2, K + EXTRA_CHANNELS, *grid_size(62, 94))
     boxes = decode(out, K)["boxes"]
     assert bool((boxes[..., 2] > boxes[..., 0]).all() and (boxes[..., 3] > boxes[..., 1]).all())  # proper boxes
     assert torch.allclose(torch.sigmoid(out[:, :K]).mean(), torch.tensor(0.1), atol=0.05)  # the heat prior
@@ -228,7 +235,7 @@ def test_boxes_cropped_away_or_too_small_are_dropped() -> None:
 
 def test_flip_output_maps_a_mirrored_prediction_back() -> None:
     target = padded(row(0, [10.0, 12.0, 31.0, 40.0], box3d=((1.0, 1.0, 9.0), (4.0, 1.8, 1.5), -1.2)))[None]
-    grid = (16, 16)
+    grid = grid_size(64, 64)
     sample = {"image": torch.rand(3, 64, 64), "objects": OBJECTS.to_sample(target[0, :1].numpy(), (64, 64))}
     mirrored = OBJECTS.pack(hflip_sample(sample)["objects"], {})[None]
     back = decode(OBJECTS.flip_output(perfect_raw(mirrored, grid)), K, threshold=0.5)
@@ -261,7 +268,7 @@ def test_nuscenes_ap_by_hand() -> None:
 def _det(boxes, scores, classes, distance) -> torch.Tensor:
     """A raw map whose decoding gives exactly these detections (each in its own cell)."""
     target = padded(*[row(c, b, d) for b, c, d in zip(boxes, classes, distance, strict=True)])[None]
-    raw = perfect_raw(target, (32, 32))
+    raw = perfect_raw(target, grid_size(128, 128))
     raw[:, :K] = -20.0
     for b, s, c in zip(boxes, scores, classes, strict=True):
         cx, cy = (b[0] + b[2]) / (2 * STRIDE), (b[1] + b[3]) / (2 * STRIDE)
@@ -404,3 +411,29 @@ def test_the_benchmark_error_analysis_puts_each_confident_detection_in_one_categ
     assert bands[16]["n"] == 1 and bands[16]["recall"] == 1.0  # the 20-px car was found
     assert bands[32]["n"] == 1 and bands[32]["recall"] == 0.0 and bands[32]["mean_best_iou"] == pytest.approx(0.25)
     assert sum(b["n"] for b in s["recall_by_height"]) == 2  # the ignored one is not scored
+    # Centre cells: two cars centred one 4-px cell apart are crowded; the second's centre cell regresses the
+    # first's box (IoU 0.45 with its own: wrong); the far one is alone and its centre cell right.
+    gt = torch.tensor([[0.0, 0, 16, 16], [6, 0, 22, 16], [100, 0, 140, 40]])
+    centre = torch.tensor([[0.0, 0, 16, 16], [0, 0, 16, 16], [100, 0, 140, 40]])
+    e = errors_mod.DetectionErrors(["car"])
+    none = torch.zeros(3, dtype=torch.long)
+    e.add(gt[:1], torch.tensor([0.9]), none[:1], gt, none, torch.zeros(3, dtype=torch.bool), centre, 4.0)
+    s = e.summary()["car"]
+    assert s["crowded"] == pytest.approx(2 / 3) and s["centre_box_ok"] == pytest.approx(2 / 3)
+    assert s["recall_crowded"] == 0.5 and s["recall_alone"] == 0.0
+    # ... and the centre-cell boxes of a perfect head are the objects' boxes
+    target = padded(row(0, [10.0, 12.0, 31.0, 40.0]), row(1, [40.0, 8.0, 60.0, 30.0]))[None]
+    boxes = errors_mod.centre_cell_boxes(perfect_raw(target, grid_size(64, 64))[0], target[0, :2, 1:5])
+    assert torch.allclose(boxes, target[0, :2, 1:5], atol=1e-4)
+
+
+def test_a_cell_regresses_the_object_centred_there_before_a_smaller_one_covering_it() -> None:
+    """TTFNet gives a cell two objects claim to the smaller; an object's own centre cell, where decoding reads its
+    box, stays its own even when a smaller object in front covers it (a row of parked cars)."""
+    big, small = row(0, [6.0, 6.0, 54.0, 46.0]), row(0, [22.0, 14.0, 46.0, 38.0])  # centres (30, 26), (34, 26)
+    target = padded(big, small)[None]
+    where = regression_targets(target, grid_size(64, 64))
+    at = lambda x, y: (where["ix"] == int(x // STRIDE)) & (where["iy"] == int(y // STRIDE))  # noqa: E731
+    assert where["box"][at(30, 26)].tolist() == [big[1:5].tolist()]  # big's centre, inside small's box
+    assert where["box"][at(34, 26)].tolist() == [small[1:5].tolist()]  # small's centre
+    assert where["box"][at(38, 26)].tolist() == [small[1:5].tolist()]  # near both centres: the smaller

@@ -164,7 +164,8 @@ def ignore_regions(target: Tensor, num_classes: int, grid: tuple[int, int]) -> T
 def regression_targets(target: Tensor, grid: tuple[int, int]) -> dict[str, Tensor]:
     """The cells that regress an object and what they learn (TTFNet): every cell inside a learned object's box
     where its ``BETA`` Gaussian exceeds 0.05 (at least its centre cell); a cell two objects claim regresses the
-    smaller. Returns per cell ``batch``, ``iy``, ``ix`` (M,), ``weight`` (M,: the Gaussian, normalised to sum to
+    one whose centre it holds, else the smaller (TTFNet's rule alone gave a car's centre, where its peak is read,
+    to a smaller car overlapping it: in a row of parked cars the peak then decoded its neighbour's box). Returns per cell ``batch``, ``iy``, ``ix`` (M,), ``weight`` (M,: the Gaussian, normalised to sum to
     ln(area) per object, as TTFNet weighs large boxes), ``box`` (M, 4) pixels, ``object`` (M,) row index into
     :func:`_objects`' rows, and the object's ``log_distance`` (at ``FOCAL_REF_PX``), ``has_distance``,
     ``log_size3d``, ``yaw_bin``, ``yaw_residual``, ``has3d``."""
@@ -181,8 +182,10 @@ def regression_targets(target: Tensor, grid: tuple[int, int]) -> dict[str, Tenso
     claim = (blobs > 0.05) & inside
     claim[torch.arange(len(rows)), iy, ix] = True  # the centre cell always regresses its object
     area = (rows[:, COL["x1"]] - rows[:, COL["x0"]]) * (rows[:, COL["y1"]] - rows[:, COL["y0"]])
-    # Per image and cell the smallest claiming object wins: rank claims by area, keep the minimum per cell.
-    cost = torch.where(claim, area[:, None, None].expand_as(blobs), torch.full_like(blobs, math.inf))
+    # Per image and cell the object centred there wins, else the smallest claiming one: rank claims by area, centre
+    # claims ahead of all others, keep the minimum per cell.
+    cost = torch.where(claim, area[:, None, None] + area.sum() + 1, torch.full_like(blobs, math.inf))
+    cost[torch.arange(len(rows)), iy, ix] = area
     best = torch.full((b, h, w), math.inf, dtype=rows.dtype, device=rows.device)
     best = best.scatter_reduce(0, batch[:, None, None].expand_as(cost), cost, "amin")
     win = claim & (cost == best[batch])
