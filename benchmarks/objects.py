@@ -89,10 +89,11 @@ def _depth_distance(pred: dict[str, np.ndarray], box: np.ndarray, class_id: int 
 def distance_sources(work: Path, data: Path, limit: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
     """Relative error and delta1 of matched detections' distances: the head's vs the depth map's median; and,
     from the same predictions, what the detections get wrong (``objects_errors``)."""
-    from objects_errors import DetectionErrors
+    from objects_errors import DetectionErrors, centre_cell_boxes
 
     from densemtl.data.folder import FolderDataset
     from densemtl.inference import Predictor
+    from densemtl.runtime import forward_at_scale
     from densemtl.tasks.objects import OBJECTS, SCORE_THRESHOLD
     from densemtl.tasks.objects_codec import COL, STRIDE
     from densemtl.tasks.objects_metrics import ignored, match_boxes
@@ -114,7 +115,12 @@ def distance_sources(work: Path, data: Path, limit: int = 0) -> tuple[dict[str, 
         boxes = torch.from_numpy(pred["objects_boxes"][keep])
         classes = torch.from_numpy(pred["objects_classes"][keep]).long()
         scores = torch.from_numpy(pred["objects_scores"][keep])
-        errors.add(boxes, scores, classes, gt[:, COL["x0"] : COL["y1"] + 1], gt[:, COL["class"]].long(), skip)
+        with torch.no_grad():  # the raw map on the image's grid, for the regression at each object's centre
+            x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float().div(255).to(predictor.device)
+            raw = forward_at_scale(predictor.model, x, predictor.scale)[OBJECTS.name][0].float()
+        box_gt = gt[:, COL["x0"] : COL["y1"] + 1]
+        errors.add(boxes, scores, classes, box_gt, gt[:, COL["class"]].long(), skip,
+                   centre_cell_boxes(raw, box_gt), STRIDE / predictor.scale)  # fmt: skip
         gt = gt[~skip]
         for j, m in match_boxes(boxes, classes, gt):  # the metric's matching, on the scored objects
             if gt[m, COL["distance"]] > 0:
@@ -231,7 +237,8 @@ def markdown(result: dict[str, Any]) -> str:
     if study:
         study_keys = ("semseg/miou", "depth/delta1", "objects/ap50_car", "objects/ap50_person",
                       "objects/distance_delta1_car")  # fmt: skip
-        lines += ["", "Objects loss weight (stage weights; base: " + ", ".join(
+        lines += ["", "Objects loss weight (stage weights, from its last run, which may be older than the tables above; "
+                  "base of those tables: " + ", ".join(
             f"{k} {ev['base']['summary'][k]:.4f}" for k in study_keys[:2] if "base" in ev) + "):", "",
             "| run | " + " | ".join(study_keys) + " |", "|---|" + "---:|" * len(study_keys)]  # fmt: skip
         for name, e in study.items():
