@@ -90,9 +90,11 @@ def _add_backend_arg(s: argparse.ArgumentParser) -> None:
 
 
 def _add_camera_args(s: argparse.ArgumentParser) -> None:
-    """Intrinsics, pose and BEV/point-cloud extent flags shared by ``predict`` and ``video``."""
+    """Intrinsics, pose and BEV/point-cloud extent flags shared by ``predict`` and ``video``; the focal length
+    also sets the objects' distances (docs/objects.md, Distance)."""
     g = s.add_argument_group(
-        "camera (default: the sample's meta JSON, else --hfov, pose fitted to road/floor)"
+        "camera (default: the sample's meta JSON, else --hfov, pose fitted to road/floor); the focal length "
+        "(--fx or --hfov) is also the one objects' distances are for (without one: a 70-degree camera)"
     )
     for name in ("fx", "fy"):
         g.add_argument(
