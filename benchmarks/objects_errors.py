@@ -91,37 +91,36 @@ class DetectionErrors:
         out: dict[str, Any] = {"confident_score": CONFIDENT, "height_bands_px": list(HEIGHT_BANDS)}
         edges = (*HEIGHT_BANDS, np.inf)
         for c, name in enumerate(self.names):
-            pairs = np.array(self.best[c], dtype=np.float64).reshape(-1, 4)
+            rows = np.array(self.best[c], dtype=np.float64).reshape(-1, 4)
             bands = []
             for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-                sel = pairs[(pairs[:, 0] >= lo) & (pairs[:, 0] < hi)]
+                sel = rows[(rows[:, 0] >= lo) & (rows[:, 0] < hi)]
                 bands.append({"from_px": lo, "n": len(sel), "recall": float(np.mean(sel[:, 1] >= IOU)) if len(sel) else None,
                               "mean_best_iou": float(sel[:, 1].mean()) if len(sel) else None})  # fmt: skip
             ratios = self.area_ratio[c]
             out[name] = {"recall_by_height": bands, "confident": self.counts[c],
                          "mislocalised_area_ratio_median": float(np.median(ratios)) if ratios else None,
-                         **_centre_and_crowding(pairs)}  # fmt: skip
+                         **_centre_and_crowding(rows)}  # fmt: skip
         return out
 
 
-def _centre_and_crowding(pairs: np.ndarray) -> dict[str, Any]:
+def _centre_and_crowding(rows: np.ndarray) -> dict[str, Any]:
     """From (height, best IoU, centre-cell box IoU, crowded) rows: the share of right centre-cell boxes, the
     crowded share, and the recall (IoU >= 0.5) of the crowded and the other objects."""
     mean = lambda v: float(np.mean(v)) if len(v) else None  # noqa: E731
-    crowded = pairs[:, 3] > 0
-    centre = pairs[:, 2][~np.isnan(pairs[:, 2])]
+    crowded = rows[:, 3] > 0
+    centre = rows[:, 2][~np.isnan(rows[:, 2])]
     return {"centre_box_ok": mean(centre >= IOU), "crowded": mean(crowded),
-            "recall_crowded": mean(pairs[crowded, 1] >= IOU), "recall_alone": mean(pairs[~crowded, 1] >= IOU)}  # fmt: skip
+            "recall_crowded": mean(rows[crowded, 1] >= IOU), "recall_alone": mean(rows[~crowded, 1] >= IOU)}  # fmt: skip
 
 
 def centre_cell_boxes(raw: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     """The boxes (m, 4) pixels that the raw objects output (K + 14, h, w) of one image regresses at the cells
     holding the centres of the ground-truth boxes ``gt`` (m, 4) in that image's pixels."""
-    from densemtl.tasks.objects_codec import EXTRA_CHANNELS, STRIDE, cell_boxes
+    from densemtl.tasks.objects_codec import EXTRA_CHANNELS, cell_boxes, centre_cells
 
     k = raw.shape[0] - EXTRA_CHANNELS
-    ix = torch.floor((gt[:, 0] + gt[:, 2]) / (2 * STRIDE)).long().clamp(0, raw.shape[2] - 1)
-    iy = torch.floor((gt[:, 1] + gt[:, 3]) / (2 * STRIDE)).long().clamp(0, raw.shape[1] - 1)
+    iy, ix = centre_cells(gt, (raw.shape[1], raw.shape[2]))
     return cell_boxes(raw[k : k + 4, iy, ix].T, iy, ix)
 
 

@@ -112,14 +112,19 @@ def _cell_axes(grid: tuple[int, int], like: Tensor) -> tuple[Tensor, Tensor]:
     return ys, xs
 
 
+def centre_cells(boxes: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """The cells (row ``iy``, column ``ix``, long (M,)) of the ``grid`` that hold the centres of ``boxes`` (M, 4)
+    pixels: where an object's heatmap peaks and where decoding reads its box."""
+    ix = torch.floor((boxes[:, 0] + boxes[:, 2]) / (2 * STRIDE)).clamp(0, grid[1] - 1)
+    iy = torch.floor((boxes[:, 1] + boxes[:, 3]) / (2 * STRIDE)).clamp(0, grid[0] - 1)
+    return iy.long(), ix.long()
+
+
 def _gaussians(rows: Tensor, grid: tuple[int, int], scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """Per object (M, h, w): its elliptical Gaussian (sigma = ``scale`` * side / 6, exactly 1 at its centre
     cell), and its centre cell's column and row (long)."""
     ys, xs = _cell_axes(grid, rows)
-    cx = (rows[:, COL["x0"]] + rows[:, COL["x1"]]) / (2 * STRIDE)
-    cy = (rows[:, COL["y0"]] + rows[:, COL["y1"]]) / (2 * STRIDE)
-    ix = cx.floor().clamp(0, grid[1] - 1)
-    iy = cy.floor().clamp(0, grid[0] - 1)
+    iy, ix = (v.to(rows.dtype) for v in centre_cells(rows[:, COL["x0"] : COL["y1"] + 1], grid))
     sx = (scale * (rows[:, COL["x1"]] - rows[:, COL["x0"]]) / (6 * STRIDE)).clamp_min(0.25)
     sy = (scale * (rows[:, COL["y1"]] - rows[:, COL["y0"]]) / (6 * STRIDE)).clamp_min(0.25)
     gx = torch.exp(-((xs - 0.5 - ix[:, None]) ** 2) / (2 * sx[:, None] ** 2))  # (M, w), 1 at the centre cell
@@ -164,9 +169,9 @@ def ignore_regions(target: Tensor, num_classes: int, grid: tuple[int, int]) -> T
 def regression_targets(target: Tensor, grid: tuple[int, int]) -> dict[str, Tensor]:
     """The cells that regress an object and what they learn (TTFNet): every cell inside a learned object's box
     where its ``BETA`` Gaussian exceeds 0.05 (at least its centre cell); a cell two objects claim regresses the
-    one whose centre it holds, else the smaller (TTFNet's rule alone gave a car's centre, where its peak is read,
-    to a smaller car overlapping it: in a row of parked cars the peak then decoded its neighbour's box). Returns per cell ``batch``, ``iy``, ``ix`` (M,), ``weight`` (M,: the Gaussian, normalised to sum to
-    ln(area) per object, as TTFNet weighs large boxes), ``box`` (M, 4) pixels, ``object`` (M,) row index into
+    one whose centre it holds, else the smaller (TTFNet's rule alone gave a car's centre cell, where decoding reads
+    the car's box, to a smaller object in front of it, such as a person). Returns per cell ``batch``, ``iy``,
+    ``ix`` (M,), ``weight`` (M,: the Gaussian, normalised to sum to ln(area) per object, as TTFNet weighs large boxes), ``box`` (M, 4) pixels, ``object`` (M,) row index into
     :func:`_objects`' rows, and the object's ``log_distance`` (at ``FOCAL_REF_PX``), ``has_distance``,
     ``log_size3d``, ``yaw_bin``, ``yaw_residual``, ``has3d``."""
     b = target.shape[0]
