@@ -437,3 +437,13 @@ def test_a_cell_regresses_the_object_centred_there_before_a_smaller_one_covering
     assert where["box"][at(30, 26)].tolist() == [big[1:5].tolist()]  # big's centre, inside small's box
     assert where["box"][at(34, 26)].tolist() == [small[1:5].tolist()]  # small's centre
     assert where["box"][at(38, 26)].tolist() == [small[1:5].tolist()]  # near both centres: the smaller
+
+
+def test_the_objects_loss_terms_are_configurable_and_unknown_ones_refused() -> None:
+    from densemtl.config import load_config
+    from densemtl.tasks import TASKS
+
+    cfg = load_config(None, ["model.tasks=[objects]", "model.object_classes=[car]", "loss.objects_terms.heat=2"])
+    assert TASKS["objects"].make_loss(cfg).weights == {"heat": 2.0, "box": 5.0, "distance": 1.0, "box3d": 0.5}
+    with pytest.raises(ValueError, match=r"unknown term\(s\) \['size'\]"):
+        ObjectsLoss(K, {"size": 1.0})

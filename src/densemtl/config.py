@@ -97,6 +97,9 @@ class LossConfig:
     weighting_args: dict[str, float] = field(default_factory=dict)  # e.g. {alpha: 0.5} (GradNorm), {c: 0.4}
     weights: dict[str, float] = field(default_factory=dict)  # {task: weight}; a task not named weighs 1.0
     class_weights: tuple[float, ...] = ()  # empty = uniform
+    # The objects loss's terms {heat, box, distance, box3d} (densemtl.tasks.objects_head); a term not named keeps
+    # its default (heat 1, box 5, distance 1, box3d 0.5).
+    objects_terms: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -187,7 +190,7 @@ BOUNDS: dict[type, dict[str, Bound]] = {
     },
     LossConfig: {
         "depth_clip": POSITIVE, "silog_lambda": UNIT, "silog_scale": POSITIVE, "nll_beta": UNIT, "weighting_args": NON_NEGATIVE,
-        "weights": NON_NEGATIVE, "class_weights": NON_NEGATIVE,
+        "weights": NON_NEGATIVE, "class_weights": NON_NEGATIVE, "objects_terms": NON_NEGATIVE,
     },
     PhaseConfig: {
         "scale": Bound(0, 4, lo_open=True), "epochs": AT_LEAST_1, "batch_size": AT_LEAST_1, "lr": POSITIVE,

@@ -110,8 +110,12 @@ class ObjectsLoss(nn.Module):
     def __init__(self, num_classes: int, weights: dict[str, float] | None = None) -> None:
         super().__init__()
         self.num_classes = num_classes
-        # TTFNet weighs its GIoU term 5x the heatmap's.
-        self.weights = {"heat": 1.0, "box": 5.0, "distance": 1.0, "box3d": 0.5, **(weights or {})}
+        # TTFNet weighs its GIoU term 5x the heatmap's (loss.objects_terms overrides).
+        self.weights = {"heat": 1.0, "box": 5.0, "distance": 1.0, "box3d": 0.5}
+        unknown = sorted(set(weights or {}) - set(self.weights))
+        if unknown:
+            raise ValueError(f"loss.objects_terms names unknown term(s) {unknown}; the terms are {list(self.weights)}")
+        self.weights.update(weights or {})
         self.last: dict[str, float] = {}
 
     def forward(self, raw: Tensor, target: Tensor, sample_mask: Tensor) -> Tensor:
