@@ -24,10 +24,12 @@ from densemtl.tasks.objects_codec import (
     default_focal,
     encode_heatmap,
     grid_size,
+    ignore_regions,
     regression_targets,
+    trainable,
 )
 from densemtl.tasks.objects_head import ObjectsHead, ObjectsLoss, focal_loss
-from densemtl.tasks.objects_metrics import ObjectsMetrics, nuscenes_ap
+from densemtl.tasks.objects_metrics import ObjectsMetrics, ignored, nuscenes_ap
 
 K = 2  # car, person
 
@@ -437,6 +439,31 @@ def test_a_cell_regresses_the_object_centred_there_before_a_smaller_one_covering
     assert where["box"][at(30, 26)].tolist() == [big[1:5].tolist()]  # big's centre, inside small's box
     assert where["box"][at(34, 26)].tolist() == [small[1:5].tolist()]  # small's centre
     assert where["box"][at(38, 26)].tolist() == [small[1:5].tolist()]  # near both centres: the smaller
+
+
+def test_training_learns_the_objects_evaluation_scores_and_ignores_the_rest() -> None:
+    """An object the metrics leave out (under 1/16 of the image high, under 30 % visible or over 30 % truncated)
+    is an ignore region in training too: no positive on the heatmap, no regression, and its cells are not
+    background; a scored object is learned."""
+    learned = row(0, [8.0, 8.0, 40.0, 24.0])  # 16 px high in a 128-px image: 1/8
+    short = row(0, [60.0, 8.0, 80.0, 14.0])  # 6 px: more than a cell, less than 1/16 of 128 px
+    hidden = row(1, [90.0, 40.0, 100.0, 80.0])
+    hidden[COL["visible"]] = 0.25
+    cut = row(0, [8.0, 60.0, 40.0, 90.0])
+    cut[COL["truncated"]] = 0.4
+    target = padded(learned, short, hidden, cut)[None]
+    grid = grid_size(128, 128)
+    heat, ignore = encode_heatmap(target, K, grid), ignore_regions(target, K, grid)
+    assert int((heat == 1.0).sum()) == 1 and float(heat[0, 0, 16 // STRIDE, 24 // STRIDE]) == 1.0
+    assert bool(ignore[0, 0, 11 // STRIDE, 70 // STRIDE]) and bool(ignore[0, 1, 60 // STRIDE, 95 // STRIDE])
+    assert bool(ignore[0, 0, 75 // STRIDE, 24 // STRIDE]) and not bool(ignore[0, 0, 16 // STRIDE, 24 // STRIDE])
+    assert {tuple(b) for b in regression_targets(target, grid)["box"].tolist()} == {tuple(learned[1:5].tolist())}
+    # the metrics score exactly the objects training learns
+    rows = target[0, :4]
+    assert ignored(rows, 128).tolist() == [False, True, True, True]
+    assert trainable(rows, 128).tolist() == [True, False, False, False]
+    # the same 6-px object in a 64-px image is 1/11 of it high: scored and learned
+    assert trainable(rows[1:2], 64).tolist() == [True]
 
 
 def test_the_objects_loss_terms_are_configurable_and_unknown_ones_refused() -> None:

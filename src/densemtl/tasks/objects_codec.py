@@ -56,8 +56,14 @@ YAW_BINS = (-math.pi / 2, math.pi / 2)
 EXTRA_CHANNELS = 14  # box edges 4 + distance 1 + 3-D size 3 + yaw bins 2 + residuals 4
 ALPHA = 0.54  # TTFNet: the heatmap Gaussian's sigma is ALPHA * (box side) / 6
 BETA = 0.54  # TTFNet: cells within the Gaussian of BETA * (box side) / 6 regress the box
-MIN_TRAIN_CELLS = 1.0  # objects less than a cell high (4 px at the network input) are ignored in training ...
-MIN_TRAIN_VISIBLE = 0.2  # ... and so are those of which less than this share is visible
+# Which objects are scored (benchmarks, ``densemtl evaluate``) and learned, after KITTI's "moderate" difficulty (boxes
+# >= 25 px high of its 375-px images, at most partly occluded, truncated <= 30 %). The others are ignore regions:
+# neither object nor background, in training and in scoring (COCO's iscrowd). Heights are a share of the image height,
+# so the rule does not depend on resolution.
+SCORED_MIN_HEIGHT = 1 / 16  # of the image height (16 px at 256, 24 px at 375)
+SCORED_MIN_VISIBLE = 0.3
+SCORED_MAX_TRUNCATED = 0.3
+MIN_TRAIN_CELLS = 1.0  # and training needs a box at least a cell high (4 px at the network input)
 FOCAL_REF_PX = 256.0  # the focal length (pixels) at which the distance channel is expressed
 ASSUMED_HFOV_DEG = 70.0  # the camera assumed when an image comes without intrinsics (a typical dash-cam)
 
@@ -90,16 +96,29 @@ def wrap_angle(a: Tensor) -> Tensor:
     return torch.remainder(a + math.pi, 2 * math.pi) - math.pi
 
 
-def trainable(rows: Tensor) -> Tensor:
-    """(N,) bool: the rows (N, FIELDS) of real objects that the head learns; the others become ignore regions."""
+def scored(rows: Tensor, image_height: float) -> Tensor:
+    """(N,) bool: the ground-truth rows (N, FIELDS) that are scored (``SCORED_*``) in an image ``image_height``
+    pixels high; the others are ignore regions."""
+    height = rows[:, COL["y1"]] - rows[:, COL["y0"]]
+    return (
+        (height >= SCORED_MIN_HEIGHT * image_height)
+        & (rows[:, COL["visible"]] >= SCORED_MIN_VISIBLE)
+        & (rows[:, COL["truncated"]] <= SCORED_MAX_TRUNCATED)
+    )
+
+
+def trainable(rows: Tensor, image_height: float) -> Tensor:
+    """(N,) bool: the rows (N, FIELDS) of real objects that the head learns, in an image ``image_height`` pixels
+    high: the scored ones (:func:`scored`: training learns what evaluation scores) at least a cell high; the
+    others become ignore regions."""
     tall = (rows[:, COL["y1"]] - rows[:, COL["y0"]]) >= MIN_TRAIN_CELLS * STRIDE
-    return (rows[:, COL["class"]] >= 0) & tall & (rows[:, COL["visible"]] >= MIN_TRAIN_VISIBLE)
+    return (rows[:, COL["class"]] >= 0) & tall & scored(rows, image_height)
 
 
-def _objects(target: Tensor, learn: bool) -> tuple[Tensor, Tensor]:
-    """(batch index (M,), rows (M, FIELDS)) of the objects the head learns (``learn``) or ignores."""
+def _objects(target: Tensor, learn: bool, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """(batch index (M,), rows (M, FIELDS)) of the objects the head learns (``learn``) or ignores on ``grid``."""
     real = target[..., COL["class"]] >= 0
-    ok = trainable(target.reshape(-1, target.shape[-1])).view(real.shape)
+    ok = trainable(target.reshape(-1, target.shape[-1]), grid[0] * STRIDE).view(real.shape)
     keep = ok if learn else real & ~ok
     batch = torch.arange(target.shape[0], device=target.device)[:, None].expand_as(keep)[keep]
     return batch, target[keep]
@@ -143,7 +162,7 @@ def encode_heatmap(target: Tensor, num_classes: int, grid: tuple[int, int]) -> T
     (:func:`trainable`) splats its elliptical Gaussian (``ALPHA``) on its class's map, exactly 1 at its centre
     cell; overlapping objects take the maximum."""
     b = target.shape[0]
-    batch, rows = _objects(target, learn=True)
+    batch, rows = _objects(target, learn=True, grid=grid)
     if not len(rows):
         return target.new_zeros(b, num_classes, *grid)
     blobs, _, _ = _gaussians(rows, grid, ALPHA)
@@ -155,7 +174,7 @@ def ignore_regions(target: Tensor, num_classes: int, grid: tuple[int, int]) -> T
     """(B, K, h, w) bool: the cells touching the boxes of objects too small or hidden to learn (real objects,
     so they must not count as background either), on their class's map."""
     b = target.shape[0]
-    batch, rows = _objects(target, learn=False)
+    batch, rows = _objects(target, learn=False, grid=grid)
     if not len(rows):
         return torch.zeros(b, num_classes, *grid, dtype=torch.bool, device=target.device)
     ys, xs = _cell_axes(grid, rows)
@@ -175,7 +194,7 @@ def regression_targets(target: Tensor, grid: tuple[int, int]) -> dict[str, Tenso
     :func:`_objects`' rows, and the object's ``log_distance`` (at ``FOCAL_REF_PX``), ``has_distance``,
     ``log_size3d``, ``yaw_bin``, ``yaw_residual``, ``has3d``."""
     b = target.shape[0]
-    batch, rows = _objects(target, learn=True)
+    batch, rows = _objects(target, learn=True, grid=grid)
     h, w = grid
     blobs, ix, iy = _gaussians(rows, grid, BETA)
     ys, xs = _cell_axes(grid, rows)

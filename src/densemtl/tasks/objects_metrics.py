@@ -1,7 +1,8 @@
 """Detection metrics: COCO mAP (torchmetrics + faster-coco-eval), distance errors on matched objects, BEV centre AP.
 
-* Scored ground truth: boxes at least 1/16 of the image high, at least 30 % visible and at most 30 % truncated
-  (KITTI's "moderate"); the others are ignore regions (COCO ``iscrowd``), counted as ``ignored``.
+* Scored ground truth (``objects_codec.scored``): boxes at least 1/16 of the image high, at least 30 % visible and
+  at most 30 % truncated (KITTI's "moderate"); the others are ignore regions (COCO ``iscrowd``), counted as
+  ``ignored``. Training learns the same objects (``objects_codec.trainable``).
 * ``map`` (mAP@[.5:.95]), ``ap50``, ``ap75`` and per class ``ap50_<class>``, ``map_<class>``: torchmetrics'
   ``MeanAveragePrecision`` with the faster-coco-eval backend (COCOeval, not a re-implementation; the same
   numbers as pycocotools, 12x faster), on every decoded detection (top 100 per image). ``pr_<class>``: the
@@ -33,16 +34,10 @@ from torch import Tensor
 from torchvision.ops import box_iou
 
 from densemtl.tasks.base import Accumulator
-from densemtl.tasks.objects_codec import COL, STRIDE, decode
+from densemtl.tasks.objects_codec import COL, STRIDE, decode, scored
 
 IOU_MATCH = 0.5
 COCO_BACKEND = "faster_coco_eval"  # COCOeval in C++: the same numbers as pycocotools' Python loops, 12x faster
-# Which ground truth is scored, after KITTI's "moderate" difficulty (boxes >= 25 px high of its 375-px images,
-# at most partly occluded, truncated <= 30 %): the others are ignore regions (COCO's iscrowd: a detection on one is
-# neither right nor wrong). Heights are a share of the image height, so the rule does not depend on resolution.
-EVAL_MIN_HEIGHT = 1 / 16  # of the image height (16 px at 256, 24 px at 375)
-EVAL_MIN_VISIBLE = 0.3
-EVAL_MAX_TRUNCATED = 0.3
 BEV_THRESHOLDS_M = (0.5, 1.0, 2.0, 4.0)
 BEV_MIN = 0.1  # nuScenes: recall and precision below 0.1 are not counted
 MIN_SCORE = 1e-3  # detections kept for AP (COCO keeps the top 100 whatever their score)
@@ -256,10 +251,8 @@ def match_boxes(boxes: Tensor, classes: Tensor, gt: Tensor) -> list[tuple[int, i
 
 
 def ignored(rows: Tensor, image_height: float) -> Tensor:
-    """(N,) bool: the ground-truth rows (N, FIELDS) left out of scoring (see ``EVAL_*``)."""
-    height = rows[:, COL["y1"]] - rows[:, COL["y0"]]
-    small = height < EVAL_MIN_HEIGHT * image_height
-    return small | (rows[:, COL["visible"]] < EVAL_MIN_VISIBLE) | (rows[:, COL["truncated"]] > EVAL_MAX_TRUNCATED)
+    """(N,) bool: the ground-truth rows (N, FIELDS) left out of scoring (``objects_codec.scored``)."""
+    return ~scored(rows, image_height)
 
 
 def _distance_errors(pred: np.ndarray, true: np.ndarray) -> tuple[float, float]:
