@@ -15,9 +15,11 @@ Stages (each reads what the previous ones wrote under ``--work``):
   included);
 * ``weights``: the objects demo with the objects loss weight at 0.25, 0.5 and 1 (``objects_w*`` runs), each
   evaluated as above: what the head's share of the shared gradient trades;
+* ``seeds``: ``base`` and ``objects`` again at seed 1 (``base_s1``, ``objects_s1``): the dense tasks' moves at a
+  second seed, next to how far the base model alone moves between seeds (depth delta1 moved 2 points);
 * ``report``: ``results/objects.json`` and ``results/objects.md`` with the targets of issue #15.
 
-    python benchmarks/objects.py                      # everything (about 40 minutes on 2 idle CPU cores)
+    python benchmarks/objects.py                      # everything (about 90 minutes on 2 idle CPU cores)
     python benchmarks/objects.py --stages evaluate,report
 """
 
@@ -45,6 +47,7 @@ OBJECTS_CONFIG = ROOT / "configs" / "synthetic_objects.yaml"  # make demo-object
 VARIANTS = {"base": [f"model.tasks=[{','.join(BASE_TASKS)}]"], "objects": []}
 CONFIGS = {"objects": OBJECTS_CONFIG}
 WEIGHTS = (0.25, 0.5, 1.0)  # the objects loss weight study (stage "weights")
+SEED_KEYS = ("semseg/miou", "depth/delta1", "objects/ap50_car", "objects/distance_delta1_car")
 
 
 def train_variants(work: Path, data: Path, names: list[str]) -> dict[str, float]:
@@ -61,6 +64,21 @@ def weight_study(work: Path, data: Path) -> dict[str, Any]:
     runs = {f"objects_w{w:g}": [f"loss.weights.objects={w:g}"] for w in WEIGHTS}
     seconds = train_demo_runs(work, data, runs, dict.fromkeys(runs, OBJECTS_CONFIG))
     return {name: {**evaluate_variant(work, name), "train_seconds": seconds.get(name)} for name in runs}
+
+
+def seed_study(work: Path, data: Path) -> dict[str, Any]:
+    """``base`` and ``objects`` at seed 1 as well: each run's headline metrics and, per seed, the dense tasks'
+    moves with the head; and how far the base model alone moves from seed 0 to seed 1."""
+    from demo_runs import train_demo_runs
+
+    runs = {f"{n}_s1": [*VARIANTS[n], "train.seed=1"] for n in VARIANTS}
+    train_demo_runs(work, data, runs, {f"{n}_s1": c for n, c in CONFIGS.items()})
+    summary = {n: evaluate_variant(work, n)["summary"] for n in ("base", "objects", *runs)}
+    out: dict[str, Any] = {n: {k: summary[n].get(k) for k in SEED_KEYS} for n in summary}
+    for key in SEED_KEYS[:2]:
+        out[f"move {key}"] = [summary[o][key] - summary[b][key] for b, o in (("base", "objects"), ("base_s1", "objects_s1"))]
+        out[f"seed move {key}"] = summary["base_s1"][key] - summary["base"][key]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ evaluate
@@ -243,12 +261,29 @@ def markdown(result: dict[str, Any]) -> str:
             "| run | " + " | ".join(study_keys) + " |", "|---|" + "---:|" * len(study_keys)]  # fmt: skip
         for name, e in study.items():
             lines.append(f"| {name} | " + " | ".join(f"{e['summary'].get(k, float('nan')):.4f}" for k in study_keys) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + seeds_markdown(result.get("seeds", {}))) + "\n"
+
+
+def seeds_markdown(seeds: dict[str, Any]) -> list[str]:
+    """The ``seeds`` stage's table: both runs at both seeds, and the dense tasks' moves."""
+    if not seeds:
+        return []
+    lines = ["", "Seeds (stage seeds): the same runs at seed 1; how far the head moves the dense tasks at each seed, "
+             "and how far the base model alone moves between seeds:", "",
+             "| run | " + " | ".join(SEED_KEYS) + " |", "|---|" + "---:|" * len(SEED_KEYS)]  # fmt: skip
+    for name in ("base", "objects", "base_s1", "objects_s1"):
+        cells = [seeds[name].get(k) for k in SEED_KEYS]
+        lines.append(f"| {name} | " + " | ".join("" if c is None else f"{c:.4f}" for c in cells) + " |")
+    lines += ["", "| metric | move with the head, seed 0 | seed 1 | base, seed 0 -> 1 |", "|---|---:|---:|---:|"]
+    for key in SEED_KEYS[:2]:
+        m0, m1 = seeds[f"move {key}"]
+        lines.append(f"| {key} | {m0:+.4f} | {m1:+.4f} | {seeds[f'seed move {key}']:+.4f} |")
+    return lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stages", default="train,evaluate,latency,synth,weights,report")
+    p.add_argument("--stages", default="train,evaluate,latency,synth,weights,seeds,report")
     p.add_argument("--data", type=Path, default=ROOT / "data" / "synthetic", help="the demo's synthetic data")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "objects_bench")
     p.add_argument("--runs", type=int, default=100, help="latency: timed runs per model (30 scattered by 8 %% here)")
@@ -271,6 +306,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["synth"] = synth_speed()
     if "weights" in stages:
         result["weights"] = weight_study(args.work, args.data)
+    if "seeds" in stages:
+        result["seeds"] = seed_study(args.work, args.data)
     from demo_runs import write_results
 
     return write_results(result, "objects", "report" in stages, targets, markdown)
