@@ -66,14 +66,18 @@ def weight_study(work: Path, data: Path) -> dict[str, Any]:
     return {name: {**evaluate_variant(work, name), "train_seconds": seconds.get(name)} for name in runs}
 
 
-def seed_study(work: Path, data: Path) -> dict[str, Any]:
+def seed_study(work: Path, data: Path, evaluated: dict[str, Any]) -> dict[str, Any]:
     """``base`` and ``objects`` at seed 1 as well: each run's headline metrics and, per seed, the dense tasks'
-    moves with the head; and how far the base model alone moves from seed 0 to seed 1."""
+    moves with the head; and how far the base model alone moves from seed 0 to seed 1. ``evaluated``: the
+    ``evaluate`` stage's results of this run of the script (the seed-0 runs are evaluated here without them)."""
     from demo_runs import train_demo_runs
 
     runs = {f"{n}_s1": [*VARIANTS[n], "train.seed=1"] for n in VARIANTS}
     train_demo_runs(work, data, runs, {f"{n}_s1": c for n, c in CONFIGS.items()})
-    summary = {n: evaluate_variant(work, n)["summary"] for n in ("base", "objects", *runs)}
+    summary = {
+        n: evaluated[n]["summary"] if n in evaluated else evaluate_variant(work, n)["summary"]
+        for n in ("base", "objects", *runs)
+    }
     out: dict[str, Any] = {n: {k: summary[n].get(k) for k in SEED_KEYS} for n in summary}
     for key in SEED_KEYS[:2]:
         out[f"move {key}"] = [summary[o][key] - summary[b][key] for b, o in (("base", "objects"), ("base_s1", "objects_s1"))]
@@ -111,7 +115,6 @@ def distance_sources(work: Path, data: Path, limit: int = 0) -> tuple[dict[str, 
 
     from densemtl.data.folder import FolderDataset
     from densemtl.inference import Predictor
-    from densemtl.runtime import forward_at_scale
     from densemtl.tasks.objects import OBJECTS, SCORE_THRESHOLD
     from densemtl.tasks.objects_codec import COL, STRIDE
     from densemtl.tasks.objects_metrics import ignored, match_boxes
@@ -125,7 +128,8 @@ def distance_sources(work: Path, data: Path, limit: int = 0) -> tuple[dict[str, 
     for i in range(len(ds)):
         s = ds[i]
         rgb = (s["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        pred = predictor.predict(rgb, float(s["intrinsics"][0]) if s["has_intrinsics"] else None)
+        out = predictor.raw(rgb)  # one forward pass: the predictions, and the raw map for the centre-cell boxes
+        pred = predictor.results(out, rgb.shape[:2], float(s["intrinsics"][0]) if s["has_intrinsics"] else None)
         gt = OBJECTS.pack(s["objects"], s)
         gt = gt[gt[:, COL["class"]] >= 0]
         skip = ignored(gt, rgb.shape[0] // STRIDE * STRIDE)
@@ -133,9 +137,7 @@ def distance_sources(work: Path, data: Path, limit: int = 0) -> tuple[dict[str, 
         boxes = torch.from_numpy(pred["objects_boxes"][keep])
         classes = torch.from_numpy(pred["objects_classes"][keep]).long()
         scores = torch.from_numpy(pred["objects_scores"][keep])
-        with torch.no_grad():  # the raw map on the image's grid, for the regression at each object's centre
-            x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float().div(255).to(predictor.device)
-            raw = forward_at_scale(predictor.model, x, predictor.scale)[OBJECTS.name][0].float()
+        raw = out[OBJECTS.name][0].float()  # on the image's grid: the regression at each object's centre
         box_gt = gt[:, COL["x0"] : COL["y1"] + 1]
         errors.add(boxes, scores, classes, box_gt, gt[:, COL["class"]].long(), skip,
                    centre_cell_boxes(raw, box_gt), STRIDE / predictor.scale)  # fmt: skip
@@ -307,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "weights" in stages:
         result["weights"] = weight_study(args.work, args.data)
     if "seeds" in stages:
-        result["seeds"] = seed_study(args.work, args.data)
+        result["seeds"] = seed_study(args.work, args.data, result["evaluate"] if "evaluate" in stages else {})
     from demo_runs import write_results
 
     return write_results(result, "objects", "report" in stages, targets, markdown)

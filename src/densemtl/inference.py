@@ -181,13 +181,23 @@ class Predictor:
         (docs/objects.md), else they assume a 70-degree horizontal field of view.
         """
         rgb = as_rgb(image)
-        h, w = rgb.shape[:2]
-        out = self._sampled(self._to_tensor(rgb))
+        return self.results(self.raw(rgb), rgb.shape[:2], focal_px)
+
+    @torch.inference_mode()
+    def raw(self, image: ImageLike) -> dict[str, torch.Tensor]:
+        """Each task's raw output (batch of 1) as the model gives it at its input scale, flip-TTA and MC-dropout
+        passes merged: what :meth:`predict` decodes (:meth:`results`)."""
+        return self._sampled(self._to_tensor(as_rgb(image)))
+
+    def results(
+        self, out: dict[str, torch.Tensor], size: tuple[int, int], focal_px: float | None = None
+    ) -> dict[str, np.ndarray]:
+        """:meth:`predict`'s results from :meth:`raw`'s outputs, for an image of ``size`` (H, W)."""
         result: dict[str, np.ndarray] = {}
         for name, raw in out.items():
             task = TASKS[name]
             camera = {"focal_px": focal_px} if task.uses_focal else {}
-            result.update(task.to_numpy(task.upsample(raw.float(), (h, w)), self.info, **camera))
+            result.update(task.to_numpy(task.upsample(raw.float(), tuple(size)), self.info, **camera))
         return result
 
 
