@@ -2,9 +2,9 @@
 
 Stages (each reads what the previous ones wrote under ``--work``):
 
-* ``train``: the demo at the same seed and budget twice: ``base`` (configs/synthetic.yaml: semseg, depth,
-  normals: what ``make demo`` trains) and ``objects`` (configs/synthetic_objects.yaml, the same plus the objects
-  head: what ``make demo-objects`` trains);
+* ``train``: the objects demo's budget and seed twice: ``objects`` (configs/synthetic_objects.yaml: what ``make
+  demo-objects`` trains) and ``base`` (configs/synthetic.yaml, ``make demo``'s semseg, depth and normals, with the
+  objects demo's phases: the same run without the head);
 * ``evaluate``: every metric of both on the synthetic validation split, and for ``objects`` the distance of each
   matched detection two ways: the head's own regression and the median of the predicted depth map over the
   box's pixels predicted as the object's class (all of the box's pixels when the class is no semseg class);
@@ -19,7 +19,7 @@ Stages (each reads what the previous ones wrote under ``--work``):
   second seed, next to how far the base model alone moves between seeds (depth delta1 moved 2 points);
 * ``report``: ``results/objects.json`` and ``results/objects.md`` with the targets of issue #15.
 
-    python benchmarks/objects.py                      # everything (about 90 minutes on 2 idle CPU cores)
+    python benchmarks/objects.py                      # everything (about 2 hours on 2 idle CPU cores)
     python benchmarks/objects.py --stages evaluate,report
 """
 
@@ -44,17 +44,29 @@ ROOT = HERE.parent
 RESULTS = HERE / "results"
 BASE_TASKS = ("semseg", "depth", "normals")
 OBJECTS_CONFIG = ROOT / "configs" / "synthetic_objects.yaml"  # make demo-objects
-VARIANTS = {"base": [f"model.tasks=[{','.join(BASE_TASKS)}]"], "objects": []}
+VARIANTS = ("base", "objects")
 CONFIGS = {"objects": OBJECTS_CONFIG}
 WEIGHTS = (0.25, 0.5, 1.0)  # the objects loss weight study (stage "weights")
 SEED_KEYS = ("semseg/miou", "depth/delta1", "objects/ap50_car", "objects/distance_delta1_car")
 
 
-def train_variants(work: Path, data: Path, names: list[str]) -> dict[str, float]:
-    """Train each variant at the demo budget (finished runs are reused); returns the seconds each took."""
+def variant_sets() -> dict[str, list[str]]:
+    """Each variant's ``--set`` overrides: ``base`` is ``make demo``'s three dense tasks at the objects demo's
+    budget (its phases), so that the two runs differ by the objects head alone."""
+    from densemtl.config import load_config
+
+    phases = ", ".join(
+        f"{{scale: {p.scale}, epochs: {p.epochs}, batch_size: {p.batch_size}, lr: {p.lr}}}"
+        for p in load_config(OBJECTS_CONFIG).train.phases
+    )
+    return {"base": [f"model.tasks=[{','.join(BASE_TASKS)}]", f"train.phases=[{phases}]"], "objects": []}
+
+
+def train_variants(work: Path, data: Path) -> dict[str, float]:
+    """Train each variant at the objects demo's budget (finished runs are reused); returns the seconds each took."""
     from demo_runs import train_demo_runs
 
-    return train_demo_runs(work, data, {n: VARIANTS[n] for n in names}, CONFIGS)
+    return train_demo_runs(work, data, variant_sets(), CONFIGS)
 
 
 def weight_study(work: Path, data: Path) -> dict[str, Any]:
@@ -72,7 +84,7 @@ def seed_study(work: Path, data: Path, evaluated: dict[str, Any]) -> dict[str, A
     ``evaluate`` stage's results of this run of the script (the seed-0 runs are evaluated here without them)."""
     from demo_runs import train_demo_runs
 
-    runs = {f"{n}_s1": [*VARIANTS[n], "train.seed=1"] for n in VARIANTS}
+    runs = {f"{n}_s1": [*sets, "train.seed=1"] for n, sets in variant_sets().items()}
     train_demo_runs(work, data, runs, {f"{n}_s1": c for n, c in CONFIGS.items()})
     summary = {
         n: evaluated[n]["summary"] if n in evaluated else evaluate_variant(work, n)["summary"]
@@ -298,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     path = RESULTS / "objects.json"
     result: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
     if "train" in stages:
-        result["train_seconds"] = {**result.get("train_seconds", {}), **train_variants(args.work, args.data, list(VARIANTS))}
+        result["train_seconds"] = {**result.get("train_seconds", {}), **train_variants(args.work, args.data)}
     if "evaluate" in stages:
         result["evaluate"] = {name: evaluate_variant(args.work, name) for name in VARIANTS}
         result["distance_sources"], result["detection_errors"] = distance_sources(args.work, args.data)
