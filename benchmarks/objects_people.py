@@ -1,0 +1,171 @@
+"""Why the objects demo finds no people (issue #15's person AP50 target): docs/objects.md, "People".
+
+Stages (``--stages``, each on the demo's synthetic data at the model's 1/2 input scale):
+
+* ``heat``: a trained model's heatmap score at each scored object's own centre cell (the score a peak there would
+  decode to) on validation images, per class: whether the head sees the object at all;
+* ``seen``: that model's AP50 per class on training images with people and on validation images with people:
+  both near 0 is under-fitting (the head never learned people), a high training AP over-fitting;
+* ``overfit``: the objects head alone, from scratch, on 16 training scenes with people, ``OVERFIT_STEPS`` steps
+  without augmentation: AP50 per class on those scenes. High means the head, its targets, decoding and metrics
+  can learn people; what the demo lacks is then data or training, not the pipeline.
+
+    python benchmarks/objects_people.py --checkpoint runs/objects_bench/objects/best.pt   # about 4 minutes
+
+Writes results/objects_people.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PERSON = 1  # the synthetic data's object classes: car, person
+SCENES = 16  # scenes with people in the overfit
+SEEN = 48  # images with people per split in ``seen``
+OVERFIT_STEPS = 200
+HEAT_IMAGES = 150
+
+
+def scored_people(rows: torch.Tensor, height: int) -> torch.Tensor:
+    """(N,) bool: the packed rows that are scored people in an image ``height`` pixels high."""
+    from densemtl.tasks.objects_codec import COL, scored
+
+    return scored(rows, height) & (rows[:, COL["class"]] == PERSON)
+
+
+def samples_with_people(data: Path, split: str, scale: float, n: int) -> list[dict[str, Any]]:
+    """The first ``n`` samples of ``split`` with a scored person, resized by ``scale`` (the evaluation's resize)."""
+    from densemtl.data.folder import FolderDataset
+    from densemtl.data.transforms import build_transforms
+    from densemtl.tasks.objects import OBJECTS
+
+    ds = FolderDataset(data, split, tasks=("objects",), transform=build_transforms(False, None, base_scale=scale))
+    out = []
+    for i in range(len(ds)):
+        s = ds[i]
+        packed = OBJECTS.pack(s["objects"], s)
+        if bool(scored_people(packed, s["image"].shape[-2]).any()):
+            out.append({"image": s["image"].as_subclass(torch.Tensor), "y": packed})
+        if len(out) == n:
+            break
+    return out
+
+
+def ap50(model: torch.nn.Module, cfg, info: dict, samples: list[dict[str, Any]]) -> dict[str, float]:
+    """AP50 per class (and the scored objects' count) of ``model`` on ``samples``, 16 at a time."""
+    from torch.utils.data import default_collate
+
+    from densemtl.tasks import TASKS
+
+    metrics = TASKS["objects"].make_metrics(cfg, info)
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(samples), 16):
+            batch = default_collate(samples[i : i + 16])
+            metrics.update(model(batch["image"])["objects"], batch["y"])
+    r = metrics.compute()
+    return {k: round(float(r[k]), 4) for k in ("gt_objects", "ap50_car", "ap50_person")}
+
+
+def heat_at_centres(model: torch.nn.Module, data: Path, scale: float) -> dict[str, Any]:
+    """Per class, the heatmap score at the scored objects' centre cells of ``HEAT_IMAGES`` validation images."""
+    from densemtl.data.folder import FolderDataset
+    from densemtl.data.transforms import build_transforms
+    from densemtl.tasks.objects import OBJECTS
+    from densemtl.tasks.objects_codec import COL, centre_cells, scored
+
+    ds = FolderDataset(data, "val", tasks=("objects",), transform=build_transforms(False, None, base_scale=scale))
+    at: dict[int, list[float]] = {0: [], PERSON: []}
+    model.eval()
+    for i in range(min(HEAT_IMAGES, len(ds))):
+        s = ds[i]
+        rows = OBJECTS.pack(s["objects"], s)
+        rows = rows[(rows[:, COL["class"]] >= 0) & scored(rows, s["image"].shape[-2])]
+        with torch.no_grad():
+            heat = model(s["image"].as_subclass(torch.Tensor)[None])["objects"][0, :2].sigmoid()
+        iy, ix = centre_cells(rows[:, COL["x0"] : COL["y1"] + 1], tuple(heat.shape[-2:]))
+        for c, y, x in zip(rows[:, COL["class"]].long().tolist(), iy.tolist(), ix.tolist(), strict=True):
+            at[c].append(float(heat[c, y, x]))
+    names = {0: "car", PERSON: "person"}
+    return {
+        names[c]: {"n": len(v), "median": float(np.median(v)), "p90": float(np.percentile(v, 90))}
+        for c, v in at.items() if v
+    }  # fmt: skip
+
+
+def overfit(data: Path, scale: float) -> dict[str, Any]:
+    """The demo's architecture with the objects head alone, from scratch, trained on ``SCENES`` training scenes
+    with people (no augmentation) for ``OVERFIT_STEPS`` steps: AP50 on those scenes before and after."""
+    from torch.utils.data import default_collate
+
+    from densemtl.config import Config, load_config, replace
+    from densemtl.data.format import read_dataset_json
+    from densemtl.models import build_model
+    from densemtl.tasks.objects import OBJECTS
+    from densemtl.train.engine import resolve_config
+
+    torch.manual_seed(0)
+    info = read_dataset_json(data)
+    demo = load_config(ROOT / "configs" / "synthetic_objects.yaml")
+    cfg = resolve_config(replace(Config(), model=replace(demo.model, tasks=("objects",))), info)
+    samples = samples_with_people(data, "train", scale, SCENES)
+    batch = default_collate(samples)
+    model = build_model(cfg.model)
+    before = ap50(model, cfg, info, samples)
+    loss_fn, opt = OBJECTS.make_loss(cfg), torch.optim.AdamW(model.parameters(), 2e-3)
+    everyone = torch.ones(len(samples), dtype=torch.bool)
+    t0 = time.perf_counter()
+    for _ in range(OVERFIT_STEPS):
+        model.train()
+        loss = loss_fn(model(batch["image"])["objects"], batch["y"], everyone)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    people = int(sum(int(scored_people(s["y"], s["image"].shape[-2]).sum()) for s in samples))
+    return {"scenes": len(samples), "people": people, "steps": OVERFIT_STEPS, "before": before,
+            "after": ap50(model, cfg, info, samples), "seconds": round(time.perf_counter() - t0)}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, default=ROOT / "runs" / "objects_bench" / "objects" / "best.pt")
+    p.add_argument("--data", type=Path, default=ROOT / "data" / "synthetic")
+    p.add_argument("--stages", default="heat,seen,overfit")
+    args = p.parse_args(argv)
+    from densemtl.train.checkpoint import (
+        config_from_checkpoint,
+        input_scale,
+        load_checkpoint,
+        model_from_checkpoint,
+    )
+
+    torch.set_num_threads(2)
+    stages = args.stages.split(",")
+    ckpt = load_checkpoint(args.checkpoint)
+    model, cfg, scale = model_from_checkpoint(ckpt).eval(), config_from_checkpoint(ckpt), input_scale(ckpt)
+    result: dict[str, Any] = {"checkpoint": str(args.checkpoint), "input_scale": scale}
+    if "heat" in stages:
+        result["heat_at_centre"] = heat_at_centres(model, args.data, scale)
+    if "seen" in stages:
+        info = {"object_classes": list(cfg.model.object_classes)}
+        result["seen"] = {split: ap50(model, cfg, info, samples_with_people(args.data, split, scale, SEEN))
+                          for split in ("train", "val")}  # fmt: skip
+    if "overfit" in stages:
+        result["overfit"] = overfit(args.data, scale)
+    out = HERE / "results" / "objects_people.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
