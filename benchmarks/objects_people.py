@@ -42,13 +42,19 @@ def scored_people(rows: torch.Tensor, height: int) -> torch.Tensor:
     return scored(rows, height) & (rows[:, COL["class"]] == PERSON)
 
 
-def samples_with_people(data: Path, split: str, scale: float, n: int) -> list[dict[str, Any]]:
-    """The first ``n`` samples of ``split`` with a scored person, resized by ``scale`` (the evaluation's resize)."""
+def resized_split(data: Path, split: str, scale: float):
+    """``split``'s objects samples resized by ``scale``, as evaluation resizes them."""
     from densemtl.data.folder import FolderDataset
     from densemtl.data.transforms import build_transforms
+
+    return FolderDataset(data, split, tasks=("objects",), transform=build_transforms(False, None, base_scale=scale))
+
+
+def samples_with_people(data: Path, split: str, scale: float, n: int) -> list[dict[str, Any]]:
+    """The first ``n`` samples of ``split`` with a scored person, resized by ``scale`` (the evaluation's resize)."""
     from densemtl.tasks.objects import OBJECTS
 
-    ds = FolderDataset(data, split, tasks=("objects",), transform=build_transforms(False, None, base_scale=scale))
+    ds = resized_split(data, split, scale)
     out = []
     for i in range(len(ds)):
         s = ds[i]
@@ -78,12 +84,10 @@ def ap50(model: torch.nn.Module, cfg, info: dict, samples: list[dict[str, Any]])
 
 def heat_at_centres(model: torch.nn.Module, data: Path, scale: float) -> dict[str, Any]:
     """Per class, the heatmap score at the scored objects' centre cells of ``HEAT_IMAGES`` validation images."""
-    from densemtl.data.folder import FolderDataset
-    from densemtl.data.transforms import build_transforms
     from densemtl.tasks.objects import OBJECTS
     from densemtl.tasks.objects_codec import COL, centre_cells, scored
 
-    ds = FolderDataset(data, "val", tasks=("objects",), transform=build_transforms(False, None, base_scale=scale))
+    ds = resized_split(data, "val", scale)
     at: dict[int, list[float]] = {0: [], PERSON: []}
     model.eval()
     for i in range(min(HEAT_IMAGES, len(ds))):
