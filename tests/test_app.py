@@ -219,6 +219,28 @@ def test_launch_serves_the_app_of_a_checkpoint(tiny_run):
     assert {"input-image", "picture-0", "bev", "cloud", "status", "legend", "examples"} <= ids
 
 
+def test_the_apps_scratch_folder_goes_with_the_app(tmp_path):
+    """The folder the 3-D view's glTF files are written to exists while the app does and is removed when its
+    process ends, not left in the temporary directory."""
+    pytest.importorskip("gradio", reason="the app extra is not installed: pip install 'densemtl[app]'")
+    import subprocess
+
+    code = (
+        "import json, sys, pathlib\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_app import _Stub\n"
+        "from densemtl.app import build_app\n"
+        "demo = build_app(_Stub(('semseg', 'depth')))\n"
+        f"print(json.dumps([str(p) for p in pathlib.Path({str(tmp_path)!r}).glob('densemtl_app_*') if p.is_dir()]))\n"
+    )
+    env = {**os.environ, "TMPDIR": str(tmp_path), "GRADIO_ANALYTICS_ENABLED": "False"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    made = json.loads(done.stdout.strip().splitlines()[-1])  # the folders the app's process saw
+    assert len(made) == 1, done.stdout
+    assert not Path(made[0]).exists()
+
+
 # ------------------------------------------------------------------------------------------------ browser
 def _chromium() -> str | None:
     for name in (os.environ.get("DENSEMTL_CHROMIUM", ""), "chromium", "chromium-browser", "google-chrome"):

@@ -15,10 +15,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import struct
 import sys
 import tempfile
 import time
+import weakref
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -346,6 +348,8 @@ def build_app(predictor: Predictor, examples: list[str | Path] | None = None) ->
                                        camera_position=CLOUD_VIEW, elem_id="cloud")  # fmt: skip
         triggers = [image.change, button.click, hfov.release, colours.change, unsure.release]
         gr.on(triggers, run, inputs=[image, hfov, colours, unsure], outputs=[*pictures, bev, cloud, status])
+    # The scratch folder for the 3-D view goes with the app (or at exit): one per build_app, never left in /tmp.
+    weakref.finalize(demo, shutil.rmtree, out_dir, ignore_errors=True)
     return demo
 
 
