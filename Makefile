@@ -28,10 +28,14 @@ demo: install
 # The demo with the objects head too (docs/objects.md); synthetic data rendered before objects files existed
 # (dataset.json without object_classes) is rendered again.
 OBJ_RUN ?= runs/demo_objects
+# It fine-tunes an ImageNet MobileNetV2: torchvision's weights, downloaded once, or this local copy when it exists
+# (../shared beside the checkout; offline, point it at a copy: make demo-objects BACKBONE_WEIGHTS=PATH).
+BACKBONE_WEIGHTS ?= $(wildcard ../shared/weights/mobilenet_v2_imagenet_features.pth)
 demo-objects: install
 	grep -q object_classes $(DATA)/dataset.json 2>/dev/null || $(PY) -m densemtl data synth --out $(DATA) --overwrite --train 2000 --val 400 --size 256x512 --seed 0
 	$(PY) -m densemtl data preview $(DATA) --split val -n 8 --out $(OBJ_RUN)/preview.png
-	$(PY) -m densemtl train --config configs/synthetic_objects.yaml --set data.root=$(DATA) --set train.out_dir=$(OBJ_RUN) --overwrite
+	$(PY) -m densemtl train --config configs/synthetic_objects.yaml --set data.root=$(DATA) --set train.out_dir=$(OBJ_RUN) --overwrite \
+		$(if $(BACKBONE_WEIGHTS),--set model.backbone_weights=$(BACKBONE_WEIGHTS))
 	$(PY) -m densemtl evaluate --checkpoint $(OBJ_RUN)/best.pt --split val --out $(OBJ_RUN)/eval_val
 	$(PY) -m densemtl predict --checkpoint $(OBJ_RUN)/best.pt --out $(OBJ_RUN)/predictions --bev $$(ls $(DATA)/val/images/* | head -n 6)
 	$(PY) -m densemtl report $(OBJ_RUN)

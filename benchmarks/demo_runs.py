@@ -13,9 +13,10 @@ def _signature(cfg) -> tuple:
     """What makes two demo runs the same experiment (the run folder and resolved class names aside)."""
     from dataclasses import replace
 
-    m = cfg.model
+    m, tr = cfg.model, cfg.train
     loss = replace(cfg.loss, weights={t: float(cfg.loss.weights.get(t, 1.0)) for t in m.tasks})  # 1 = unset
-    return (m.tasks, m.backbone, m.decoder, m.objects_trunks, loss, cfg.train.phases, cfg.train.seed)
+    start = (m.pretrained, Path(m.backbone_weights).name)  # where the backbone starts (a file by name: any copy)
+    return (m.tasks, m.backbone, m.decoder, m.objects_trunks, start, loss, tr.phases, tr.encoder_lr_mult, tr.seed)
 
 
 def train_demo_runs(

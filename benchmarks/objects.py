@@ -13,7 +13,7 @@ Stages (each reads what the previous ones wrote under ``--work``):
   timed interleaved;
 * ``synth``: ``densemtl data synth`` of the demo's 2400 images at 256x512 as a fresh process (start-up
   included);
-* ``weights``: the objects demo with the objects loss weight at 0.25, 0.5 and 1 (``objects_w*`` runs), each
+* ``weights``: the objects demo with the objects loss weight at 0.1 and 0.25 (``objects_w*`` runs), each
   evaluated as above: what the head's share of the shared gradient trades;
 * ``seeds``: ``base`` and ``objects`` again at seed 1 (``base_s1``, ``objects_s1``): the dense tasks' moves at a
   second seed, next to how far the base model alone moves between seeds (depth delta1 moved 2 points);
@@ -44,22 +44,24 @@ ROOT = HERE.parent
 RESULTS = HERE / "results"
 BASE_TASKS = ("semseg", "depth", "normals")
 OBJECTS_CONFIG = ROOT / "configs" / "synthetic_objects.yaml"  # make demo-objects
+# The ImageNet MobileNetV2 the objects demo starts from, as a local file (../shared, beside the checkout); without
+# it the runs download torchvision's copy (or, offline, stop with a message saying how to get it).
+SHARED_WEIGHTS = ROOT.parent / "shared" / "weights" / "mobilenet_v2_imagenet_features.pth"
 VARIANTS = ("base", "objects")
-CONFIGS = {"objects": OBJECTS_CONFIG}
-WEIGHTS = (0.25, 0.5, 1.0)  # the objects loss weight study (stage "weights")
+CONFIGS = dict.fromkeys(VARIANTS, OBJECTS_CONFIG)
+WEIGHTS = (0.1, 0.25)  # the objects loss weight study (stage "weights")
 SEED_KEYS = ("semseg/miou", "depth/delta1", "objects/ap50_car", "objects/distance_delta1_car")
 
 
 def variant_sets() -> dict[str, list[str]]:
-    """Each variant's ``--set`` overrides: ``base`` is ``make demo``'s three dense tasks at the objects demo's
-    budget (its phases), so that the two runs differ by the objects head alone."""
-    from densemtl.config import load_config
-
-    phases = ", ".join(
-        f"{{scale: {p.scale}, epochs: {p.epochs}, batch_size: {p.batch_size}, lr: {p.lr}}}"
-        for p in load_config(OBJECTS_CONFIG).train.phases
-    )
-    return {"base": [f"model.tasks=[{','.join(BASE_TASKS)}]", f"train.phases=[{phases}]"], "objects": []}
+    """Each variant's ``--set`` overrides of the objects demo's config: ``base`` is that config without the objects
+    head (``make demo``'s three dense tasks on the same backbone, weights and phases), so that the two runs differ
+    by the head alone. Both load the ImageNet backbone from ``SHARED_WEIGHTS`` where it exists (offline here)."""
+    local = [f"model.backbone_weights={SHARED_WEIGHTS}"] if SHARED_WEIGHTS.is_file() else []
+    return {
+        "base": [f"model.tasks=[{','.join(BASE_TASKS)}]", f"loss.weights={{{', '.join(f'{t}: 1.0' for t in BASE_TASKS)}}}", *local],
+        "objects": local,
+    }
 
 
 def train_variants(work: Path, data: Path) -> dict[str, float]:
@@ -73,7 +75,7 @@ def weight_study(work: Path, data: Path) -> dict[str, Any]:
     """The objects demo with each loss weight of the objects head in ``WEIGHTS``: every metric of each."""
     from demo_runs import train_demo_runs
 
-    runs = {f"objects_w{w:g}": [f"loss.weights.objects={w:g}"] for w in WEIGHTS}
+    runs = {f"objects_w{w:g}": [*variant_sets()["objects"], f"loss.weights.objects={w:g}"] for w in WEIGHTS}
     seconds = train_demo_runs(work, data, runs, dict.fromkeys(runs, OBJECTS_CONFIG))
     return {name: {**evaluate_variant(work, name), "train_seconds": seconds.get(name)} for name in runs}
 

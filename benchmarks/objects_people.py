@@ -9,8 +9,12 @@ Stages (``--stages``, each on the demo's synthetic data at the model's 1/2 input
 * ``overfit``: the objects head alone, from scratch, on 16 training scenes with people, ``OVERFIT_STEPS`` steps
   without augmentation: AP50 per class on those scenes. High means the head, its targets, decoding and metrics
   can learn people; what the demo lacks is then data or training, not the pipeline.
+* ``backbone``: the objects head alone on the whole training split, 3 epochs at 1/2 scale, on MobileNetV2 from
+  scratch and from ImageNet (``SHARED_WEIGHTS``), everything else the same: AP50 per class after each epoch.
+  Whether people need features that a few epochs from scratch cannot grow (runs under ``--work``, reused).
 
     python benchmarks/objects_people.py --checkpoint runs/objects_bench/objects/best.pt   # about 4 minutes
+    python benchmarks/objects_people.py --stages backbone                                # about 9 minutes
 
 Writes results/objects_people.json.
 """
@@ -120,7 +124,8 @@ def overfit(data: Path, scale: float) -> dict[str, Any]:
     torch.manual_seed(0)
     info = read_dataset_json(data)
     demo = load_config(ROOT / "configs" / "synthetic_objects.yaml")
-    cfg = resolve_config(replace(Config(), model=replace(demo.model, tasks=("objects",))), info)
+    model_cfg = replace(demo.model, tasks=("objects",), pretrained="none", backbone_weights="")  # from scratch
+    cfg = resolve_config(replace(Config(), model=model_cfg), info)
     samples = samples_with_people(data, "train", scale, SCENES)
     batch = default_collate(samples)
     model = build_model(cfg.model)
@@ -139,11 +144,31 @@ def overfit(data: Path, scale: float) -> dict[str, Any]:
             "after": ap50(model, cfg, info, samples), "seconds": round(time.perf_counter() - t0)}  # fmt: skip
 
 
+def backbone_study(work: Path, data: Path) -> dict[str, Any]:
+    """``BACKBONE_RUNS`` (the objects head alone, 3 epochs at 1/2 scale): AP50 per class after each epoch."""
+    from demo_runs import train_demo_runs
+    from objects import OBJECTS_CONFIG, SHARED_WEIGHTS
+
+    if not SHARED_WEIGHTS.is_file():
+        raise SystemExit(f"the backbone stage needs the ImageNet MobileNetV2 weights at {SHARED_WEIGHTS}")
+    common = ["model.tasks=[objects]", "loss.weights.objects=1.0", "model.backbone=mobilenet_v2",
+              "model.pretrained=none", "train.encoder_lr_mult=1.0",
+              "train.phases=[{scale: 0.5, epochs: 3, batch_size: 8, lr: 1.0e-3}]"]  # fmt: skip
+    runs = {"v2_scratch": common, "v2_imagenet": [*common, f"model.backbone_weights={SHARED_WEIGHTS}"]}
+    train_demo_runs(work, data, runs, dict.fromkeys(runs, OBJECTS_CONFIG))
+    out = {}
+    for name in runs:
+        rows = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
+        out[name] = [{k: round(r[f"val/objects/{k}"], 4) for k in ("ap50_car", "ap50_person")} for r in rows]
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=ROOT / "runs" / "objects_bench" / "objects" / "best.pt")
     p.add_argument("--data", type=Path, default=ROOT / "data" / "synthetic")
     p.add_argument("--stages", default="heat,seen,overfit")
+    p.add_argument("--work", type=Path, default=ROOT / "runs" / "objects_people", help="the backbone stage's runs")
     args = p.parse_args(argv)
     from densemtl.train.checkpoint import (
         config_from_checkpoint,
@@ -154,9 +179,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     torch.set_num_threads(2)
     stages = args.stages.split(",")
-    ckpt = load_checkpoint(args.checkpoint)
-    model, cfg, scale = model_from_checkpoint(ckpt).eval(), config_from_checkpoint(ckpt), input_scale(ckpt)
-    result: dict[str, Any] = {"checkpoint": str(args.checkpoint), "input_scale": scale}
+    result: dict[str, Any] = {}
+    if {"heat", "seen", "overfit"} & set(stages):
+        ckpt = load_checkpoint(args.checkpoint)
+        model, cfg, scale = model_from_checkpoint(ckpt).eval(), config_from_checkpoint(ckpt), input_scale(ckpt)
+        result |= {"checkpoint": str(args.checkpoint), "input_scale": scale}
     if "heat" in stages:
         result["heat_at_centre"] = heat_at_centres(model, args.data, scale)
     if "seen" in stages:
@@ -166,6 +193,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "overfit" in stages:
         result["overfit"] = overfit(args.data, scale)
     out = HERE / "results" / "objects_people.json"
+    if "backbone" in stages:
+        result["backbone"] = backbone_study(args.work, args.data)
+    elif out.is_file() and "backbone" in (old := json.loads(out.read_text())):
+        result["backbone"] = old["backbone"]  # its own runs, not the checkpoint's: kept when not re-run
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return result
