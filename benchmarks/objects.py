@@ -50,7 +50,7 @@ SHARED_WEIGHTS = ROOT.parent / "shared" / "weights" / "mobilenet_v2_imagenet_fea
 VARIANTS = ("base", "objects")
 CONFIGS = dict.fromkeys(VARIANTS, OBJECTS_CONFIG)
 WEIGHTS = (0.1, 0.25)  # the objects loss weight study (stage "weights")
-SEED_KEYS = ("semseg/miou", "depth/delta1", "objects/ap50_car", "objects/distance_delta1_car")
+SEED_KEYS = ("semseg/miou", "depth/delta1", "objects/ap50_car", "objects/ap50_person", "objects/distance_delta1_car")
 
 
 def variant_sets() -> dict[str, list[str]]:
