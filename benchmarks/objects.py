@@ -59,7 +59,7 @@ def variant_sets() -> dict[str, list[str]]:
     by the head alone. Both load the ImageNet backbone from ``SHARED_WEIGHTS`` where it exists (offline here)."""
     local = [f"model.backbone_weights={SHARED_WEIGHTS}"] if SHARED_WEIGHTS.is_file() else []
     return {
-        "base": [f"model.tasks=[{','.join(BASE_TASKS)}]", f"loss.weights={{{', '.join(f'{t}: 1.0' for t in BASE_TASKS)}}}", *local],
+        "base": [f"model.tasks=[{','.join(BASE_TASKS)}]", *local],  # the objects loss weight then weighs nothing
         "objects": local,
     }
 

@@ -145,7 +145,8 @@ def overfit(data: Path, scale: float) -> dict[str, Any]:
 
 
 def backbone_study(work: Path, data: Path) -> dict[str, Any]:
-    """``BACKBONE_RUNS`` (the objects head alone, 3 epochs at 1/2 scale): AP50 per class after each epoch."""
+    """The objects head alone, 3 epochs at 1/2 scale, on MobileNetV2 from scratch and from ImageNet (runs under
+    ``work``, reused when finished): AP50 per class after each epoch."""
     from demo_runs import train_demo_runs
     from objects import OBJECTS_CONFIG, SHARED_WEIGHTS
 
