@@ -85,6 +85,7 @@ RANGES = [  # (override, the key the message names, the rule it states)
     ("loss.weights={depth: .nan}", "loss.weights.depth", "finite"),
     ("loss.weighting_args={alpha: .inf}", "loss.weighting_args.alpha", "finite"),
     ("loss.class_weights=[1, -1, 1]", "loss.class_weights[1]", ">= 0"),
+    ("loss.objects_class_balance=2", "loss.objects_class_balance", "in [0, 1]"),
 ]
 
 

@@ -100,6 +100,9 @@ class LossConfig:
     # The objects loss's terms {heat, box, distance, box3d} (densemtl.tasks.objects_head); a term not named keeps
     # its default (heat 1, box 5, distance 1, box3d 0.5).
     objects_terms: dict[str, float] = field(default_factory=dict)
+    # How far the objects loss evens out its classes in each batch: each class's centres and boxes weigh
+    # (objects / (classes x its objects)) ** this; 0 = every object alike (CenterNet), 1 = every class alike.
+    objects_class_balance: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,7 @@ BOUNDS: dict[type, dict[str, Bound]] = {
     LossConfig: {
         "depth_clip": POSITIVE, "silog_lambda": UNIT, "silog_scale": POSITIVE, "nll_beta": UNIT, "weighting_args": NON_NEGATIVE,
         "weights": NON_NEGATIVE, "class_weights": NON_NEGATIVE, "objects_terms": NON_NEGATIVE,
+        "objects_class_balance": UNIT,
     },
     PhaseConfig: {
         "scale": Bound(0, 4, lo_open=True), "epochs": AT_LEAST_1, "batch_size": AT_LEAST_1, "lr": POSITIVE,

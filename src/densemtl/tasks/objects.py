@@ -258,7 +258,7 @@ class Objects(Task):
 
     # ------------------------------------------------------------------------------------- loss and metrics
     def make_loss(self, cfg) -> nn.Module:
-        return ObjectsLoss(len(cfg.model.object_classes), dict(cfg.loss.objects_terms))
+        return ObjectsLoss(len(cfg.model.object_classes), dict(cfg.loss.objects_terms), cfg.loss.objects_class_balance)
 
     def make_metrics(self, cfg, info: Info) -> Accumulator:
         return ObjectsMetrics(list(cfg.model.object_classes) or object_classes(info), SCORE_THRESHOLD)
