@@ -15,6 +15,8 @@ def _signature(cfg) -> tuple:
 
     m, tr = cfg.model, cfg.train
     loss = replace(cfg.loss, weights={t: float(cfg.loss.weights.get(t, 1.0)) for t in m.tasks})  # 1 = unset
+    if "objects" not in m.tasks:  # the objects loss's own settings mean nothing to a model without the head
+        loss = replace(loss, objects_terms={}, objects_class_balance=0.0)
     start = (m.pretrained, Path(m.backbone_weights).name)  # where the backbone starts (a file by name: any copy)
     return (m.tasks, m.backbone, m.decoder, m.objects_trunks, start, loss, tr.phases, tr.encoder_lr_mult, tr.seed)
 

@@ -13,8 +13,9 @@ Stages (each reads what the previous ones wrote under ``--work``):
   timed interleaved;
 * ``synth``: ``densemtl data synth`` of the demo's 2400 images at 256x512 as a fresh process (start-up
   included);
-* ``weights``: the objects demo with the objects loss weight at 0.1 and 0.25 (``objects_w*`` runs), each
-  evaluated as above: what the head's share of the shared gradient trades;
+* ``weights``: the objects demo at other objects loss weights and class balances (``LOSS_STUDY``, runs
+  ``objects_w<weight>_b<balance>``), each evaluated as above: what the head's share of the shared gradient, and
+  the people's share of the head's, trade;
 * ``seeds``: ``base`` and ``objects`` again at seed 1 (``base_s1``, ``objects_s1``): the dense tasks' moves at a
   second seed, next to how far the base model alone moves between seeds (depth delta1 moved 2 points);
 * ``report``: ``results/objects.json`` and ``results/objects.md`` with the targets of issue #15.
@@ -49,7 +50,8 @@ OBJECTS_CONFIG = ROOT / "configs" / "synthetic_objects.yaml"  # make demo-object
 SHARED_WEIGHTS = ROOT.parent / "shared" / "weights" / "mobilenet_v2_imagenet_features.pth"
 VARIANTS = ("base", "objects")
 CONFIGS = dict.fromkeys(VARIANTS, OBJECTS_CONFIG)
-WEIGHTS = (0.1, 0.25)  # the objects loss weight study (stage "weights")
+# The objects loss study (stage "weights"): (loss.weights.objects, loss.objects_class_balance) beside the demo's.
+LOSS_STUDY = ((0.1, 0.0), (0.25, 0.0), (0.1, 1.0), (0.075, 1.0))
 SEED_KEYS = ("semseg/miou", "depth/delta1", "objects/ap50_car", "objects/ap50_person", "objects/distance_delta1_car")
 
 
@@ -72,10 +74,13 @@ def train_variants(work: Path, data: Path) -> dict[str, float]:
 
 
 def weight_study(work: Path, data: Path) -> dict[str, Any]:
-    """The objects demo with each loss weight of the objects head in ``WEIGHTS``: every metric of each."""
+    """The objects demo at each objects loss weight and class balance of ``LOSS_STUDY`` (runs ``objects_w*_b*``):
+    every metric of each. What the head's share of the shared gradient and the people's share of the head's
+    trade."""
     from demo_runs import train_demo_runs
 
-    runs = {f"objects_w{w:g}": [*variant_sets()["objects"], f"loss.weights.objects={w:g}"] for w in WEIGHTS}
+    runs = {f"objects_w{w:g}_b{b:g}": [*variant_sets()["objects"], f"loss.weights.objects={w:g}",
+                                       f"loss.objects_class_balance={b:g}"] for w, b in LOSS_STUDY}  # fmt: skip
     seconds = train_demo_runs(work, data, runs, dict.fromkeys(runs, OBJECTS_CONFIG))
     return {name: {**evaluate_variant(work, name), "train_seconds": seconds.get(name)} for name in runs}
 
@@ -271,7 +276,8 @@ def markdown(result: dict[str, Any]) -> str:
     if study:
         study_keys = ("semseg/miou", "depth/delta1", "objects/ap50_car", "objects/ap50_person",
                       "objects/distance_delta1_car")  # fmt: skip
-        lines += ["", "Objects loss weight (stage weights, from its last run, which may be older than the tables above; "
+        lines += ["", "Objects loss weight w and class balance b (stage weights, from its last run, which may be older "
+                  "than the tables above; the demo: w 0.1, b 0.5; "
                   "base of those tables: " + ", ".join(
             f"{k} {ev['base']['summary'][k]:.4f}" for k in study_keys[:2] if "base" in ev) + "):", "",
             "| run | " + " | ".join(study_keys) + " |", "|---|" + "---:|" * len(study_keys)]  # fmt: skip

@@ -9,12 +9,16 @@ Stages (``--stages``, each on the demo's synthetic data at the model's 1/2 input
 * ``overfit``: the objects head alone, from scratch, on 16 training scenes with people, ``OVERFIT_STEPS`` steps
   without augmentation: AP50 per class on those scenes. High means the head, its targets, decoding and metrics
   can learn people; what the demo lacks is then data or training, not the pipeline.
+* ``widths``: the box a trained model regresses at each scored object's own centre cell (what a peak there
+  decodes to) on validation images, against the true box: median predicted / true width and height per class,
+  for objects under ``SMALL_PX`` pixels high at the network input and the rest (kept per checkpoint);
 * ``backbone``: the objects head alone on the whole training split, 3 epochs at 1/2 scale, on MobileNetV2 from
   scratch and from ImageNet (``SHARED_WEIGHTS``), everything else the same: AP50 per class after each epoch.
   Whether people need features that a few epochs from scratch cannot grow (runs under ``--work``, reused).
 
     python benchmarks/objects_people.py --checkpoint runs/objects_bench/objects/best.pt   # about 4 minutes
     python benchmarks/objects_people.py --stages backbone                                # about 9 minutes
+    python benchmarks/objects_people.py --stages widths --checkpoint runs/objects_bench/objects/best.pt  # 1 minute
 
 Writes results/objects_people.json.
 """
@@ -37,6 +41,7 @@ SCENES = 16  # scenes with people in the overfit
 SEEN = 48  # images with people per split in ``seen``
 OVERFIT_STEPS = 200
 HEAT_IMAGES = 150
+SMALL_PX = 16  # ``widths``: objects under this many pixels high at the network input are "small"
 
 
 def scored_people(rows: torch.Tensor, height: int) -> torch.Tensor:
@@ -107,6 +112,36 @@ def heat_at_centres(model: torch.nn.Module, data: Path, scale: float) -> dict[st
     return {
         names[c]: {"n": len(v), "median": float(np.median(v)), "p90": float(np.percentile(v, 90))}
         for c, v in at.items() if v
+    }  # fmt: skip
+
+
+def centre_box_sizes(model: torch.nn.Module, data: Path, scale: float) -> dict[str, Any]:
+    """Per class and size (under ``SMALL_PX`` high at the network input, or not), the median ratio of the width and
+    height regressed at the scored objects' centre cells to the true ones, over ``HEAT_IMAGES`` validation images."""
+    from objects_errors import centre_cell_boxes
+
+    from densemtl.tasks.objects import OBJECTS
+    from densemtl.tasks.objects_codec import COL, scored
+
+    ds = resized_split(data, "val", scale)
+    ratios: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    model.eval()
+    for i in range(min(HEAT_IMAGES, len(ds))):
+        s = ds[i]
+        rows = OBJECTS.pack(s["objects"], s)
+        rows = rows[(rows[:, COL["class"]] >= 0) & scored(rows, s["image"].shape[-2])]
+        with torch.no_grad():
+            raw = model(s["image"].as_subclass(torch.Tensor)[None])["objects"][0]
+        gt = rows[:, COL["x0"] : COL["y1"] + 1]
+        pred = centre_cell_boxes(raw, gt)
+        for c, g, b in zip(rows[:, COL["class"]].long().tolist(), gt, pred, strict=True):
+            size = "small" if float(g[3] - g[1]) < SMALL_PX else "larger"
+            key = ("person" if c == PERSON else "car", size)
+            ratios.setdefault(key, []).append((float((b[2] - b[0]) / (g[2] - g[0])), float((b[3] - b[1]) / (g[3] - g[1]))))
+    return {
+        f"{name}_{size}": {"n": len(v), "width_ratio": round(float(np.median([w for w, _ in v])), 3),
+                           "height_ratio": round(float(np.median([h for _, h in v])), 3)}
+        for (name, size), v in sorted(ratios.items())
     }  # fmt: skip
 
 
@@ -181,9 +216,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(2)
     stages = args.stages.split(",")
     result: dict[str, Any] = {}
-    if {"heat", "seen", "overfit"} & set(stages):
+    out = HERE / "results" / "objects_people.json"
+    old = json.loads(out.read_text()) if out.is_file() else {}
+    if not {"heat", "seen", "overfit"} & set(stages):  # the last measured checkpoint's figures are kept
+        result |= {k: old[k] for k in ("checkpoint", "input_scale", "heat_at_centre", "seen", "overfit") if k in old}
+    if {"heat", "seen", "overfit", "widths"} & set(stages):
         ckpt = load_checkpoint(args.checkpoint)
         model, cfg, scale = model_from_checkpoint(ckpt).eval(), config_from_checkpoint(ckpt), input_scale(ckpt)
+    if {"heat", "seen", "overfit"} & set(stages):
         result |= {"checkpoint": str(args.checkpoint), "input_scale": scale}
     if "heat" in stages:
         result["heat_at_centre"] = heat_at_centres(model, args.data, scale)
@@ -193,10 +233,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           for split in ("train", "val")}  # fmt: skip
     if "overfit" in stages:
         result["overfit"] = overfit(args.data, scale)
-    out = HERE / "results" / "objects_people.json"
+    result["widths"] = dict(old.get("widths", {}))  # one entry per checkpoint measured
+    if "widths" in stages:
+        result["widths"][str(args.checkpoint)] = centre_box_sizes(model, args.data, scale)
     if "backbone" in stages:
         result["backbone"] = backbone_study(args.work, args.data)
-    elif out.is_file() and "backbone" in (old := json.loads(out.read_text())):
+    elif "backbone" in old:
         result["backbone"] = old["backbone"]  # its own runs, not the checkpoint's: kept when not re-run
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
