@@ -91,20 +91,29 @@ def ap50(model: torch.nn.Module, cfg, info: dict, samples: list[dict[str, Any]])
     return {k: round(float(r[k]), 4) for k in ("gt_objects", "ap50_car", "ap50_person")}
 
 
-def heat_at_centres(model: torch.nn.Module, data: Path, scale: float) -> dict[str, Any]:
-    """Per class, the heatmap score at the scored objects' centre cells of ``HEAT_IMAGES`` validation images."""
+def scored_on_val(model: torch.nn.Module, data: Path, scale: float):
+    """For each of the first ``HEAT_IMAGES`` validation images at ``scale``: its scored objects' rows (m, FIELDS)
+    and the model's raw objects output (K + 14, h, w)."""
     from densemtl.tasks.objects import OBJECTS
-    from densemtl.tasks.objects_codec import COL, centre_cells, scored
+    from densemtl.tasks.objects_codec import COL, scored
 
     ds = resized_split(data, "val", scale)
-    at: dict[int, list[float]] = {0: [], PERSON: []}
     model.eval()
     for i in range(min(HEAT_IMAGES, len(ds))):
         s = ds[i]
         rows = OBJECTS.pack(s["objects"], s)
         rows = rows[(rows[:, COL["class"]] >= 0) & scored(rows, s["image"].shape[-2])]
         with torch.no_grad():
-            heat = model(s["image"].as_subclass(torch.Tensor)[None])["objects"][0, :2].sigmoid()
+            yield rows, model(s["image"].as_subclass(torch.Tensor)[None])["objects"][0]
+
+
+def heat_at_centres(model: torch.nn.Module, data: Path, scale: float) -> dict[str, Any]:
+    """Per class, the heatmap score at the scored objects' centre cells of ``HEAT_IMAGES`` validation images."""
+    from densemtl.tasks.objects_codec import COL, centre_cells
+
+    at: dict[int, list[float]] = {0: [], PERSON: []}
+    for rows, raw in scored_on_val(model, data, scale):
+        heat = raw[:2].sigmoid()
         iy, ix = centre_cells(rows[:, COL["x0"] : COL["y1"] + 1], tuple(heat.shape[-2:]))
         for c, y, x in zip(rows[:, COL["class"]].long().tolist(), iy.tolist(), ix.tolist(), strict=True):
             at[c].append(float(heat[c, y, x]))
@@ -120,18 +129,10 @@ def centre_box_sizes(model: torch.nn.Module, data: Path, scale: float) -> dict[s
     height regressed at the scored objects' centre cells to the true ones, over ``HEAT_IMAGES`` validation images."""
     from objects_errors import centre_cell_boxes
 
-    from densemtl.tasks.objects import OBJECTS
-    from densemtl.tasks.objects_codec import COL, scored
+    from densemtl.tasks.objects_codec import COL
 
-    ds = resized_split(data, "val", scale)
     ratios: dict[tuple[str, str], list[tuple[float, float]]] = {}
-    model.eval()
-    for i in range(min(HEAT_IMAGES, len(ds))):
-        s = ds[i]
-        rows = OBJECTS.pack(s["objects"], s)
-        rows = rows[(rows[:, COL["class"]] >= 0) & scored(rows, s["image"].shape[-2])]
-        with torch.no_grad():
-            raw = model(s["image"].as_subclass(torch.Tensor)[None])["objects"][0]
+    for rows, raw in scored_on_val(model, data, scale):
         gt = rows[:, COL["x0"] : COL["y1"] + 1]
         pred = centre_cell_boxes(raw, gt)
         for c, g, b in zip(rows[:, COL["class"]].long().tolist(), gt, pred, strict=True):
