@@ -219,13 +219,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {}
     out = HERE / "results" / "objects_people.json"
     old = json.loads(out.read_text()) if out.is_file() else {}
-    if not {"heat", "seen", "overfit"} & set(stages):  # the last measured checkpoint's figures are kept
-        result |= {k: old[k] for k in ("checkpoint", "input_scale", "heat_at_centre", "seen", "overfit") if k in old}
-    if {"heat", "seen", "overfit", "widths"} & set(stages):
+    diagnoses = {"heat", "seen", "overfit"} & set(stages)  # the figures "checkpoint" names
+    if diagnoses or "widths" in stages:
         ckpt = load_checkpoint(args.checkpoint)
         model, cfg, scale = model_from_checkpoint(ckpt).eval(), config_from_checkpoint(ckpt), input_scale(ckpt)
-    if {"heat", "seen", "overfit"} & set(stages):
+    if diagnoses:
         result |= {"checkpoint": str(args.checkpoint), "input_scale": scale}
+    else:  # the last measured checkpoint's figures are kept
+        result |= {k: old[k] for k in ("checkpoint", "input_scale", "heat_at_centre", "seen", "overfit") if k in old}
     if "heat" in stages:
         result["heat_at_centre"] = heat_at_centres(model, args.data, scale)
     if "seen" in stages:

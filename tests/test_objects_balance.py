@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from densemtl.tasks.objects_codec import EXTRA_CHANNELS, centre_cells, grid_size
-from densemtl.tasks.objects_head import ObjectsLoss, class_weights
+from densemtl.tasks.objects_codec import (
+    EXTRA_CHANNELS,
+    centre_cells,
+    encode_heatmap,
+    grid_size,
+    ignore_regions,
+)
+from densemtl.tasks.objects_head import ObjectsLoss, class_weights, focal_loss
 from test_objects import K, padded, row
 
 GRID = grid_size(64, 128)
@@ -39,10 +45,16 @@ def test_class_weights_by_hand() -> None:
     assert torch.equal(class_weights(torch.tensor([], dtype=torch.long), 2, 1.0), torch.ones(2))
 
 
-def test_balance_zero_is_the_plain_loss() -> None:
+def test_balance_zero_and_a_single_class_leave_the_loss_as_it_was() -> None:
+    torch.manual_seed(0)
     raw = torch.randn(1, K + EXTRA_CHANNELS, *GRID)
     mask = torch.tensor([True])
-    assert torch.equal(ObjectsLoss(K)(raw, _street(), mask), ObjectsLoss(K, class_balance=0.0)(raw, _street(), mask))
+    plain = ObjectsLoss(K, class_balance=0.0)
+    plain(raw, _street(), mask)
+    heat = focal_loss(raw[:, :K], encode_heatmap(_street(), K, GRID), ignore_regions(_street(), K, GRID))
+    assert plain.last["heat"] == pytest.approx(float(heat), rel=1e-6)  # no class weight at balance 0
+    cars = padded(*(row(0, b, 10.0) for b in CARS))[None]  # one class present: nothing to even out
+    assert torch.allclose(ObjectsLoss(K, class_balance=1.0)(raw, cars, mask), plain(raw, cars, mask))
 
 
 @pytest.mark.parametrize("balance", [0.5, 1.0])

@@ -191,8 +191,9 @@ def regression_targets(target: Tensor, grid: tuple[int, int]) -> dict[str, Tenso
     one whose centre it holds, else the smaller (TTFNet's rule alone gave a car's centre cell, where decoding reads
     the car's box, to a smaller object in front of it, such as a person). Returns per cell ``batch``, ``iy``,
     ``ix`` (M,), ``weight`` (M,: the Gaussian, normalised to sum to ln(area) per object, as TTFNet weighs large boxes), ``box`` (M, 4) pixels, ``object`` (M,) row index into
-    :func:`_objects`' rows, ``object_class`` (one per learned object, whether or not it won a cell), and the object's ``log_distance`` (at ``FOCAL_REF_PX``), ``has_distance``,
-    ``log_size3d``, ``yaw_bin``, ``yaw_residual``, ``has3d``."""
+    :func:`_objects`' rows, ``object_class`` (one per learned object, whether or not it won a cell), and the
+    object's ``log_distance`` (at ``FOCAL_REF_PX``), ``has_distance``, ``log_size3d``, ``yaw_bin``,
+    ``yaw_residual``, ``has3d``."""
     b = target.shape[0]
     batch, rows = _objects(target, learn=True, grid=grid)
     h, w = grid
