@@ -67,7 +67,8 @@ def variant_sets() -> dict[str, list[str]]:
 
 
 def train_variants(work: Path, data: Path) -> dict[str, float]:
-    """Train each variant at the objects demo's budget (finished runs are reused); returns the seconds each took."""
+    """Train each variant at the objects demo's budget (finished runs are reused); returns each run's logged
+    training seconds (validation excluded)."""
     from demo_runs import train_demo_runs
 
     return train_demo_runs(work, data, variant_sets(), CONFIGS)
@@ -82,7 +83,13 @@ def weight_study(work: Path, data: Path) -> dict[str, Any]:
     runs = {f"objects_w{w:g}_b{b:g}": [*variant_sets()["objects"], f"loss.weights.objects={w:g}",
                                        f"loss.objects_class_balance={b:g}"] for w, b in LOSS_STUDY}  # fmt: skip
     seconds = train_demo_runs(work, data, runs, dict.fromkeys(runs, OBJECTS_CONFIG))
-    return {name: {**evaluate_variant(work, name), "train_seconds": seconds.get(name)} for name in runs}
+    return {name: {**evaluate_variant(work, name), "train_seconds": seconds.get(name), "epochs": logged_epochs(work / name)}
+            for name in runs}
+
+
+def logged_epochs(run: Path) -> int:
+    """How many epochs a run trained (its metrics.jsonl's lines): the budget a study's run stands for."""
+    return len([line for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()])
 
 
 def seed_study(work: Path, data: Path, evaluated: dict[str, Any]) -> dict[str, Any]:
@@ -92,7 +99,7 @@ def seed_study(work: Path, data: Path, evaluated: dict[str, Any]) -> dict[str, A
     from demo_runs import train_demo_runs
 
     runs = {f"{n}_s1": [*sets, "train.seed=1"] for n, sets in variant_sets().items()}
-    train_demo_runs(work, data, runs, {f"{n}_s1": c for n, c in CONFIGS.items()})
+    seconds = train_demo_runs(work, data, runs, {f"{n}_s1": c for n, c in CONFIGS.items()})
     summary = {
         n: evaluated[n]["summary"] if n in evaluated else evaluate_variant(work, n)["summary"]
         for n in ("base", "objects", *runs)
@@ -101,7 +108,7 @@ def seed_study(work: Path, data: Path, evaluated: dict[str, Any]) -> dict[str, A
     for key in SEED_KEYS[:2]:
         out[f"move {key}"] = [summary[o][key] - summary[b][key] for b, o in (("base", "objects"), ("base_s1", "objects_s1"))]
         out[f"seed move {key}"] = summary["base_s1"][key] - summary["base"][key]
-    return out
+    return {**out, "train_seconds": seconds}
 
 
 # ------------------------------------------------------------------------------------------------ evaluate
@@ -260,6 +267,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", "| run | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
     for name, e in ev.items():
         lines.append(f"| {name} | " + " | ".join(f"{e['summary'].get(k, float('nan')):.4f}" for k in keys) + " |")
+    lines += seconds_line(result.get("train_seconds", {}))
     src = result.get("distance_sources", {})
     if src:
         lines += ["", "Distance of matched detections (IoU >= 0.5, score >= 0.3):", "",
@@ -277,12 +285,13 @@ def markdown(result: dict[str, Any]) -> str:
         study_keys = ("semseg/miou", "depth/delta1", "objects/ap50_car", "objects/ap50_person",
                       "objects/distance_delta1_car")  # fmt: skip
         lines += ["", "Objects loss weight w and class balance b (stage weights, from its last run, which may be older "
-                  "than the tables above; the demo: w 0.1, b 0.5; "
+                  "than the tables above and at another budget: see epochs; the demo: w 0.1, b 0.5; "
                   "base of those tables: " + ", ".join(
             f"{k} {ev['base']['summary'][k]:.4f}" for k in study_keys[:2] if "base" in ev) + "):", "",
-            "| run | " + " | ".join(study_keys) + " |", "|---|" + "---:|" * len(study_keys)]  # fmt: skip
+            "| run | epochs | " + " | ".join(study_keys) + " |", "|---|---:|" + "---:|" * len(study_keys)]  # fmt: skip
         for name, e in study.items():
-            lines.append(f"| {name} | " + " | ".join(f"{e['summary'].get(k, float('nan')):.4f}" for k in study_keys) + " |")
+            cells = " | ".join(f"{e['summary'].get(k, float('nan')):.4f}" for k in study_keys)
+            lines.append(f"| {name} | {e.get('epochs', '?')} | {cells} |")
     return "\n".join(lines + seeds_markdown(result.get("seeds", {}))) + "\n"
 
 
@@ -300,7 +309,15 @@ def seeds_markdown(seeds: dict[str, Any]) -> list[str]:
     for key in SEED_KEYS[:2]:
         m0, m1 = seeds[f"move {key}"]
         lines.append(f"| {key} | {m0:+.4f} | {m1:+.4f} | {seeds[f'seed move {key}']:+.4f} |")
-    return lines
+    return lines + seconds_line(seeds.get("train_seconds", {}))
+
+
+def seconds_line(seconds: dict[str, float]) -> list[str]:
+    """A sentence with each run's training seconds as its log records them (empty without any)."""
+    if not seconds:
+        return []
+    runs = ", ".join(f"{name} {s:.0f} s" for name, s in seconds.items())
+    return ["", f"Training time on this machine (the runs' metrics.jsonl, each epoch's validation excluded): {runs}."]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -318,7 +335,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     path = RESULTS / "objects.json"
     result: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
     if "train" in stages:
-        result["train_seconds"] = {**result.get("train_seconds", {}), **train_variants(args.work, args.data)}
+        result["train_seconds"] = train_variants(args.work, args.data)
     if "evaluate" in stages:
         result["evaluate"] = {name: evaluate_variant(args.work, name) for name in VARIANTS}
         result["distance_sources"], result["detection_errors"] = distance_sources(args.work, args.data)

@@ -38,7 +38,7 @@ VARIANTS: dict[str, list[str]] = {
 
 
 def train_variants(work: Path, data: Path, names: list[str]) -> dict[str, float]:
-    """Train each variant at the demo budget (finished runs are reused); returns the seconds each took."""
+    """Train each variant at the demo budget (finished runs are reused); returns each run's logged training seconds."""
     from demo_runs import train_demo_runs
 
     return train_demo_runs(work, data, {name: VARIANTS[name] for name in names})
