@@ -285,7 +285,7 @@ def markdown(result: dict[str, Any]) -> str:
         study_keys = ("semseg/miou", "depth/delta1", "objects/ap50_car", "objects/ap50_person",
                       "objects/distance_delta1_car")  # fmt: skip
         lines += ["", "Objects loss weight w and class balance b (stage weights, from its last run, which may be older "
-                  "than the tables above and at another budget: see epochs; the demo: w 0.1, b 0.5; "
+                  f"than the tables above and at another budget: see epochs; the demo: {demo_loss()}; "
                   "base of those tables: " + ", ".join(
             f"{k} {ev['base']['summary'][k]:.4f}" for k in study_keys[:2] if "base" in ev) + "):", "",
             "| run | epochs | " + " | ".join(study_keys) + " |", "|---|---:|" + "---:|" * len(study_keys)]  # fmt: skip
@@ -310,6 +310,14 @@ def seeds_markdown(seeds: dict[str, Any]) -> list[str]:
         m0, m1 = seeds[f"move {key}"]
         lines.append(f"| {key} | {m0:+.4f} | {m1:+.4f} | {seeds[f'seed move {key}']:+.4f} |")
     return lines + seconds_line(seeds.get("train_seconds", {}))
+
+
+def demo_loss() -> str:
+    """The objects demo's loss weight and class balance, as its config sets them."""
+    from densemtl.config import load_config
+
+    loss = load_config(OBJECTS_CONFIG).loss
+    return f"w {loss.weights.get('objects', 1.0):g}, b {loss.objects_class_balance:g}"
 
 
 def seconds_line(seconds: dict[str, float]) -> list[str]:
