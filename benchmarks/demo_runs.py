@@ -36,8 +36,7 @@ def train_demo_runs(
         run = work / name
         path = (configs or {}).get(name, ROOT / "configs" / "synthetic.yaml")
         cfg = load_config(path, [*sets, f"data.root={data}", f"train.out_dir={run}"])
-        log = run / "metrics.jsonl"
-        done = len(log.read_text().splitlines()) if log.is_file() else 0
+        done = logged_epochs(run) if (run / "metrics.jsonl").is_file() else 0
         same = (run / "config.yaml").is_file() and _signature(load_config(run / "config.yaml")) == _signature(cfg)
         if not ((run / "best.pt").is_file() and done == sum(p.epochs for p in cfg.train.phases) and same):
             t0 = time.perf_counter()
@@ -45,6 +44,11 @@ def train_demo_runs(
             print(f"trained {name} in {time.perf_counter() - t0:.0f} s (validation included)", flush=True)
         seconds[name] = logged_train_seconds(run)
     return seconds
+
+
+def logged_epochs(run: Path) -> int:
+    """How many epochs a run trained: its metrics.jsonl's records, one per epoch."""
+    return len([line for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()])
 
 
 def logged_train_seconds(run: Path) -> float:

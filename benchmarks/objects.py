@@ -78,18 +78,13 @@ def weight_study(work: Path, data: Path) -> dict[str, Any]:
     """The objects demo at each objects loss weight and class balance of ``LOSS_STUDY`` (runs ``objects_w*_b*``):
     every metric of each. What the head's share of the shared gradient and the people's share of the head's
     trade."""
-    from demo_runs import train_demo_runs
+    from demo_runs import logged_epochs, train_demo_runs
 
     runs = {f"objects_w{w:g}_b{b:g}": [*variant_sets()["objects"], f"loss.weights.objects={w:g}",
                                        f"loss.objects_class_balance={b:g}"] for w, b in LOSS_STUDY}  # fmt: skip
     seconds = train_demo_runs(work, data, runs, dict.fromkeys(runs, OBJECTS_CONFIG))
     return {name: {**evaluate_variant(work, name), "train_seconds": seconds.get(name), "epochs": logged_epochs(work / name)}
             for name in runs}
-
-
-def logged_epochs(run: Path) -> int:
-    """How many epochs a run trained (its metrics.jsonl's lines): the budget a study's run stands for."""
-    return len([line for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()])
 
 
 def seed_study(work: Path, data: Path, evaluated: dict[str, Any]) -> dict[str, Any]:
